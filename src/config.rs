@@ -1,0 +1,40 @@
+//! The validated configuration of one inboxd process.
+//!
+//! Owns the settings and their defaults. It is built by `cli` from the command line and
+//! read by `main` to assemble the server; it must not parse arguments or open anything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// 35 MiB: what large mail providers accept, well above RFC 5321 4.5.3.1.7's 64K minimum.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
+/// RFC 5321 4.5.3.1.8 requires at least 100.
+pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
+pub const MIN_MAX_RECIPIENTS: usize = 100;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// RFC 5321 4.5.3.2.7: at least 5 minutes.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bad commands before 421.
+pub const DEFAULT_MAX_ERRORS: u32 = 20;
+pub const DEFAULT_ALIASES: &str = "/etc/aliases";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:25";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    /// Lower case, without a trailing dot.
+    pub domains: Vec<String>,
+    pub hostname: String,
+    /// `--maildir-root`: deliver to `<root>/<account>/` instead of `~account/Maildir/`.
+    pub maildir_root: Option<PathBuf>,
+    pub aliases: PathBuf,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub max_errors: u32,
+    pub timeout: Duration,
+    pub lowercase_fallback: bool,
+    /// 0: info, 1: debug, 2+: trace.
+    pub verbose: usize,
+}

@@ -1,0 +1,186 @@
+//! One Maildir, opened safely, and the delivery protocol into it (maildir(5), qmail's
+//! maildir.5: create in tmp/ with O_EXCL, write, fsync, move into new/, then fsync new/).
+//!
+//! Owns the path walk: every directory is opened relative to the one before it with
+//! O_NOFOLLOW|O_DIRECTORY, and must belong to the recipient, so a symlink or a foreign
+//! directory planted in a home or Maildir can never redirect a write. Missing Maildir
+//! directories are created (0700) and their parent fsynced. It must not decide who the
+//! recipient is or reply to anyone; all work inside the Maildir runs under the recipient's
+//! filesystem identity (see `privileges`).
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD};
+use nix::sys::stat::{fstat, mkdirat, Mode};
+use nix::unistd::{fchown, fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
+
+use super::privileges::as_user;
+use super::DeliveryError;
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// Who owns the Maildir and whose identity we write with.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+/// An opened Maildir: descriptors of tmp/ and new/.
+#[derive(Debug)]
+pub struct Maildir {
+    pub owner: Owner,
+    tmp: OwnedFd,
+    new: OwnedFd,
+}
+
+/// Opens `name` in `parent` as a directory that must belong to `owner`, creating it (0700)
+/// when missing. Must be called under the identity that should create it.
+fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, DeliveryError> {
+    let fd = match openat(parent, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => {
+            match mkdirat(parent, name, Mode::S_IRWXU) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(DeliveryError::io(e, format!("mkdir {name}"))),
+            }
+            // The new entry must survive a crash before anything inside it is trusted.
+            fsync(parent).map_err(|e| DeliveryError::io(e, "fsync of parent directory"))?;
+            openat(parent, name, DIR_FLAGS, Mode::empty())
+                .map_err(|e| DeliveryError::open(e, name))?
+        }
+        Err(e) => return Err(DeliveryError::open(e, name)),
+    };
+    check_owner(&fd, owner, name)?;
+    Ok(fd)
+}
+
+fn check_owner(fd: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryError> {
+    let st = fstat(fd).map_err(|e| DeliveryError::io(e, format!("stat {what}")))?;
+    if st.st_uid != owner.uid.as_raw() {
+        return Err(DeliveryError::Unsafe(format!(
+            "{what} belongs to uid {}, not to the recipient (uid {})",
+            st.st_uid, owner.uid
+        )));
+    }
+    Ok(())
+}
+
+impl Maildir {
+    /// The Maildir at `home/Maildir`. The home must belong to the recipient (qmail-getpw's
+    /// rule): root never writes into a directory another user controls.
+    pub fn open_in_home(home: &Path, owner: Owner) -> Result<Maildir, DeliveryError> {
+        let home_fd = openat(AT_FDCWD, home, DIR_FLAGS, Mode::empty())
+            .map_err(|e| DeliveryError::open(e, &home.display().to_string()))?;
+        check_owner(&home_fd, owner, &format!("home {}", home.display()))?;
+        as_user(owner.uid, owner.gid, || {
+            let md = open_dir(&home_fd, "Maildir", owner)?;
+            Maildir::open_subdirs(md, owner)
+        })
+        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+    }
+
+    /// The Maildir `root/<account>` (the `--maildir-root` layout). `root/<account>` is made by
+    /// us (as root: then handed to the recipient) if it is missing.
+    pub fn open_in_root(
+        root: &OwnedFd,
+        account: &str,
+        owner: Owner,
+    ) -> Result<Maildir, DeliveryError> {
+        let md = match openat(root, account, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => {
+                match mkdirat(root, account, Mode::S_IRWXU) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(DeliveryError::io(e, format!("mkdir {account}"))),
+                }
+                let fd = openat(root, account, DIR_FLAGS, Mode::empty())
+                    .map_err(|e| DeliveryError::open(e, account))?;
+                if super::privileges::privileged() {
+                    fchown(&fd, Some(owner.uid), Some(owner.gid))
+                        .map_err(|e| DeliveryError::io(e, format!("chown {account}")))?;
+                }
+                fsync(root).map_err(|e| DeliveryError::io(e, "fsync of maildir root"))?;
+                fd
+            }
+            Err(e) => return Err(DeliveryError::open(e, account)),
+        };
+        check_owner(&md, owner, account)?;
+        as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
+            .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+    }
+
+    fn open_subdirs(md: OwnedFd, owner: Owner) -> Result<Maildir, DeliveryError> {
+        let tmp = open_dir(&md, "tmp", owner)?;
+        let new = open_dir(&md, "new", owner)?;
+        // cur/ is not written by a delivery agent, but a Maildir needs it (maildir(5)).
+        open_dir(&md, "cur", owner)?;
+        Ok(Maildir { owner, tmp, new })
+    }
+
+    /// Creates `tmp/<name>`: O_CREAT|O_EXCL (never reuses or follows anything already
+    /// there), mode 0600, owned by the recipient.
+    pub fn create_tmp(&self, name: &str) -> Result<File, DeliveryError> {
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = as_user(self.owner.uid, self.owner.gid, || {
+            openat(&self.tmp, name, flags, Mode::S_IRUSR | Mode::S_IWUSR)
+        })
+        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+        .map_err(|e| DeliveryError::io(e, format!("create tmp/{name}")))?;
+        Ok(File::from(fd))
+    }
+
+    /// Moves `tmp/<tmp_name>` to `new/<new_name>` without ever replacing an existing file
+    /// (renameat2 RENAME_NOREPLACE; link+unlink where the filesystem lacks it).
+    pub fn publish(&self, tmp_name: &str, new_name: &str) -> Result<(), DeliveryError> {
+        as_user(self.owner.uid, self.owner.gid, || {
+            match renameat2(
+                &self.tmp,
+                tmp_name,
+                &self.new,
+                new_name,
+                RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Err(Errno::EINVAL) | Err(Errno::ENOSYS) => {
+                    linkat(&self.tmp, tmp_name, &self.new, new_name, AtFlags::empty())?;
+                    let _ = unlinkat(&self.tmp, tmp_name, UnlinkatFlags::NoRemoveDir);
+                    Ok(())
+                }
+                r => r,
+            }
+        })
+        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+        .map_err(|e| DeliveryError::io(e, format!("rename into new/{new_name}")))
+    }
+
+    /// Makes the new/ directory entries durable (the step most MTAs skip).
+    pub fn sync_new(&self) -> Result<(), DeliveryError> {
+        fsync(&self.new).map_err(|e| DeliveryError::io(e, "fsync of new/"))
+    }
+
+    /// Best-effort removal, for clean-up after a failure.
+    pub fn remove_tmp(&self, name: &str) {
+        let _ = as_user(self.owner.uid, self.owner.gid, || {
+            unlinkat(&self.tmp, name, UnlinkatFlags::NoRemoveDir)
+        });
+    }
+
+    /// Best-effort removal of an already published file (rolling back a partial commit).
+    pub fn remove_new(&self, name: &str) {
+        let _ = as_user(self.owner.uid, self.owner.gid, || {
+            unlinkat(&self.new, name, UnlinkatFlags::NoRemoveDir)
+        });
+        let _ = fsync(&self.new);
+    }
+
+    pub fn new_dir(&self) -> impl AsFd + '_ {
+        &self.new
+    }
+}

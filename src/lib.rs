@@ -1,0 +1,12 @@
+//! inboxd: a final-delivery SMTP server that writes accepted mail into local users' Maildirs.
+//!
+//! Dependencies point one way: `main` → `cli`/`config` → `server` → (`smtp`, `recipient`,
+//! `delivery`). `smtp` is the protocol without I/O; `recipient` looks up users; `delivery`
+//! writes Maildirs (and `delivery::privileges` is the only code that changes credentials).
+
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod recipient;
+pub mod server;
+pub mod smtp;

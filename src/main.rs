@@ -1,0 +1,112 @@
+//! inboxd's entry point: parse the command line, set up logging, bind, serve.
+//! Exit status: 0 after a clean stop, 64 (EX_USAGE) for a bad command line, 69
+//! (EX_UNAVAILABLE) when a listener cannot be bound, 71 (EX_OSERR) for other start-up failures.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use inboxd::cli::{self, Cli};
+use inboxd::config::Config;
+use inboxd::delivery::{privileges, Deliverer, Layout};
+use inboxd::recipient::{Aliases, Resolver};
+use inboxd::server::{listener, Server};
+use inboxd::smtp::SessionConfig;
+use log::{error, info, warn};
+
+const EX_USAGE: u8 = 64;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_OSERR: u8 = 71;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let system_hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    let config = match cli::parse(&args, &system_hostname) {
+        Ok(Cli::Run(c)) => c,
+        Ok(Cli::Help(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Cli::Version) => {
+            println!("inboxd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("inboxd: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let level = match config.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, msg)) => {
+            error!("{msg}");
+            eprintln!("inboxd: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(config: &Config) -> Result<(), (u8, String)> {
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        listeners
+            .push(listener::bind_listener(*addr).map_err(|e| (EX_UNAVAILABLE, e.to_string()))?);
+    }
+    privileges::drop_supplementary_groups()
+        .map_err(|e| (EX_OSERR, format!("dropping supplementary groups: {e}")))?;
+    let aliases = match Aliases::load(&config.aliases) {
+        Ok(a) => a,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!("{}: not found; no aliases", config.aliases.display());
+            Aliases::default()
+        }
+        Err(e) => return Err((EX_OSERR, format!("{}: {e}", config.aliases.display()))),
+    };
+    let layout = match &config.maildir_root {
+        Some(root) => Layout::root(root)
+            .map_err(|e| (EX_OSERR, format!("--maildir-root {}: {e}", root.display())))?,
+        None => Layout::Home,
+    };
+    let session_config = SessionConfig {
+        hostname: config.hostname.clone(),
+        local_domains: config.domains.clone(),
+        max_message_size: config.max_message_size,
+        max_recipients: config.max_recipients,
+        command_timeout: config.timeout,
+        data_timeout: config.timeout.max(Duration::from_secs(600)),
+        max_errors: config.max_errors,
+    };
+    let deliverer = Deliverer::new(&config.hostname, layout);
+    let resolver = Resolver::new(aliases.clone(), config.lowercase_fallback);
+    let mut server = Server::new(
+        listeners,
+        session_config,
+        resolver,
+        deliverer,
+        config.max_connections,
+    )
+    .map_err(|e| (EX_OSERR, e.to_string()))?;
+    info!(
+        "inboxd {} listening on {:?} for domains {:?}; hostname {}; mail to {}; {} aliases",
+        env!("CARGO_PKG_VERSION"),
+        config.listen,
+        config.domains,
+        config.hostname,
+        match &config.maildir_root {
+            Some(r) => format!("{}/<account>/", r.display()),
+            None => "~<account>/Maildir/".to_string(),
+        },
+        aliases.len()
+    );
+    server.run().map_err(|e| (EX_OSERR, e.to_string()))
+}

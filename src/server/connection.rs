@@ -1,0 +1,149 @@
+//! One client connection: its socket, its SMTP session and its unsent output.
+//!
+//! Owns moving bytes between the socket and the session: reads are drained to WouldBlock
+//! while the session wants input, output is written until WouldBlock, and the mio interest is
+//! recomputed from the session's state after every step. It must not interpret SMTP (the
+//! session does) or deliver (the server hands the session's events to the deliverer).
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::smtp::Session;
+
+/// Bytes read per read(2).
+pub const READ_CHUNK: usize = 64 * 1024;
+
+pub struct Connection {
+    pub id: u64,
+    pub token: Token,
+    pub socket: TcpStream,
+    pub session: Session,
+    pub peer: String,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The client closed its side (or the socket failed).
+    pub eof: bool,
+    interest: Option<Interest>,
+    /// Time of this connection's live entry in the timer heap.
+    pub timer_at: Option<Instant>,
+    /// Set once the session asked to close: the last replies are being flushed.
+    pub closing_since: Option<Instant>,
+}
+
+/// What one read step did.
+pub enum ReadStep {
+    Data,
+    Nothing,
+}
+
+impl Connection {
+    pub fn new(id: u64, token: Token, socket: TcpStream, session: Session, peer: String) -> Self {
+        Connection {
+            id,
+            token,
+            socket,
+            session,
+            peer,
+            out: Vec::new(),
+            out_pos: 0,
+            eof: false,
+            interest: None,
+            timer_at: None,
+            closing_since: None,
+        }
+    }
+
+    /// One read(2) into the session, if it wants input.
+    pub fn read_once(&mut self, buf: &mut [u8], now: Instant) -> ReadStep {
+        if self.eof || !self.session.wants_read() {
+            return ReadStep::Nothing;
+        }
+        match self.socket.read(buf) {
+            Ok(0) => {
+                self.eof = true;
+                self.session.peer_closed();
+                ReadStep::Data
+            }
+            Ok(n) => {
+                self.session.receive(&buf[..n], now);
+                ReadStep::Data
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::Nothing,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::Data,
+            Err(_) => {
+                // Reset by peer and the like: the same as a close.
+                self.eof = true;
+                self.session.peer_closed();
+                ReadStep::Data
+            }
+        }
+    }
+
+    /// Moves the session's replies into our buffer and writes until WouldBlock. Returns true
+    /// if the output buffer became empty in this call.
+    pub fn flush(&mut self) -> bool {
+        if self.session.has_output() {
+            if self.out_pos == self.out.len() {
+                self.out = self.session.take_output();
+                self.out_pos = 0;
+            } else {
+                let more = self.session.take_output();
+                self.out.extend_from_slice(&more);
+            }
+        }
+        if self.out_pos == self.out.len() {
+            return false;
+        }
+        while self.out_pos < self.out.len() {
+            match self.socket.write(&self.out[self.out_pos..]) {
+                Ok(0) => break,
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => {
+                    // The client is gone; nothing more can reach it.
+                    self.out.clear();
+                    self.out_pos = 0;
+                    self.eof = true;
+                    if !self.session.is_closed() {
+                        self.session.peer_closed();
+                    }
+                    return true;
+                }
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        true
+    }
+
+    pub fn output_pending(&self) -> bool {
+        self.out_pos < self.out.len() || self.session.has_output()
+    }
+
+    /// Whether the connection is finished: the session closed and every reply was written
+    /// (or can no longer be).
+    pub fn done(&self) -> bool {
+        self.session.is_closed() && (!self.output_pending() || self.eof)
+    }
+
+    /// Registers or re-registers with the interest the session's state calls for: readable
+    /// while it wants input (or to notice a close), writable while output waits.
+    pub fn update_interest(&mut self, registry: &Registry) -> io::Result<()> {
+        let want = if self.output_pending() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        match self.interest {
+            None => registry.register(&mut self.socket, self.token, want)?,
+            Some(i) if i != want => registry.reregister(&mut self.socket, self.token, want)?,
+            _ => {}
+        }
+        self.interest = Some(want);
+        Ok(())
+    }
+}

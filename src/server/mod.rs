@@ -1,0 +1,429 @@
+//! The single-threaded mio event loop: listeners, connections, timers, signals.
+//!
+//! Owns every socket and the clock. Each connection's session is fed bytes and time; its
+//! events go to the recipient resolver and the deliverer, whose answers go back into the
+//! session. No accept error and no client error ever ends the loop: EMFILE and friends pause
+//! accepting for a moment, a full house (`--max-connections`) leaves new clients in the
+//! kernel's backlog until a slot frees. SIGTERM/SIGINT end it cleanly: in-progress DATA is
+//! dropped (its tmp files removed) and every client gets 421.
+//! It must not parse SMTP (the session does) or touch Maildirs (the deliverer does).
+
+pub mod connection;
+pub mod listener;
+pub mod timers;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, error, info, warn};
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::delivery::Deliverer;
+use crate::recipient::Resolver;
+use crate::smtp::trace::Trace;
+use crate::smtp::{Event, Peer, RcptVerdict, Session, SessionConfig};
+use connection::{Connection, ReadStep, READ_CHUNK};
+use timers::Timers;
+
+const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
+/// Listener i has token `LISTENER_BASE - i`.
+const LISTENER_BASE: usize = usize::MAX - 2;
+/// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
+/// How long a closing connection may take to take its last reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    poll: Poll,
+    listeners: Vec<TcpListener>,
+    signals: SignalFd,
+    conns: HashMap<Token, Connection>,
+    timers: Timers,
+    session_config: Rc<SessionConfig>,
+    resolver: Resolver,
+    deliverer: Deliverer,
+    max_connections: usize,
+    next_id: u64,
+    /// Accepting is paused until then (resource exhaustion).
+    accept_paused_until: Option<Instant>,
+    /// Accepting stopped at `max_connections`; resume when a connection ends.
+    at_capacity: bool,
+    id_prefix: String,
+    stopping: bool,
+}
+
+#[derive(Debug)]
+pub enum ServerError {
+    Setup(String, io::Error),
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerError::Setup(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+impl Server {
+    pub fn new(
+        listeners: Vec<TcpListener>,
+        session_config: SessionConfig,
+        resolver: Resolver,
+        deliverer: Deliverer,
+        max_connections: usize,
+    ) -> Result<Server, ServerError> {
+        let setup = |what: &str| {
+            let what = what.to_string();
+            move |e: io::Error| ServerError::Setup(what, e)
+        };
+        let poll = Poll::new().map_err(setup("creating the poller"))?;
+        let mut listeners = listeners;
+        for (i, l) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(l, Token(LISTENER_BASE - i), Interest::READABLE)
+                .map_err(setup("registering a listener"))?;
+        }
+        // SIGTERM/SIGINT/SIGHUP arrive through a signalfd, so the loop sees them as events.
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| ServerError::Setup("blocking signals".into(), e.into()))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| ServerError::Setup("creating a signalfd".into(), e.into()))?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&signals.as_raw_fd()),
+                SIGNAL_TOKEN,
+                Interest::READABLE,
+            )
+            .map_err(setup("registering the signalfd"))?;
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(Server {
+            poll,
+            listeners,
+            signals,
+            conns: HashMap::new(),
+            timers: Timers::default(),
+            session_config: Rc::new(session_config),
+            resolver,
+            deliverer,
+            max_connections: max_connections.max(1),
+            next_id: 0,
+            accept_paused_until: None,
+            at_capacity: false,
+            id_prefix: format!("{:X}", start.as_secs()),
+            stopping: false,
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT, and then until the last connection is gone.
+    pub fn run(&mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(1024);
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let now = Instant::now();
+            let mut timeout = self.timers.timeout(now);
+            if let Some(until) = self.accept_paused_until {
+                let t = until.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(t, |x| x.min(t)));
+            }
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ServerError::Setup("poll".into(), e));
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNAL_TOKEN => self.signals(),
+                    t if t.0 <= LISTENER_BASE && t.0 > LISTENER_BASE - self.listeners.len() => {
+                        self.accept(now)
+                    }
+                    t => self.drive(t, &mut buf),
+                }
+            }
+            let now = Instant::now();
+            self.fire_timers(now, &mut buf);
+            if self.accept_paused_until.is_some_and(|u| now >= u) {
+                self.accept_paused_until = None;
+                self.accept(now);
+            }
+            if self.stopping && self.conns.is_empty() {
+                info!("stopped");
+                return Ok(());
+            }
+        }
+    }
+
+    fn signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            let sig = Signal::try_from(info.ssi_signo as i32).ok();
+            match sig {
+                Some(Signal::SIGHUP) => {
+                    info!("SIGHUP ignored: restart inboxd to reload the aliases file")
+                }
+                _ => {
+                    if !self.stopping {
+                        info!("signal {sig:?}: shutting down");
+                        self.stop();
+                    }
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(l);
+        }
+        self.listeners.clear();
+        let tokens: Vec<Token> = self.conns.keys().copied().collect();
+        let mut buf = vec![0u8; READ_CHUNK];
+        for t in tokens {
+            if let Some(c) = self.conns.get_mut(&t) {
+                c.session.shutdown();
+            }
+            self.drive(t, &mut buf);
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        if self.stopping || self.accept_paused_until.is_some() {
+            return;
+        }
+        for i in 0..self.listeners.len() {
+            loop {
+                if self.conns.len() >= self.max_connections {
+                    if !self.at_capacity {
+                        warn!(
+                            "{} connections: new clients wait in the backlog",
+                            self.conns.len()
+                        );
+                    }
+                    self.at_capacity = true;
+                    return;
+                }
+                match self.listeners[i].accept() {
+                    Ok((socket, addr)) => self.add_connection(socket, addr, now),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        match e.raw_os_error() {
+                            Some(
+                                nix::libc::EMFILE
+                                | nix::libc::ENFILE
+                                | nix::libc::ENOBUFS
+                                | nix::libc::ENOMEM,
+                            ) => {
+                                error!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                                self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                                return;
+                            }
+                            // ECONNABORTED and friends concern one client only.
+                            _ => {
+                                debug!("accept: {e}");
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_connection(
+        &mut self,
+        socket: mio::net::TcpStream,
+        addr: std::net::SocketAddr,
+        now: Instant,
+    ) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let token = Token(id as usize);
+        let local = socket
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let peer = Peer {
+            remote: addr.ip(),
+            local,
+        };
+        let _ = socket.set_nodelay(true);
+        let session = Session::new(self.session_config.clone(), peer, now);
+        info!("conn={id:x} connect from {addr}");
+        let conn = Connection::new(id, token, socket, session, addr.to_string());
+        self.conns.insert(token, conn);
+        let mut buf = vec![0u8; READ_CHUNK];
+        self.drive(token, &mut buf);
+    }
+
+    fn fire_timers(&mut self, now: Instant, buf: &mut [u8]) {
+        while let Some((at, token)) = self.timers.pop_due(now) {
+            let Some(c) = self.conns.get_mut(&token) else {
+                continue;
+            };
+            if c.timer_at != Some(at) {
+                continue; // stale entry
+            }
+            c.timer_at = None;
+            if c.closing_since.is_some_and(|t| now >= t + CLOSE_GRACE) {
+                info!(
+                    "conn={:x} client did not take its last reply; dropped",
+                    c.id
+                );
+                let c = self.conns.remove(&token);
+                self.finish(c);
+                continue;
+            }
+            c.session.handle_timeout(now);
+            self.drive(token, buf);
+        }
+    }
+
+    /// Moves one connection forward as far as it can go without blocking.
+    fn drive(&mut self, token: Token, buf: &mut [u8]) {
+        let Some(mut c) = self.conns.remove(&token) else {
+            return;
+        };
+        loop {
+            let now = Instant::now();
+            let mut progress = matches!(c.read_once(buf, now), ReadStep::Data);
+            while let Some(ev) = c.session.poll_event() {
+                progress = true;
+                self.handle_event(&mut c, ev);
+            }
+            if c.flush() && c.session.wants_read() {
+                // Replies were held back by the output limit: let the session go on with
+                // the input it has buffered.
+                c.session.receive(&[], now);
+                progress |= c.session.has_output();
+            }
+            if c.done() || !progress {
+                break;
+            }
+        }
+        let now = Instant::now();
+        if c.done() {
+            self.finish(Some(c));
+            return;
+        }
+        if c.session.is_closed() && c.closing_since.is_none() {
+            c.closing_since = Some(now);
+        }
+        let deadline = match c.closing_since {
+            Some(t) => Some(t + CLOSE_GRACE),
+            None => c.session.next_deadline(),
+        };
+        if let Some(d) = deadline {
+            c.timer_at = self.timers.arm(token, d, c.timer_at);
+        }
+        if let Err(e) = c.update_interest(self.poll.registry()) {
+            warn!(
+                "conn={:x} cannot register with the poller: {e}; dropped",
+                c.id
+            );
+            self.finish(Some(c));
+            return;
+        }
+        self.conns.insert(token, c);
+    }
+
+    fn handle_event(&mut self, c: &mut Connection, ev: Event) {
+        match ev {
+            Event::RecipientToCheck { local_part } => {
+                let verdict = match self.resolver.resolve(&local_part) {
+                    Ok(Some(accounts)) => {
+                        info!("conn={:x} rcpt {local_part:?} -> {accounts:?}", c.id);
+                        RcptVerdict::Accept(accounts)
+                    }
+                    Ok(None) => {
+                        info!("conn={:x} rcpt {local_part:?}: no such user", c.id);
+                        RcptVerdict::NoSuchUser
+                    }
+                    Err(e) => {
+                        warn!("conn={:x} rcpt {local_part:?}: {e}", c.id);
+                        RcptVerdict::TemporaryFailure
+                    }
+                };
+                c.session.recipient_verdict(verdict);
+            }
+            Event::DataStart(tx) => {
+                let id = format!("{}{:X}.{}", self.id_prefix, c.id, tx.number);
+                let unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let trace = Trace::new(&tx, &self.session_config.hostname, &id, unix);
+                info!(
+                    "conn={:x} tx={id} from=<{}> rcpts={}",
+                    c.id,
+                    tx.reverse_path,
+                    tx.recipients.len()
+                );
+                self.deliverer.begin(c.id, &tx, &trace);
+            }
+            Event::MailData(chunk) => self.deliverer.write(c.id, &chunk),
+            Event::DataAborted => {
+                debug!("conn={:x} data aborted", c.id);
+                self.deliverer.abort(c.id);
+            }
+            Event::EndOfData(tx) => {
+                let id = format!("{}{:X}.{}", self.id_prefix, c.id, tx.number);
+                self.deliverer.finish(c.id, &id);
+                self.route_outcomes(c);
+            }
+            Event::Close => debug!("conn={:x} session closing", c.id),
+        }
+    }
+
+    /// Hands delivery outcomes to their sessions.
+    fn route_outcomes(&mut self, current: &mut Connection) {
+        let mut others = Vec::new();
+        while let Some((id, outcome)) = self.deliverer.poll_outcome() {
+            if let Err(r) = &outcome {
+                info!("conn={id:x} delivery refused: {r}");
+            }
+            if id == current.id {
+                current.session.delivery_outcome(outcome);
+            } else if let Some(c) = self.conns.get_mut(&Token(id as usize)) {
+                c.session.delivery_outcome(outcome);
+                others.push(Token(id as usize));
+            }
+        }
+        let mut buf = vec![0u8; READ_CHUNK];
+        for t in others {
+            self.drive(t, &mut buf);
+        }
+    }
+
+    fn finish(&mut self, c: Option<Connection>) {
+        let Some(mut c) = c else {
+            return;
+        };
+        // Whatever was in progress is dropped: a transaction without its final reply was
+        // never accepted.
+        self.deliverer.abort(c.id);
+        let _ = self.poll.registry().deregister(&mut c.socket);
+        info!("conn={:x} closed", c.id);
+        drop(c);
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.at_capacity = false;
+            self.accept(Instant::now());
+        }
+    }
+}

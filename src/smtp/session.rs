@@ -1,0 +1,696 @@
+//! The SMTP session: one connection's protocol state machine (RFC 5321 3, 4.1.4, 4.3.2; RFC
+//! 2920 pipelining; RFC 1870 SIZE).
+//!
+//! Bytes from the client and the current time go in ([`Session::receive`],
+//! [`Session::handle_timeout`]); reply bytes ([`Session::take_output`]), [`Event`]s
+//! ([`Session::poll_event`]), the next deadline and whether it wants to read come out. Answers
+//! to events come back as method calls ([`Session::recipient_verdict`],
+//! [`Session::delivery_outcome`]) whenever they are ready: the session never assumes they are
+//! synchronous. While an answer is outstanding, further pipelined input stays buffered, so
+//! replies always come out in command order (RFC 2920 3.1).
+//!
+//! It must not do I/O, read a clock, know users or files, or log: everything it learns of the
+//! world arrives as a method argument.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::command::{self, Body, Command};
+use super::data::{DataDecoder, DataFault, HeaderScan};
+use super::path::{Domain, ForwardPath, ReversePath};
+use super::reply::Reply;
+
+/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including the CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+/// RFC 5321 6.3 suggests refusing mail with "more than 100 Received" fields as a loop.
+pub const MAX_RECEIVED: usize = 100;
+/// Replies waiting to be sent beyond this stop the processing of pipelined input until the
+/// server has written them, so a client that never reads cannot grow our memory.
+const OUTPUT_HIGH_WATER: usize = 64 * 1024;
+
+/// Settings a session needs. Domain names in `local_domains` are lower case.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub local_domains: Vec<String>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// RFC 5321 4.5.3.2.7: the server waits at least 5 minutes for the next command.
+    pub command_timeout: Duration,
+    /// RFC 5321 4.5.3.2.6 gives the client 3 minutes per data block and 10 for the final dot;
+    /// the server waits at least as long.
+    pub data_timeout: Duration,
+    /// Bad commands (500/501/503/555 replies) before the session is ended with 421.
+    pub max_errors: u32,
+}
+
+/// Where the connection comes from and which of our addresses it reached.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub remote: IpAddr,
+    pub local: IpAddr,
+}
+
+/// One accepted forward-path and the accounts it resolved to (an alias may name several).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    pub forward_path: ForwardPath,
+    pub accounts: Vec<String>,
+}
+
+/// A mail transaction (RFC 5321 3.3): reverse-path, forward-paths, and what the trace fields
+/// need. The mail data itself travels separately as [`Event::MailData`].
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// Counts transactions within the session, from 1.
+    pub number: u64,
+    pub reverse_path: ReversePath,
+    pub recipients: Vec<Recipient>,
+    pub body: Option<Body>,
+    pub helo: String,
+    pub esmtp: bool,
+    pub peer: Peer,
+    /// Octets of mail data received, as sent (CRLF, dot-stuffed).
+    pub size: u64,
+}
+
+impl Transaction {
+    /// Every account this transaction delivers to, each once, in first-seen order.
+    pub fn accounts(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for a in self.recipients.iter().flat_map(|r| r.accounts.iter()) {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Look up this local part (case as the client wrote it) and answer with
+    /// [`Session::recipient_verdict`]. Only one is outstanding at a time.
+    RecipientToCheck { local_part: String },
+    /// DATA was accepted (354 sent): mail data for this transaction follows.
+    DataStart(Transaction),
+    /// Decoded mail data: LF line ends, dots unstuffed.
+    MailData(Vec<u8>),
+    /// The final dot arrived and the data is acceptable: deliver it, then answer with
+    /// [`Session::delivery_outcome`].
+    EndOfData(Transaction),
+    /// The data of the transaction started by `DataStart` will never be delivered: drop it.
+    DataAborted,
+    /// Send what is in the output, then close the connection.
+    Close,
+}
+
+/// The answer to [`Event::RecipientToCheck`], classified by whoever looked it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptVerdict {
+    Accept(Vec<String>),
+    NoSuchUser,
+    /// The lookup itself failed (NSS down, aliases unreadable): try later.
+    TemporaryFailure,
+}
+
+/// The answer to [`Event::EndOfData`]: Ok when every recipient's copy is durable, or the
+/// reply to give, classified (4xx/5xx, RFC 3463) where the failure was detected.
+pub type DeliveryOutcome = Result<(), Reply>;
+
+#[derive(Debug)]
+enum Phase {
+    Command,
+    AwaitRecipient(ForwardPath),
+    Data(Box<DataState>),
+    AwaitDelivery,
+    Closed,
+}
+
+#[derive(Debug)]
+struct DataState {
+    decoder: DataDecoder,
+    headers: HeaderScan,
+    fault: Option<Reply>,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    config: std::rc::Rc<SessionConfig>,
+    peer: Peer,
+    phase: Phase,
+    /// `Some((name, esmtp))` after HELO/EHLO.
+    greeted: Option<(String, bool)>,
+    tx: Option<Transaction>,
+    transactions: u64,
+    input: Vec<u8>,
+    /// How much of `input` is known to hold no CRLF (saves rescanning a long partial line).
+    scanned: usize,
+    /// True while throwing away an over-long command line up to its CRLF.
+    discarding: bool,
+    output: Vec<u8>,
+    events: VecDeque<Event>,
+    errors: u32,
+    deadline: Option<Instant>,
+}
+
+impl Session {
+    /// A new session; the 220 greeting (RFC 5321 4.3.1) is already in the output.
+    pub fn new(config: std::rc::Rc<SessionConfig>, peer: Peer, now: Instant) -> Session {
+        let mut s = Session {
+            config,
+            peer,
+            phase: Phase::Command,
+            greeted: None,
+            tx: None,
+            transactions: 0,
+            input: Vec::new(),
+            scanned: 0,
+            discarding: false,
+            output: Vec::new(),
+            events: VecDeque::new(),
+            errors: 0,
+            deadline: None,
+        };
+        let greeting = format!("{} ESMTP inboxd ready", s.config.hostname);
+        s.reply(Reply::plain(220, vec![greeting]));
+        s.touch(now);
+        s
+    }
+
+    /// Feeds bytes read from the client (possibly none, to resume after output was drained).
+    pub fn receive(&mut self, bytes: &[u8], now: Instant) {
+        if matches!(self.phase, Phase::Closed) {
+            return;
+        }
+        if !bytes.is_empty() {
+            self.input.extend_from_slice(bytes);
+            self.touch(now);
+        }
+        self.process();
+    }
+
+    /// The client closed its side. An unfinished DATA is dropped, never delivered.
+    pub fn peer_closed(&mut self) {
+        if let Phase::Data(_) = self.phase {
+            self.events.push_back(Event::DataAborted);
+        }
+        self.close();
+    }
+
+    /// Ends the session with 421 if its deadline has passed (RFC 5321 4.5.3.2).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_some_and(|d| now >= d) {
+            if let Phase::Data(_) = self.phase {
+                self.events.push_back(Event::DataAborted);
+            }
+            let text = format!(
+                "{} Timeout waiting for client input, closing",
+                self.config.hostname
+            );
+            self.reply(Reply::new(421, "4.4.2", text));
+            self.close();
+        }
+    }
+
+    /// Tells the session that the server is shutting down: 421 and close (RFC 5321 3.8).
+    pub fn shutdown(&mut self) {
+        if matches!(self.phase, Phase::Closed) {
+            return;
+        }
+        if let Phase::Data(_) = self.phase {
+            self.events.push_back(Event::DataAborted);
+        }
+        let text = format!("{} Service shutting down, closing", self.config.hostname);
+        self.reply(Reply::new(421, "4.3.2", text));
+        self.close();
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Takes the reply bytes produced so far.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    /// When [`Session::handle_timeout`] should be called; `None` while the session waits on
+    /// the server (a lookup or a delivery), which is the server's to bound.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Command | Phase::Data(_) => self.deadline,
+            _ => None,
+        }
+    }
+
+    /// Whether the server should read more from the client now.
+    pub fn wants_read(&self) -> bool {
+        matches!(self.phase, Phase::Command | Phase::Data(_))
+            && self.output.len() < OUTPUT_HIGH_WATER
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// Whether a lookup or delivery answer is outstanding.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.phase, Phase::AwaitRecipient(_) | Phase::AwaitDelivery)
+    }
+
+    /// The answer to the outstanding [`Event::RecipientToCheck`]. Ignored if none is.
+    pub fn recipient_verdict(&mut self, verdict: RcptVerdict) {
+        let Phase::AwaitRecipient(_) = self.phase else {
+            return;
+        };
+        let Phase::AwaitRecipient(forward_path) =
+            std::mem::replace(&mut self.phase, Phase::Command)
+        else {
+            return;
+        };
+        let r = match verdict {
+            RcptVerdict::Accept(accounts) if !accounts.is_empty() => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.recipients.push(Recipient {
+                        forward_path,
+                        accounts,
+                    });
+                }
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
+            RcptVerdict::Accept(_) | RcptVerdict::NoSuchUser => {
+                Reply::new(550, "5.1.1", "No such user here")
+            }
+            RcptVerdict::TemporaryFailure => Reply::new(
+                451,
+                "4.3.0",
+                "Recipient lookup failed temporarily, try again later",
+            ),
+        };
+        self.reply(r);
+        self.process();
+    }
+
+    /// The answer to the outstanding [`Event::EndOfData`]. Ignored if none is.
+    pub fn delivery_outcome(&mut self, outcome: DeliveryOutcome) {
+        let Phase::AwaitDelivery = self.phase else {
+            return;
+        };
+        self.phase = Phase::Command;
+        let number = self.tx.as_ref().map_or(0, |t| t.number);
+        self.tx = None;
+        let r = match outcome {
+            Ok(()) => Reply::new(250, "2.0.0", format!("Delivered, transaction {number}")),
+            Err(r) => r,
+        };
+        self.reply(r);
+        self.process();
+    }
+
+    // ---- internals ----
+
+    fn touch(&mut self, now: Instant) {
+        let t = match self.phase {
+            Phase::Data(_) => self.config.data_timeout,
+            _ => self.config.command_timeout,
+        };
+        self.deadline = Some(now + t);
+    }
+
+    fn reply(&mut self, r: Reply) {
+        r.write_to(&mut self.output);
+    }
+
+    fn close(&mut self) {
+        if !matches!(self.phase, Phase::Closed) {
+            self.phase = Phase::Closed;
+            self.tx = None;
+            self.input = Vec::new();
+            self.events.push_back(Event::Close);
+        }
+    }
+
+    /// A command error: counted, and the session is ended with 421 once there are too many
+    /// (an abusive or broken client; the counted reply is replaced, so every command still gets
+    /// exactly one reply).
+    fn error(&mut self, r: Reply) {
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            let text = format!(
+                "{} Too many errors, closing connection",
+                self.config.hostname
+            );
+            self.reply(Reply::new(421, "4.7.0", text));
+            if let Phase::Data(_) = self.phase {
+                self.events.push_back(Event::DataAborted);
+            }
+            self.close();
+        } else {
+            self.reply(r);
+        }
+    }
+
+    fn process(&mut self) {
+        loop {
+            if self.output.len() >= OUTPUT_HIGH_WATER {
+                return;
+            }
+            match self.phase {
+                Phase::Command => {
+                    if !self.next_command() {
+                        return;
+                    }
+                }
+                Phase::Data(_) => {
+                    if !self.data() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Takes one command line from the input and runs it. False when the input holds no
+    /// complete line.
+    fn next_command(&mut self) -> bool {
+        let from = self.scanned.saturating_sub(1);
+        let Some(pos) = self.input[from..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|p| p + from)
+        else {
+            if self.input.len() > MAX_COMMAND_LINE {
+                // Over-long line: forget what we have (keeping a trailing CR, which may be half
+                // of the CRLF), and answer once when its end arrives (RFC 5321 4.5.3.1.4).
+                let keep = usize::from(self.input.last() == Some(&b'\r'));
+                let drop = self.input.len() - keep;
+                self.input.drain(..drop);
+                self.discarding = true;
+            }
+            self.scanned = self.input.len();
+            return false;
+        };
+        let line: Vec<u8> = self.input.drain(..pos + 2).take(pos).collect();
+        self.scanned = 0;
+        if std::mem::take(&mut self.discarding) || line.len() + 2 > MAX_COMMAND_LINE {
+            self.error(Reply::new(500, "5.5.2", "Line too long"));
+        } else if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+            // RFC 5321 2.3.8: CR and LF only as the CRLF pair. A bare LF must not end a
+            // command, or commands could be smuggled past a front end that sees one line.
+            self.error(Reply::new(
+                500,
+                "5.5.2",
+                "Bare CR or LF in command line not allowed",
+            ));
+        } else {
+            match command::parse(&line) {
+                Ok(c) => self.execute(c),
+                Err(r) => self.error(r),
+            }
+        }
+        true
+    }
+
+    fn execute(&mut self, c: Command) {
+        let host = self.config.hostname.clone();
+        match c {
+            Command::Ehlo(name) => {
+                // RFC 5321 4.1.4: EHLO also resets the transaction.
+                self.tx = None;
+                self.greeted = Some((name.clone(), true));
+                let lines = vec![
+                    format!("{host} greets {name}"),
+                    "PIPELINING".to_string(),
+                    format!("SIZE {}", self.config.max_message_size),
+                    "8BITMIME".to_string(),
+                    "ENHANCEDSTATUSCODES".to_string(),
+                    "HELP".to_string(),
+                ];
+                self.reply(Reply::plain(250, lines));
+            }
+            Command::Helo(name) => {
+                self.tx = None;
+                self.greeted = Some((name.clone(), false));
+                self.reply(Reply::plain(250, vec![format!("{host} greets {name}")]));
+            }
+            Command::Mail { path, size, body } => self.mail(path, size, body),
+            Command::Rcpt(path) => self.rcpt(path),
+            Command::Data => self.data_command(),
+            Command::Rset => {
+                self.tx = None;
+                self.reply(Reply::new(250, "2.0.0", "Reset OK"));
+            }
+            Command::Noop => self.reply(Reply::new(250, "2.0.0", "OK")),
+            Command::Quit => {
+                self.reply(Reply::new(
+                    221,
+                    "2.0.0",
+                    format!("{host} closing connection"),
+                ));
+                self.close();
+            }
+            // RFC 5321 3.5.3: 252 when we will not verify but will accept the message.
+            Command::Vrfy(_) => self.reply(Reply::new(
+                252,
+                "2.5.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            // RFC 5321 3.5.3: 502 (not implemented) is permitted; we disclose no lists.
+            Command::Expn(_) => self.reply(Reply::new(502, "5.5.1", "EXPN not available")),
+            Command::Help => self.reply(Reply {
+                code: 214,
+                enhanced: Some("2.0.0"),
+                lines: vec![
+                    "inboxd delivers mail for local users; it does not relay".to_string(),
+                    "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP".to_string(),
+                    "End of HELP info".to_string(),
+                ],
+            }),
+        }
+    }
+
+    fn mail(&mut self, path: ReversePath, size: Option<u64>, body: Option<Body>) {
+        let Some((helo, esmtp)) = self.greeted.clone() else {
+            // RFC 5321 4.1.4: a client must greet before a mail transaction.
+            return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
+        };
+        if self.tx.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Sender already specified"));
+        }
+        if size.is_some_and(|s| s > self.config.max_message_size) {
+            // RFC 1870 6.1: 552 when the declared size exceeds the fixed maximum.
+            return self.reply(Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "Message size exceeds fixed maximum of {} octets",
+                    self.config.max_message_size
+                ),
+            ));
+        }
+        self.transactions += 1;
+        self.tx = Some(Transaction {
+            number: self.transactions,
+            reverse_path: path,
+            recipients: Vec::new(),
+            body,
+            helo,
+            esmtp,
+            peer: self.peer,
+            size: 0,
+        });
+        self.reply(Reply::new(250, "2.1.0", "Sender OK"));
+    }
+
+    fn rcpt(&mut self, path: ForwardPath) {
+        let Some(tx) = self.tx.as_ref() else {
+            return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+        };
+        if tx.recipients.len() >= self.config.max_recipients {
+            // RFC 5321 4.5.3.1.10: 452 for too many recipients; not counted as an error.
+            return self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        let local_part = match &path {
+            ForwardPath::Postmaster(p) => p.clone(),
+            ForwardPath::Mailbox(m) => {
+                if !self.is_local(&m.domain) {
+                    return self.reply(Reply::new(
+                        550,
+                        "5.7.1",
+                        format!("Relaying denied: {} is not a local domain", m.domain),
+                    ));
+                }
+                // `u%h@local`, `"u@h"@local`, `h!u@local`: old relay syntaxes, never honoured.
+                if m.local_part
+                    .bytes()
+                    .any(|b| matches!(b, b'@' | b'%' | b'!'))
+                {
+                    return self.reply(Reply::new(
+                        550,
+                        "5.7.1",
+                        "Relaying denied: routing in the local part is not supported",
+                    ));
+                }
+                m.local_part.clone()
+            }
+        };
+        self.phase = Phase::AwaitRecipient(path);
+        self.events
+            .push_back(Event::RecipientToCheck { local_part });
+    }
+
+    /// Domains compare case-insensitively (RFC 5321 2.4); a trailing root dot is ignored.
+    /// An address literal is local when it names the address the client connected to.
+    fn is_local(&self, d: &Domain) -> bool {
+        match d {
+            Domain::Name(n) => {
+                let n = n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
+                self.config.local_domains.iter().any(|l| *l == n)
+            }
+            Domain::Literal(ip) => {
+                let local = match self.peer.local {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                    v4 => v4,
+                };
+                *ip == local
+            }
+            Domain::General(_) => false,
+        }
+    }
+
+    fn data_command(&mut self) {
+        let Some(tx) = self.tx.as_ref() else {
+            return self.error(Reply::new(503, "5.5.1", "Need MAIL before DATA"));
+        };
+        if tx.recipients.is_empty() {
+            // RFC 2920 3.1: 554 to DATA when no recipient was accepted.
+            return self.reply(Reply::new(554, "5.5.1", "No valid recipients"));
+        }
+        let tx = tx.clone();
+        self.reply(Reply::plain(
+            354,
+            vec!["End data with <CR><LF>.<CR><LF>".into()],
+        ));
+        self.phase = Phase::Data(Box::new(DataState {
+            decoder: DataDecoder::new(),
+            headers: HeaderScan::new(),
+            fault: None,
+        }));
+        self.events.push_back(Event::DataStart(tx));
+    }
+
+    /// Decodes buffered mail data. False when more input is needed.
+    fn data(&mut self) -> bool {
+        let Phase::Data(st) = &mut self.phase else {
+            return false;
+        };
+        if self.input.is_empty() {
+            return false;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return false;
+        };
+        let mut chunk = Vec::with_capacity(self.input.len());
+        let (used, end) = st.decoder.feed(&self.input, &mut chunk);
+        self.input.drain(..used);
+        tx.size += used as u64;
+        let mut newly_failed = false;
+        if st.fault.is_none() {
+            let fault = if tx.size > self.config.max_message_size {
+                // RFC 1870 6.3: the size limit is checked while reading; one 552 at the end.
+                Some(Reply::new(
+                    552,
+                    "5.3.4",
+                    format!(
+                        "Message size exceeds fixed maximum of {} octets",
+                        self.config.max_message_size
+                    ),
+                ))
+            } else {
+                st.decoder.fault().map(|f| match f {
+                    DataFault::BareLf | DataFault::BareCr => Reply::new(
+                        550,
+                        "5.6.0",
+                        "Bare CR or LF in message data not allowed (RFC 5321 2.3.8); message refused",
+                    ),
+                    DataFault::LineTooLong => Reply::new(
+                        550,
+                        "5.6.0",
+                        "Line longer than 1000 octets in message data (RFC 5321 4.5.3.1.6); message refused",
+                    ),
+                })
+            };
+            if fault.is_some() {
+                st.fault = fault;
+                newly_failed = true;
+            } else {
+                st.headers.feed(&chunk);
+                if !chunk.is_empty() {
+                    self.events.push_back(Event::MailData(chunk));
+                }
+            }
+        }
+        if newly_failed {
+            self.events.push_back(Event::DataAborted);
+        }
+        if !end {
+            return false;
+        }
+        let Phase::Data(mut st) = std::mem::replace(&mut self.phase, Phase::Command) else {
+            return false;
+        };
+        if let Some(r) = st.fault.take() {
+            self.tx = None;
+            self.reply(r);
+            return true;
+        }
+        st.headers.finish();
+        if let Some(r) = self.loop_check(&st.headers) {
+            self.events.push_back(Event::DataAborted);
+            self.tx = None;
+            self.reply(r);
+            return true;
+        }
+        if let Some(tx) = self.tx.clone() {
+            self.phase = Phase::AwaitDelivery;
+            self.events.push_back(Event::EndOfData(tx));
+        }
+        true
+    }
+
+    /// RFC 5321 6.3: a mail loop shows as too many Received fields, or as our own
+    /// Delivered-To for an account this message is for.
+    fn loop_check(&self, h: &HeaderScan) -> Option<Reply> {
+        if h.received > MAX_RECEIVED {
+            return Some(Reply::new(
+                554,
+                "5.4.6",
+                "Too many Received fields: mail loop",
+            ));
+        }
+        let tx = self.tx.as_ref()?;
+        for account in tx.accounts() {
+            let ours = delivered_to(&account, &self.config.hostname);
+            if h.delivered_to.iter().any(|v| *v == ours) {
+                return Some(Reply::new(
+                    554,
+                    "5.4.6",
+                    format!("Mail loop: message was already delivered to {ours}"),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// The `Delivered-To:` value inboxd writes for an account (and looks for to detect loops).
+pub fn delivered_to(account: &str, hostname: &str) -> String {
+    format!("{account}@{hostname}")
+}
