@@ -13,3 +13,6 @@ pub mod trace;
 
 pub use reply::Reply;
 pub use session::{DeliveryOutcome, Event, Peer, RcptVerdict, Session, SessionConfig, Transaction};
+
+#[cfg(test)]
+mod transcript_tests;

@@ -552,7 +552,7 @@ impl Session {
         match d {
             Domain::Name(n) => {
                 let n = n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
-                self.config.local_domains.iter().any(|l| *l == n)
+                self.config.local_domains.contains(&n)
             }
             Domain::Literal(ip) => {
                 let local = match self.peer.local {
@@ -678,7 +678,7 @@ impl Session {
         let tx = self.tx.as_ref()?;
         for account in tx.accounts() {
             let ours = delivered_to(&account, &self.config.hostname);
-            if h.delivered_to.iter().any(|v| *v == ours) {
+            if h.delivered_to.contains(&ours) {
                 return Some(Reply::new(
                     554,
                     "5.4.6",
@@ -693,4 +693,127 @@ impl Session {
 /// The `Delivered-To:` value inboxd writes for an account (and looks for to detect loops).
 pub fn delivered_to(account: &str, hostname: &str) -> String {
     format!("{account}@{hostname}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::rc::Rc;
+
+    fn session(now: Instant) -> Session {
+        let config = Rc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            local_domains: vec!["localhost".into()],
+            max_message_size: 1_000_000,
+            max_recipients: 100,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            max_errors: 20,
+        });
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let peer = Peer {
+            remote: ip,
+            local: ip,
+        };
+        let mut s = Session::new(config, peer, now);
+        s.take_output();
+        s
+    }
+
+    fn text(s: &mut Session) -> String {
+        String::from_utf8(s.take_output()).unwrap()
+    }
+
+    #[test]
+    fn idle_timeout_ends_with_421() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(300)));
+        s.receive(b"NOOP\r\n", t0 + Duration::from_secs(100));
+        s.take_output();
+        s.handle_timeout(t0 + Duration::from_secs(300));
+        assert!(!s.is_closed(), "input at t+100 moved the deadline");
+        s.handle_timeout(t0 + Duration::from_secs(400));
+        assert!(text(&mut s).starts_with("421 4.4.2 "));
+        assert!(s.is_closed());
+        assert!(matches!(s.poll_event(), Some(Event::Close)));
+    }
+
+    #[test]
+    fn pipelined_input_waits_for_the_recipient_verdict() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(
+            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\nNOOP\r\n",
+            t0,
+        );
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        assert!(s.is_waiting() && !s.wants_read());
+        assert_eq!(s.next_deadline(), None);
+        // The NOOP is not answered before the RCPT.
+        assert_eq!(
+            text(&mut s),
+            "250 mx.test greets c\r\n250 2.1.0 Sender OK\r\n"
+        );
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        assert_eq!(text(&mut s), "250 2.1.5 Recipient OK\r\n250 2.0.0 OK\r\n");
+        assert!(s.wants_read());
+    }
+
+    #[test]
+    fn disconnect_during_data_aborts_it() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(
+            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
+            t0,
+        );
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        s.receive(b"DATA\r\nSubject: x\r\n\r\npartial line", t0);
+        assert!(matches!(s.poll_event(), Some(Event::DataStart(_))));
+        assert!(matches!(s.poll_event(), Some(Event::MailData(_))));
+        s.peer_closed();
+        assert!(matches!(s.poll_event(), Some(Event::DataAborted)));
+        assert!(matches!(s.poll_event(), Some(Event::Close)));
+        assert!(s.poll_event().is_none());
+    }
+
+    #[test]
+    fn a_client_that_never_reads_cannot_grow_the_output() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let flood = b"NOOP\r\n".repeat(100_000);
+        s.receive(&flood, t0);
+        assert!(!s.wants_read());
+        let first = s.take_output().len();
+        assert!(first < OUTPUT_HIGH_WATER + 100, "{first}");
+        // Draining the output lets it go on with what is buffered.
+        s.receive(&[], t0);
+        assert!(s.has_output());
+    }
+
+    #[test]
+    fn too_many_recipients_is_452_not_an_error() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(b"HELO c\r\nMAIL FROM:<>\r\n", t0);
+        for _ in 0..150 {
+            s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+            if let Some(Event::RecipientToCheck { .. }) = s.poll_event() {
+                s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+            }
+        }
+        let out = text(&mut s);
+        assert_eq!(out.matches("250 2.1.5").count(), 100);
+        assert_eq!(out.matches("452 4.5.3").count(), 50);
+        assert!(!s.is_closed());
+    }
 }
