@@ -99,7 +99,7 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
     info!(
         "inboxd {} listening on {:?} for domains {:?}; hostname {}; mail to {}; {} aliases",
         env!("CARGO_PKG_VERSION"),
-        config.listen,
+        server.local_addrs(),
         config.domains,
         config.hostname,
         match &config.maildir_root {

@@ -130,6 +130,14 @@ impl Server {
         })
     }
 
+    /// The addresses actually bound (a `:0` port shows the port the kernel chose).
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
     /// Runs until SIGTERM or SIGINT, and then until the last connection is gone.
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);

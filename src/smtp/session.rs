@@ -817,3 +817,58 @@ mod tests {
         assert!(!s.is_closed());
     }
 }
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::rc::Rc;
+
+    #[test]
+    fn more_than_100_received_fields_is_a_loop() {
+        let t0 = Instant::now();
+        let config = Rc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            local_domains: vec!["localhost".into()],
+            max_message_size: 1_000_000,
+            max_recipients: 100,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            max_errors: 20,
+        });
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for (n, verdict) in [(100, "250 2.0.0"), (101, "554 5.4.6")] {
+            let mut s = Session::new(
+                config.clone(),
+                Peer {
+                    remote: ip,
+                    local: ip,
+                },
+                t0,
+            );
+            s.receive(
+                b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
+                t0,
+            );
+            while let Some(ev) = s.poll_event() {
+                if let Event::RecipientToCheck { .. } = ev {
+                    s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+                }
+            }
+            let mut data = b"DATA\r\n".to_vec();
+            for i in 0..n {
+                data.extend_from_slice(format!("Received: from hop{i}\r\n").as_bytes());
+            }
+            data.extend_from_slice(b"\r\nbody\r\n.\r\n");
+            s.receive(&data, t0);
+            while let Some(ev) = s.poll_event() {
+                if let Event::EndOfData(_) = ev {
+                    s.delivery_outcome(Ok(()));
+                }
+            }
+            let out = String::from_utf8(s.take_output()).unwrap();
+            let last = out.lines().last().unwrap();
+            assert!(last.starts_with(verdict), "{n} Received: {last}");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The command line of the real binary: usage errors exit 64 with one line, --version and
+//! --help work, and a port that cannot be bound gives a clear message.
+
+use std::process::Command;
+
+fn inboxd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_inboxd"))
+        .args(args)
+        .output()
+        .expect("run inboxd")
+}
+
+#[test]
+fn bad_options_exit_64_with_one_line() {
+    for args in [
+        &["--bogus"][..],
+        &["--listen", "nowhere"],
+        &["--max-recipients", "5"],
+        &["--max-message-size", "lots"],
+        &["stray"],
+    ] {
+        let out = inboxd(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("inboxd: "), "{err}");
+    }
+}
+
+#[test]
+fn version_and_help() {
+    let out = inboxd(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("inboxd "));
+    let out = inboxd(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--listen",
+        "--domain",
+        "--hostname",
+        "--maildir-root",
+        "--aliases",
+        "--max-message-size",
+        "--max-recipients",
+        "--verbose",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help");
+    }
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = std::env::temp_dir();
+    let out = inboxd(&["--listen", &addr, "--maildir-root", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}

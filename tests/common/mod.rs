@@ -1,0 +1,224 @@
+//! Helpers for integration tests: start the real `inboxd` binary on an ephemeral loopback
+//! port, talk SMTP to it over TCP, and look at the Maildirs it wrote.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts inboxd with `args` plus `--listen 127.0.0.1:0`, and waits for it to say which
+    /// port it got.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_inboxd"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--hostname",
+                "mx.test",
+                "-d",
+                "localhost",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn inboxd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("inboxd did not report its port");
+            if let Some(i) = line.find("listening on [127.0.0.1:") {
+                let rest = &line[i + "listening on [127.0.0.1:".len()..];
+                let port: u16 = rest[..rest.find(']').unwrap()].parse().unwrap();
+                return Server {
+                    child,
+                    port,
+                    log: rx,
+                };
+            }
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    /// Log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut c = Client {
+            stream,
+            buf: Vec::new(),
+        };
+        let g = c.reply();
+        assert!(g.starts_with("220 "), "greeting {g:?}");
+        c
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// One whole (possibly multi-line) reply, CRLFs included.
+    pub fn reply(&mut self) -> String {
+        let mut out = String::new();
+        loop {
+            let line = self.line();
+            assert!(line.len() >= 4, "short reply line {line:?}");
+            out.push_str(&line);
+            if line.as_bytes()[3] == b' ' {
+                return out;
+            }
+        }
+    }
+
+    fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
+                return String::from_utf8_lossy(&line).into_owned();
+            }
+            let mut tmp = [0u8; 4096];
+            let n = self.stream.read(&mut tmp).expect("read reply");
+            assert!(
+                n > 0,
+                "connection closed; buffered {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Sends a command line and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Whether the server closed the connection (reads EOF within the timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut tmp = [0u8; 64];
+        matches!(self.stream.read(&mut tmp), Ok(0) | Err(_))
+    }
+}
+
+/// A unique token to find one's message again.
+pub fn token() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("tok{t:x}x{}", N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A message in SMTP form (CRLF) carrying `token`.
+pub fn message(token: &str) -> String {
+    format!(
+        "From: Tester <tester@client.example>\r\nSubject: test {token}\r\nMessage-ID: <{token}@client.example>\r\n\r\nBody {token}\r\n..dotted line\r\n"
+    )
+}
+
+/// Files in `dir/new` (the whole file names), sorted.
+pub fn new_files(maildir: &Path) -> Vec<PathBuf> {
+    list(&maildir.join("new"))
+}
+
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Messages in `maildir` (read with the `maildir` crate) whose content holds `token`.
+pub fn messages_with(maildir: &Path, token: &str) -> Vec<Vec<u8>> {
+    let md = maildir::Maildir::from(maildir.to_path_buf());
+    let mut out = Vec::new();
+    for entry in md.list_new().chain(md.list_cur()) {
+        let entry = entry.expect("maildir entry");
+        let data = std::fs::read(entry.path()).expect("read message");
+        if data.windows(token.len()).any(|w| w == token.as_bytes()) {
+            out.push(data);
+        }
+    }
+    out
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("inboxd-test-{tag}-{}", token()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,216 @@
+//! End to end with `--maildir-root` (the no-setup mode): the real binary on an ephemeral
+//! loopback port, real SMTP, messages read back with the `maildir` crate. Runs as any user;
+//! recipients are accounts every Linux system has (root, nobody).
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+fn deliver(server: &Server, rcpts: &[&str], body: &str) -> String {
+    let mut c = server.connect();
+    assert!(c.cmd("EHLO client.example").starts_with("250-"));
+    assert!(c
+        .cmd("MAIL FROM:<tester@client.example>")
+        .starts_with("250 "));
+    for r in rcpts {
+        let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
+        assert!(reply.starts_with("250 "), "{r}: {reply}");
+    }
+    assert!(c.cmd("DATA").starts_with("354 "));
+    c.send(body.as_bytes());
+    let end = c.cmd(".");
+    assert!(c.cmd("QUIT").starts_with("221 "));
+    end
+}
+
+#[test]
+fn delivers_one_durable_copy_per_recipient_with_trace_fields() {
+    let dir = TempDir::new("root");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--aliases",
+        "/dev/null",
+    ]);
+    let tok = token();
+    let body = message(&tok);
+    let end = deliver(&server, &["root", "nobody", "root"], &body);
+    assert!(end.starts_with("250 2.0.0"), "{end}");
+    for account in ["root", "nobody"] {
+        let md = dir.path().join(account);
+        let found = messages_with(&md, &tok);
+        assert_eq!(found.len(), 1, "{account}: exactly one copy");
+        let data = &found[0];
+        let text = String::from_utf8_lossy(data);
+        // RFC 5321 4.4: Return-Path first, then our Delivered-To and Received.
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("Return-Path: <tester@client.example>"));
+        assert_eq!(
+            lines.next(),
+            Some(format!("Delivered-To: {account}@mx.test").as_str())
+        );
+        assert!(lines
+            .next()
+            .unwrap()
+            .starts_with("Received: from client.example ([127.0.0.1])"));
+        // The message itself, byte for byte, with LF line ends and the dot unstuffed.
+        let stored = body.replace("\r\n", "\n").replace("\n..", "\n.");
+        assert!(text.ends_with(&stored), "{text}");
+        assert!(!data.contains(&b'\r'));
+        // maildir(5) name with ,S=<size>; mode 0600; nothing left in tmp/.
+        let files = new_files(&md);
+        assert_eq!(files.len(), 1);
+        let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+        let meta = std::fs::metadata(&files[0]).unwrap();
+        assert!(name.ends_with(&format!(",S={}", meta.len())), "{name}");
+        assert!(name.contains(".mx.test,"), "{name}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(list(&md.join("tmp")).is_empty());
+        assert!(md.join("cur").is_dir());
+        if is_root() {
+            let uid = nix::unistd::User::from_name(account)
+                .unwrap()
+                .unwrap()
+                .uid
+                .as_raw();
+            assert_eq!(meta.uid(), uid, "{account}'s copy is owned by {account}");
+            assert_eq!(std::fs::metadata(&md).unwrap().uid(), uid);
+        }
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
+fn one_failing_recipient_means_nothing_is_delivered() {
+    let dir = TempDir::new("allornothing");
+    // nobody's "Maildir" is a plain file: that copy cannot be made.
+    std::fs::write(dir.path().join("nobody"), b"not a directory").unwrap();
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--aliases",
+        "/dev/null",
+    ]);
+    let tok = token();
+    let end = deliver(&server, &["root", "nobody"], &message(&tok));
+    assert!(end.starts_with("450 4.2.0"), "{end}");
+    let root_md = dir.path().join("root");
+    assert!(
+        new_files(&root_md).is_empty(),
+        "root's copy must not be visible"
+    );
+    assert!(
+        list(&root_md.join("tmp")).is_empty(),
+        "root's tmp copy must be removed"
+    );
+    // A later message to root alone goes through.
+    let end = deliver(&server, &["root"], &message(&tok));
+    assert!(end.starts_with("250 "), "{end}");
+    assert_eq!(messages_with(&root_md, &tok).len(), 1);
+}
+
+#[test]
+fn unknown_users_relays_and_smuggling_are_refused_over_the_wire() {
+    let dir = TempDir::new("refuse");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--aliases",
+        "/dev/null",
+    ]);
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<tester@client.example>");
+    assert!(c
+        .cmd("RCPT TO:<nosuchuser@localhost>")
+        .starts_with("550 5.1.1"));
+    assert!(c
+        .cmd("RCPT TO:<root@other.example>")
+        .starts_with("550 5.7.1"));
+    assert!(c
+        .cmd("RCPT TO:<root%other.example@localhost>")
+        .starts_with("550 5.7.1"));
+    assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let tok = token();
+    c.send(format!("Subject: {tok}\r\n\r\nx\n.\nMAIL FROM:<a@b>\r\n.\r\n").as_bytes());
+    assert!(c.reply().starts_with("550 5.6.0"));
+    assert!(c.cmd("NOOP").starts_with("250 "));
+    assert!(messages_with(&dir.path().join("root"), &tok).is_empty());
+}
+
+#[test]
+fn oversized_message_gets_one_552_at_the_end_and_nothing_is_kept() {
+    let dir = TempDir::new("size");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--aliases",
+        "/dev/null",
+        "--max-message-size",
+        "100000",
+    ]);
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    assert!(c
+        .cmd("MAIL FROM:<a@b.example> SIZE=100001")
+        .starts_with("552 5.3.4"));
+    c.cmd("MAIL FROM:<a@b.example>");
+    c.cmd("RCPT TO:<root@localhost>");
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let line = format!("{}\r\n", "x".repeat(998));
+    for _ in 0..200 {
+        c.send(line.as_bytes());
+    }
+    assert!(c.cmd(".").starts_with("552 5.3.4"));
+    assert!(c.cmd("NOOP").starts_with("250 "));
+    let md = dir.path().join("root");
+    assert!(new_files(&md).is_empty());
+    assert!(list(&md.join("tmp")).is_empty());
+}
+
+#[test]
+fn idle_client_gets_421_after_the_timeout() {
+    let dir = TempDir::new("timeout");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--timeout",
+        "1",
+    ]);
+    let mut c = server.connect();
+    let r = c.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(c.closed());
+}
+
+#[test]
+fn disconnect_during_data_leaves_nothing_behind() {
+    let dir = TempDir::new("disconnect");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--aliases",
+        "/dev/null",
+    ]);
+    {
+        let mut c = server.connect();
+        c.cmd("HELO client.example");
+        c.cmd("MAIL FROM:<a@b.example>");
+        c.cmd("RCPT TO:<root@localhost>");
+        assert!(c.cmd("DATA").starts_with("354 "));
+        c.send(b"Subject: cut\r\n\r\nhalf a line");
+    }
+    // The server is still fine, and nothing of the cut message exists.
+    let mut c = server.connect();
+    assert!(c.cmd("NOOP").starts_with("250 "));
+    let md = dir.path().join("root");
+    // The server sees the close in its own time: give it a moment to clean tmp/.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !list(&md.join("tmp")).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(list(&md.join("tmp")).is_empty());
+    assert!(new_files(&md).is_empty());
+}

@@ -1,0 +1,141 @@
+//! As root, against real system accounts and their home directories (the production layout,
+//! `~account/Maildir`). These tests create the accounts they need with useradd. Run as any
+//! other user they say so and do nothing: they need root to create accounts and to write as
+//! them (CI runs them as root).
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Creates `name` (with a home directory) unless it exists; returns its home and uid.
+fn ensure_user(name: &str) -> (PathBuf, u32) {
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let st = Command::new("useradd")
+            .args(["-m", name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+    }
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    (u.dir, u.uid.as_raw())
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("{test}: skipped, needs root (creates accounts, writes as them)");
+        return true;
+    }
+    false
+}
+
+/// RFC 821 Appendix F end to end: Smith sends one message to Jones, Green and Brown; Green
+/// has no mailbox. The accounts are spelled with capitals: case is preserved.
+#[test]
+fn rfc821_appendix_f_with_system_accounts() {
+    if skip_unless_root("rfc821_appendix_f_with_system_accounts") {
+        return;
+    }
+    let (jones_home, jones_uid) = ensure_user("Jones");
+    let (brown_home, brown_uid) = ensure_user("Brown");
+    assert!(
+        nix::unistd::User::from_name("Green").unwrap().is_none(),
+        "Green must not exist"
+    );
+    let server = Server::start(&["--aliases", "/dev/null"]);
+    let tok = token();
+    let mut c = server.connect();
+    assert!(c.cmd("HELO GMAIL.COM").starts_with("250 "));
+    assert!(c.cmd("MAIL FROM:<Smith@UOW.EDU.AU>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<Jones@localhost>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<Green@localhost>").starts_with("550 "));
+    assert!(c.cmd("RCPT TO:<Brown@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    c.send(format!("Subject: {tok}\r\n\r\nBlah blah blah...\r\n...etc. etc. etc.\r\n").as_bytes());
+    assert!(c.cmd(".").starts_with("250 "));
+    assert!(c.cmd("QUIT").starts_with("221 "));
+    for (home, uid) in [(jones_home, jones_uid), (brown_home, brown_uid)] {
+        let md = home.join("Maildir");
+        let found = messages_with(&md, &tok);
+        assert_eq!(found.len(), 1, "{}: exactly one copy", md.display());
+        let text = String::from_utf8_lossy(&found[0]);
+        assert!(text.starts_with("Return-Path: <Smith@UOW.EDU.AU>\n"));
+        assert!(
+            text.ends_with("\nBlah blah blah...\n..etc. etc. etc.\n"),
+            "{text}"
+        );
+        for f in new_files(&md) {
+            assert_eq!(
+                std::fs::metadata(&f).unwrap().uid(),
+                uid,
+                "owned by the recipient"
+            );
+        }
+        assert_eq!(std::fs::metadata(&md).unwrap().uid(), uid);
+    }
+}
+
+/// A user plants a symlink at ~/Maildir/new pointing elsewhere: the delivery gets a 4xx,
+/// nothing is written through the link, and nothing is left in tmp/.
+#[test]
+fn symlinked_maildir_new_gets_4xx_and_no_write_through_it() {
+    if skip_unless_root("symlinked_maildir_new_gets_4xx_and_no_write_through_it") {
+        return;
+    }
+    let (home, uid) = ensure_user("inboxdsym");
+    let md = home.join("Maildir");
+    let _ = std::fs::remove_dir_all(&md);
+    std::fs::create_dir_all(md.join("tmp")).unwrap();
+    std::fs::create_dir_all(md.join("cur")).unwrap();
+    let target = TempDir::new("symtarget");
+    for d in [&md, &md.join("tmp"), &md.join("cur")] {
+        nix::unistd::chown(d.as_path(), Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+    }
+    std::os::unix::fs::symlink(target.path(), md.join("new")).unwrap();
+    let server = Server::start(&["--aliases", "/dev/null"]);
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<a@b.example>");
+    assert!(c.cmd("RCPT TO:<inboxdsym@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    c.send(b"Subject: symlink\r\n\r\nx\r\n");
+    let end = c.cmd(".");
+    assert!(end.starts_with('4'), "{end}");
+    assert!(
+        list(target.path()).is_empty(),
+        "a file was written through the symlink"
+    );
+    assert!(list(&md.join("tmp")).is_empty(), "tmp/ left behind");
+    let log = server.log_lines().join("\n");
+    assert!(log.contains("symlink"), "the log says why: {log}");
+    let _ = std::fs::remove_dir_all(&md);
+}
+
+/// A home that does not belong to the account: root never writes into it.
+#[test]
+fn home_not_owned_by_the_account_gets_4xx() {
+    if skip_unless_root("home_not_owned_by_the_account_gets_4xx") {
+        return;
+    }
+    let (home, uid) = ensure_user("inboxdforeign");
+    nix::unistd::chown(home.as_path(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    let _ = std::fs::remove_dir_all(home.join("Maildir"));
+    let server = Server::start(&["--aliases", "/dev/null"]);
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<a@b.example>");
+    assert!(c
+        .cmd("RCPT TO:<inboxdforeign@localhost>")
+        .starts_with("250 "));
+    c.cmd("DATA");
+    c.send(b"Subject: foreign\r\n\r\nx\r\n");
+    let end = c.cmd(".");
+    assert!(end.starts_with("450 4.2.0"), "{end}");
+    assert!(
+        !home.join("Maildir").exists(),
+        "nothing created in a home root owns"
+    );
+    nix::unistd::chown(home.as_path(), Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+}
