@@ -34,8 +34,15 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn inboxd");
-        let stderr = child.stderr.take().expect("stderr");
+        let stderr = child.stderr.take();
         let (tx, rx) = mpsc::channel();
+        // From here on Drop reaps the child, whatever happens.
+        let mut server = Server {
+            child,
+            port: 0,
+            log: rx,
+        };
+        let stderr = stderr.expect("stderr");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -45,21 +52,19 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let marker = "listening on [127.0.0.1:";
+        while server.port == 0 {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
+            let line = server
+                .log
                 .recv_timeout(left)
                 .expect("inboxd did not report its port");
-            if let Some(i) = line.find("listening on [127.0.0.1:") {
-                let rest = &line[i + "listening on [127.0.0.1:".len()..];
-                let port: u16 = rest[..rest.find(']').unwrap()].parse().unwrap();
-                return Server {
-                    child,
-                    port,
-                    log: rx,
-                };
+            if let Some(i) = line.find(marker) {
+                let rest = &line[i + marker.len()..];
+                server.port = rest[..rest.find(']').unwrap()].parse().unwrap();
             }
         }
+        server
     }
 
     pub fn connect(&self) -> Client {
