@@ -48,7 +48,7 @@ fn options() -> Options {
         "a mail domain delivered locally (repeatable; default: the hostname and localhost)",
         "NAME",
     );
-    o.optopt("", "hostname", "the name inboxd gives itself in replies, Received fields and file names (default: the system hostname)", "NAME");
+    o.optopt("", "hostname", "the name inboxd gives itself in replies, Received fields and file names (default: the host's fully qualified name, as `hostname -f` gives it)", "NAME");
     o.optopt(
         "m",
         "maildir-root",
@@ -114,9 +114,9 @@ fn number<T: std::str::FromStr>(m: &getopts::Matches, name: &str) -> Result<Opti
     }
 }
 
-/// Parses the arguments (without the program name). `system_hostname` is the default for
-/// `--hostname`.
-pub fn parse(args: &[String], system_hostname: &str) -> Result<Cli, CliError> {
+/// Parses the arguments (without the program name). `system_hostname` gives the default for
+/// `--hostname`; it is called only when that option is absent.
+pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Result<Cli, CliError> {
     let m = options()
         .parse(args)
         .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -147,9 +147,7 @@ pub fn parse(args: &[String], system_hostname: &str) -> Result<Cli, CliError> {
                 .map_err(|_| CliError::Usage("bad default".into()))?,
         );
     }
-    let hostname = m
-        .opt_str("hostname")
-        .unwrap_or_else(|| system_hostname.to_string());
+    let hostname = m.opt_str("hostname").unwrap_or_else(system_hostname);
     if !valid_domain(&hostname) {
         return Err(CliError::Usage(format!(
             "--hostname: {hostname:?} is not a domain name"
@@ -248,7 +246,7 @@ mod tests {
     }
 
     fn run(s: &str) -> Config {
-        match parse(&args(s), "mx.example.org") {
+        match parse(&args(s), || "mx.example.org".to_string()) {
             Ok(Cli::Run(c)) => *c,
             other => panic!("{s}: {other:?}"),
         }
@@ -285,7 +283,7 @@ mod tests {
             "extra",
         ] {
             assert!(
-                matches!(parse(&args(s), "h"), Err(CliError::Usage(_))),
+                matches!(parse(&args(s), || "h".to_string()), Err(CliError::Usage(_))),
                 "{s}"
             );
         }

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod hostname;
 pub mod recipient;
 pub mod server;
 pub mod smtp;

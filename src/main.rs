@@ -19,11 +19,8 @@ const EX_OSERR: u8 = 71;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let system_hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".to_string());
-    let config = match cli::parse(&args, &system_hostname) {
+    // The resolver is only asked when --hostname is absent.
+    let config = match cli::parse(&args, inboxd::hostname::fqdn) {
         Ok(Cli::Run(c)) => c,
         Ok(Cli::Help(text)) => {
             println!("{text}");
@@ -94,6 +91,7 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         resolver,
         deliverer,
         config.max_connections,
+        config.aliases.clone(),
     )
     .map_err(|e| (EX_OSERR, e.to_string()))?;
     info!(

@@ -178,6 +178,11 @@ impl Resolver {
         }
     }
 
+    /// Replaces the alias table (SIGHUP reloads it).
+    pub fn set_aliases(&mut self, aliases: Aliases) {
+        self.aliases = aliases;
+    }
+
     /// Resolves a local part to the accounts that get a copy. `Ok(None)`: no such recipient.
     pub fn resolve(&self, local_part: &str) -> Result<Option<Vec<String>>, RecipientError> {
         let mut candidates = vec![local_part.to_string()];

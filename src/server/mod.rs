@@ -15,6 +15,7 @@ pub mod timers;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,7 +27,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::delivery::Deliverer;
-use crate::recipient::Resolver;
+use crate::recipient::{Aliases, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Session, SessionConfig};
 use connection::{Connection, ReadStep, READ_CHUNK};
@@ -57,6 +58,8 @@ pub struct Server {
     at_capacity: bool,
     id_prefix: String,
     stopping: bool,
+    /// Re-read on SIGHUP.
+    aliases_path: PathBuf,
 }
 
 #[derive(Debug)]
@@ -81,6 +84,7 @@ impl Server {
         resolver: Resolver,
         deliverer: Deliverer,
         max_connections: usize,
+        aliases_path: PathBuf,
     ) -> Result<Server, ServerError> {
         let setup = |what: &str| {
             let what = what.to_string();
@@ -127,6 +131,7 @@ impl Server {
             at_capacity: false,
             id_prefix: format!("{:X}", start.as_secs()),
             stopping: false,
+            aliases_path,
         })
     }
 
@@ -182,9 +187,7 @@ impl Server {
         while let Ok(Some(info)) = self.signals.read_signal() {
             let sig = Signal::try_from(info.ssi_signo as i32).ok();
             match sig {
-                Some(Signal::SIGHUP) => {
-                    info!("SIGHUP ignored: restart inboxd to reload the aliases file")
-                }
+                Some(Signal::SIGHUP) => self.reload_aliases(),
                 _ => {
                     if !self.stopping {
                         info!("signal {sig:?}: shutting down");
@@ -192,6 +195,31 @@ impl Server {
                     }
                 }
             }
+        }
+    }
+
+    /// SIGHUP: re-read the aliases file. A file that cannot be read keeps the old table.
+    fn reload_aliases(&mut self) {
+        match Aliases::load(&self.aliases_path) {
+            Ok(a) => {
+                info!(
+                    "SIGHUP: {} reloaded, {} aliases",
+                    self.aliases_path.display(),
+                    a.len()
+                );
+                self.resolver.set_aliases(a);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                info!(
+                    "SIGHUP: {} not found; no aliases",
+                    self.aliases_path.display()
+                );
+                self.resolver.set_aliases(Aliases::default());
+            }
+            Err(e) => error!(
+                "SIGHUP: {}: {e}; keeping the aliases loaded before",
+                self.aliases_path.display()
+            ),
         }
     }
 

@@ -19,7 +19,22 @@ impl Server {
     /// Starts inboxd with `args` plus `--listen 127.0.0.1:0`, and waits for it to say which
     /// port it got.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_inboxd"))
+        Server::spawn(Command::new(env!("CARGO_BIN_EXE_inboxd")), args)
+    }
+
+    /// Like [`Server::start`], with at most `nofile` open descriptors (RLIMIT_NOFILE).
+    pub fn start_with_fd_limit(nofile: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_inboxd"),
+        ]);
+        Server::spawn(cmd, args)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Server {
+        let mut child = cmd
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -76,6 +91,25 @@ impl Server {
         self.log.try_iter().collect()
     }
 
+    /// Waits up to 10 s for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("kill");
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -98,17 +132,42 @@ pub struct Client {
 
 impl Client {
     pub fn connect(port: u16) -> Client {
+        let mut c = Client::connect_only(port);
+        let g = c.reply();
+        assert!(g.starts_with("220 "), "greeting {g:?}");
+        c
+    }
+
+    /// Connects without reading the greeting.
+    pub fn connect_only(port: u16) -> Client {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        let mut c = Client {
+        Client {
             stream,
             buf: Vec::new(),
+        }
+    }
+
+    /// Whether anything arrives within `t`.
+    pub fn readable_within(&mut self, t: Duration) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        self.stream.set_read_timeout(Some(t)).unwrap();
+        let mut tmp = [0u8; 4096];
+        let r = match self.stream.read(&mut tmp) {
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                n > 0
+            }
+            Err(_) => false,
         };
-        let g = c.reply();
-        assert!(g.starts_with("220 "), "greeting {g:?}");
-        c
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        r
     }
 
     pub fn send(&mut self, bytes: &[u8]) {

@@ -1,0 +1,115 @@
+//! The event loop under pressure and administration: the connection cap, running out of file
+//! descriptors (EMFILE), and reloading aliases on SIGHUP.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn clients_over_the_connection_cap_wait_for_a_free_slot() {
+    let dir = TempDir::new("cap");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--max-connections",
+        "2",
+    ]);
+    let c1 = server.connect();
+    let _c2 = server.connect();
+    // The third connection completes in the kernel's backlog but is not served yet.
+    let mut c3 = Client::connect_only(server.port);
+    assert!(
+        !c3.readable_within(Duration::from_millis(500)),
+        "served over the cap"
+    );
+    drop(c1);
+    assert!(
+        c3.readable_within(Duration::from_secs(5)),
+        "not served after a slot freed"
+    );
+    assert!(c3.reply().starts_with("220 "));
+    assert!(c3.cmd("NOOP").starts_with("250 "));
+}
+
+#[test]
+fn running_out_of_descriptors_pauses_accepting_and_recovers() {
+    let dir = TempDir::new("emfile");
+    let server = Server::start_with_fd_limit(
+        16,
+        &[
+            "--maildir-root",
+            dir.path().to_str().unwrap(),
+            "--aliases",
+            "/dev/null",
+        ],
+    );
+    let clients: Vec<Client> = (0..30).map(|_| Client::connect_only(server.port)).collect();
+    assert!(
+        server.wait_log("pausing accepts"),
+        "EMFILE was not reached or not logged"
+    );
+    drop(clients);
+    // Once descriptors are free again, new clients are served and mail is delivered.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = server.connect();
+    c.cmd("HELO client.example");
+    c.cmd("MAIL FROM:<a@b.example>");
+    assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
+    c.cmd("DATA");
+    let tok = token();
+    c.send(message(&tok).as_bytes());
+    let end = c.cmd(".");
+    assert!(end.starts_with("250 "), "{end}");
+    assert_eq!(messages_with(&dir.path().join("root"), &tok).len(), 1);
+}
+
+#[test]
+fn aliases_are_local_only_and_reloaded_on_sighup() {
+    let dir = TempDir::new("aliases");
+    let aliases = dir.path().join("aliases");
+    let canary = dir.path().join("canary");
+    std::fs::write(
+        &aliases,
+        format!(
+            "# test aliases\nstaff: root,\n  nobody\nevil: \"|/bin/touch {c}\", {c}, :include:{c}\n",
+            c = canary.display()
+        ),
+    )
+    .unwrap();
+    let mail = dir.path().join("mail");
+    let server = Server::start(&[
+        "--maildir-root",
+        mail.to_str().unwrap(),
+        "--aliases",
+        aliases.to_str().unwrap(),
+    ]);
+    let send = |rcpt: &str| -> (String, String) {
+        let mut c = server.connect();
+        c.cmd("HELO client.example");
+        c.cmd("MAIL FROM:<a@b.example>");
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}@localhost>"));
+        if !r.starts_with("250") {
+            return (r, String::new());
+        }
+        c.cmd("DATA");
+        let tok = token();
+        c.send(message(&tok).as_bytes());
+        let end = c.cmd(".");
+        assert!(end.starts_with("250 "), "{end}");
+        (r, tok)
+    };
+    let (_, tok) = send("staff");
+    assert_eq!(messages_with(&mail.join("root"), &tok).len(), 1);
+    assert_eq!(messages_with(&mail.join("nobody"), &tok).len(), 1);
+    let (r, _) = send("evil");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    assert!(!canary.exists(), "an alias target was run or written");
+
+    std::fs::write(&aliases, "staff: nobody\n").unwrap();
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(server.wait_log("reloaded, 1 aliases"));
+    let (_, tok) = send("staff");
+    assert_eq!(messages_with(&mail.join("root"), &tok).len(), 0);
+    assert_eq!(messages_with(&mail.join("nobody"), &tok).len(), 1);
+}
