@@ -1,6 +1,7 @@
 //! inboxd's entry point: parse the command line, set up logging, bind, serve.
 //! Exit status: 0 after a clean stop, 64 (EX_USAGE) for a bad command line, 69
-//! (EX_UNAVAILABLE) when a listener cannot be bound, 71 (EX_OSERR) for other start-up failures.
+//! (EX_UNAVAILABLE) when a listener cannot be bound, 78 (EX_CONFIG) for an unusable
+//! `--maildir-root` or aliases file, 71 (EX_OSERR) for other start-up failures.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,11 +12,12 @@ use inboxd::delivery::{privileges, Deliverer, Layout};
 use inboxd::recipient::{Aliases, Resolver};
 use inboxd::server::{listener, Server};
 use inboxd::smtp::SessionConfig;
-use log::{error, info, warn};
+use log::{info, warn};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_OSERR: u8 = 71;
+const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,7 +48,7 @@ fn main() -> ExitCode {
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, msg)) => {
-            error!("{msg}");
+            // Standard error is also where the log goes: one line is enough.
             eprintln!("inboxd: {msg}");
             ExitCode::from(code)
         }
@@ -67,11 +69,11 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
             warn!("{}: not found; no aliases", config.aliases.display());
             Aliases::default()
         }
-        Err(e) => return Err((EX_OSERR, format!("{}: {e}", config.aliases.display()))),
+        Err(e) => return Err((EX_CONFIG, format!("{}: {e}", config.aliases.display()))),
     };
     let layout = match &config.maildir_root {
         Some(root) => Layout::root(root)
-            .map_err(|e| (EX_OSERR, format!("--maildir-root {}: {e}", root.display())))?,
+            .map_err(|e| (EX_CONFIG, format!("--maildir-root {}: {e}", root.display())))?,
         None => Layout::Home,
     };
     let session_config = SessionConfig {

@@ -59,3 +59,21 @@ fn a_port_in_use_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
 }
+
+#[test]
+fn a_maildir_root_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("inboxd-ww-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = inboxd(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--maildir-root",
+        dir.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_dir(&dir);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not be writable by group or others"), "{err}");
+}

@@ -126,7 +126,9 @@ pub enum Layout {
 
 impl Layout {
     /// Opens (creating if missing, 0755 so accounts' own directories can be reached)
-    /// a `--maildir-root` directory.
+    /// a `--maildir-root` directory. It must belong to the user running inboxd and be
+    /// writable by nobody else: as root, inboxd creates the accounts' directories in it, and
+    /// root must not work inside a directory that another user controls.
     pub fn root(path: &Path) -> std::io::Result<Layout> {
         std::fs::create_dir_all(path)?;
         let fd = open(
@@ -135,6 +137,15 @@ impl Layout {
             Mode::empty(),
         )
         .map_err(std::io::Error::from)?;
+        let st = nix::sys::stat::fstat(&fd).map_err(std::io::Error::from)?;
+        let me = nix::unistd::geteuid().as_raw();
+        if st.st_uid != me || st.st_mode & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "must belong to uid {me} and not be writable by group or others (it is uid {}, mode {:o})",
+                st.st_uid,
+                st.st_mode & 0o7777
+            )));
+        }
         Ok(Layout::Root(fd))
     }
 }
