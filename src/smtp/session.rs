@@ -144,8 +144,11 @@ pub struct Session {
     greeted: Option<(String, bool)>,
     tx: Option<Transaction>,
     transactions: u64,
+    /// Bytes from the client; `input[consumed..]` is not processed yet. Processed bytes are
+    /// dropped once per read, not once per command (pipelined groups cost no quadratic copying).
     input: Vec<u8>,
-    /// How much of `input` is known to hold no CRLF (saves rescanning a long partial line).
+    consumed: usize,
+    /// How much of the unprocessed input is known to hold no CRLF (no rescans of a long line).
     scanned: usize,
     /// True while throwing away an over-long command line up to its CRLF.
     discarding: bool,
@@ -166,6 +169,7 @@ impl Session {
             tx: None,
             transactions: 0,
             input: Vec::new(),
+            consumed: 0,
             scanned: 0,
             discarding: false,
             output: Vec::new(),
@@ -185,10 +189,18 @@ impl Session {
             return;
         }
         if !bytes.is_empty() {
+            if self.consumed > 0 {
+                self.input.drain(..self.consumed);
+                self.consumed = 0;
+            }
             self.input.extend_from_slice(bytes);
             self.touch(now);
         }
         self.process();
+        if self.consumed == self.input.len() {
+            self.input.clear();
+            self.consumed = 0;
+        }
     }
 
     /// The client closed its side. An unfinished DATA is dropped, never delivered.
@@ -332,6 +344,7 @@ impl Session {
             self.phase = Phase::Closed;
             self.tx = None;
             self.input = Vec::new();
+            self.consumed = 0;
             self.events.push_back(Event::Close);
         }
     }
@@ -380,24 +393,29 @@ impl Session {
     /// Takes one command line from the input and runs it. False when the input holds no
     /// complete line.
     fn next_command(&mut self) -> bool {
+        let pending = &self.input[self.consumed..];
         let from = self.scanned.saturating_sub(1);
-        let Some(pos) = self.input[from..]
+        let Some(pos) = pending[from..]
             .windows(2)
             .position(|w| w == b"\r\n")
             .map(|p| p + from)
         else {
-            if self.input.len() > MAX_COMMAND_LINE {
+            if pending.len() > MAX_COMMAND_LINE {
                 // Over-long line: forget what we have (keeping a trailing CR, which may be half
                 // of the CRLF), and answer once when its end arrives (RFC 5321 4.5.3.1.4).
-                let keep = usize::from(self.input.last() == Some(&b'\r'));
-                let drop = self.input.len() - keep;
-                self.input.drain(..drop);
+                let keep = pending.last() == Some(&b'\r');
+                self.input.clear();
+                self.consumed = 0;
+                if keep {
+                    self.input.push(b'\r');
+                }
                 self.discarding = true;
             }
-            self.scanned = self.input.len();
+            self.scanned = self.input.len() - self.consumed;
             return false;
         };
-        let line: Vec<u8> = self.input.drain(..pos + 2).take(pos).collect();
+        let line = pending[..pos].to_vec();
+        self.consumed += pos + 2;
         self.scanned = 0;
         if std::mem::take(&mut self.discarding) || line.len() + 2 > MAX_COMMAND_LINE {
             self.error(Reply::new(500, "5.5.2", "Line too long"));
@@ -591,15 +609,16 @@ impl Session {
         let Phase::Data(st) = &mut self.phase else {
             return false;
         };
-        if self.input.is_empty() {
+        if self.consumed == self.input.len() {
             return false;
         }
         let Some(tx) = self.tx.as_mut() else {
             return false;
         };
-        let mut chunk = Vec::with_capacity(self.input.len());
-        let (used, end) = st.decoder.feed(&self.input, &mut chunk);
-        self.input.drain(..used);
+        let pending = &self.input[self.consumed..];
+        let mut chunk = Vec::with_capacity(pending.len());
+        let (used, end) = st.decoder.feed(pending, &mut chunk);
+        self.consumed += used;
         tx.size += used as u64;
         let mut newly_failed = false;
         if st.fault.is_none() {
