@@ -197,6 +197,11 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
     let timeout = match number::<u64>(&m, "timeout")? {
         None => DEFAULT_TIMEOUT,
         Some(0) => return Err(CliError::Usage("--timeout: at least 1 second".into())),
+        Some(s) if s > MAX_TIMEOUT_SECS => {
+            return Err(CliError::Usage(format!(
+                "--timeout: at most {MAX_TIMEOUT_SECS} seconds"
+            )))
+        }
         Some(s) => Duration::from_secs(s),
     };
     let maildir_root = match m.opt_str("maildir-root") {
@@ -279,6 +284,7 @@ mod tests {
             "--max-message-size 12x",
             "--bogus",
             "--timeout 0",
+            "--timeout 18446744073709551615",
             "--domain bad_domain",
             "extra",
         ] {

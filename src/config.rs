@@ -15,6 +15,8 @@ pub const MIN_MAX_RECIPIENTS: usize = 100;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 /// RFC 5321 4.5.3.2.7: at least 5 minutes.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// One day: long enough for anything, short enough that deadlines cannot overflow.
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 /// Bad commands before 421.
 pub const DEFAULT_MAX_ERRORS: u32 = 20;
 pub const DEFAULT_ALIASES: &str = "/etc/aliases";

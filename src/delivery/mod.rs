@@ -230,6 +230,14 @@ impl Deliverer {
             .ok_or_else(|| {
                 DeliveryError::Account(format!("{account}: no such account any more"))
             })?;
+        // The name NSS returns becomes a path component under --maildir-root: it must be
+        // one we would accept from a client (no '/', no '..'), whatever the backend says.
+        if !crate::recipient::is_account_name(&acct.name) {
+            return Err(DeliveryError::Account(format!(
+                "NSS returned the unusable account name {:?}",
+                acct.name
+            )));
+        }
         let owner = if privileges::privileged() {
             Owner {
                 uid: acct.uid,
@@ -252,25 +260,35 @@ impl Deliverer {
         let mut p = Pending::default();
         for account in tx.accounts() {
             let name = self.unique();
-            let r = self.open_maildir(&account).and_then(|md| {
-                let mut file = md.create_tmp(&name)?;
-                let head = trace.for_account(&account, &self.hostname);
-                file.write_all(&head)
-                    .map_err(|e| DeliveryError::from_io(e, "write"))
-                    .map(|()| (md, file, head.len() as u64))
-            });
-            match r {
-                Ok((maildir, file, size)) => p.copies.push(Copy {
-                    account,
-                    maildir,
-                    tmp_name: name,
-                    file,
-                    size,
-                }),
+            let r = self
+                .open_maildir(&account)
+                .and_then(|md| md.create_tmp(&name).map(|file| (md, file)));
+            let (maildir, file) = match r {
+                Ok(x) => x,
                 Err(e) => {
                     warn!("delivery to {account} cannot start: {e}");
                     p.fail(e);
                     break;
+                }
+            };
+            // Listed before anything is written, so a failure from here on removes it.
+            let head = trace.for_account(&account, &self.hostname);
+            p.copies.push(Copy {
+                account,
+                maildir,
+                tmp_name: name,
+                file,
+                size: 0,
+            });
+            if let Some(c) = p.copies.last_mut() {
+                match c.file.write_all(&head) {
+                    Ok(()) => c.size = head.len() as u64,
+                    Err(e) => {
+                        let e = DeliveryError::from_io(e, &format!("write tmp/{}", c.tmp_name));
+                        warn!("delivery to {} cannot start: {e}", c.account);
+                        p.fail(e);
+                        break;
+                    }
                 }
             }
         }
@@ -349,16 +367,15 @@ impl Deliverer {
         let mut failure = None;
         for (i, c) in p.copies.iter().enumerate() {
             let new_name = format!("{},S={}", c.tmp_name, c.size);
-            match c
-                .maildir
-                .publish(&c.tmp_name, &new_name)
-                .and_then(|()| c.maildir.sync_new())
-            {
-                Ok(()) => done.push((i, new_name)),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+            if let Err(e) = c.maildir.publish(&c.tmp_name, &new_name) {
+                failure = Some(e);
+                break;
+            }
+            // Visible from here on: listed first, so a failed fsync below rolls it back too.
+            done.push((i, new_name));
+            if let Err(e) = c.maildir.sync_new() {
+                failure = Some(e);
+                break;
             }
         }
         if let Some(e) = failure {

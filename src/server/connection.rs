@@ -24,8 +24,10 @@ pub struct Connection {
     pub peer: String,
     out: Vec<u8>,
     out_pos: usize,
-    /// The client closed its side (or the socket failed).
+    /// The client closed its sending side (or reading failed).
     pub eof: bool,
+    /// Writing failed: nothing more can reach the client.
+    write_failed: bool,
     interest: Option<Interest>,
     /// Time of this connection's live entry in the timer heap.
     pub timer_at: Option<Instant>,
@@ -50,6 +52,7 @@ impl Connection {
             out: Vec::new(),
             out_pos: 0,
             eof: false,
+            write_failed: false,
             interest: None,
             timer_at: None,
             closing_since: None,
@@ -82,52 +85,50 @@ impl Connection {
         }
     }
 
-    /// Moves the session's replies into our buffer and writes until WouldBlock. Returns true
-    /// if the output buffer became empty in this call.
+    /// Writes replies until WouldBlock. The session's replies are taken only once ours are
+    /// all written, so while the client does not read, they pile up in the session, whose
+    /// limit then stops it from reading more input. Returns true if something was written
+    /// and nothing is left to write.
     pub fn flush(&mut self) -> bool {
-        if self.session.has_output() {
+        let mut wrote = false;
+        loop {
             if self.out_pos == self.out.len() {
+                if self.write_failed || !self.session.has_output() {
+                    return wrote;
+                }
                 self.out = self.session.take_output();
                 self.out_pos = 0;
-            } else {
-                let more = self.session.take_output();
-                self.out.extend_from_slice(&more);
             }
-        }
-        if self.out_pos == self.out.len() {
-            return false;
-        }
-        while self.out_pos < self.out.len() {
             match self.socket.write(&self.out[self.out_pos..]) {
-                Ok(0) => break,
-                Ok(n) => self.out_pos += n,
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.out_pos += n;
+                    wrote = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(_) => {
                     // The client is gone; nothing more can reach it.
                     self.out.clear();
                     self.out_pos = 0;
+                    self.write_failed = true;
                     self.eof = true;
-                    if !self.session.is_closed() {
-                        self.session.peer_closed();
-                    }
-                    return true;
+                    self.session.peer_closed();
+                    return false;
                 }
             }
         }
-        self.out.clear();
-        self.out_pos = 0;
-        true
     }
 
     pub fn output_pending(&self) -> bool {
-        self.out_pos < self.out.len() || self.session.has_output()
+        !self.write_failed && (self.out_pos < self.out.len() || self.session.has_output())
     }
 
     /// Whether the connection is finished: the session closed and every reply was written
-    /// (or can no longer be).
+    /// (or can no longer be). A client that only closed its sending side still gets its
+    /// replies.
     pub fn done(&self) -> bool {
-        self.session.is_closed() && (!self.output_pending() || self.eof)
+        self.session.is_closed() && !self.output_pending()
     }
 
     /// Registers or re-registers with the interest the session's state calls for: readable

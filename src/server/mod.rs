@@ -12,7 +12,7 @@ pub mod connection;
 pub mod listener;
 pub mod timers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -40,12 +40,16 @@ const LISTENER_BASE: usize = usize::MAX - 2;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 /// How long a closing connection may take to take its last reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Reads (of up to 64 KiB) one connection may do before the others get their turn.
+const READS_PER_TURN: usize = 16;
 
 pub struct Server {
     poll: Poll,
     listeners: Vec<TcpListener>,
     signals: SignalFd,
     conns: HashMap<Token, Connection>,
+    /// Connections that stopped reading for fairness, not for lack of data.
+    ready: VecDeque<Token>,
     timers: Timers,
     session_config: Rc<SessionConfig>,
     resolver: Resolver,
@@ -121,6 +125,7 @@ impl Server {
             listeners,
             signals,
             conns: HashMap::new(),
+            ready: VecDeque::new(),
             timers: Timers::default(),
             session_config: Rc::new(session_config),
             resolver,
@@ -154,6 +159,9 @@ impl Server {
                 let t = until.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
             }
+            if !self.ready.is_empty() {
+                timeout = Some(Duration::ZERO);
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -168,6 +176,11 @@ impl Server {
                         self.accept(now)
                     }
                     t => self.drive(t, &mut buf),
+                }
+            }
+            for _ in 0..self.ready.len() {
+                if let Some(t) = self.ready.pop_front() {
+                    self.drive(t, &mut buf);
                 }
             }
             let now = Instant::now();
@@ -337,18 +350,32 @@ impl Server {
         let Some(mut c) = self.conns.remove(&token) else {
             return;
         };
+        let mut reads = 0;
         loop {
             let now = Instant::now();
-            let mut progress = matches!(c.read_once(buf, now), ReadStep::Data);
+            let mut progress = false;
+            if reads < READS_PER_TURN {
+                if let ReadStep::Data = c.read_once(buf, now) {
+                    reads += 1;
+                    progress = true;
+                }
+            } else if c.session.wants_read() && !c.eof {
+                // Fairness: this client has had its share of this turn. Its socket may still
+                // hold data, and edge-triggered readiness will not say so again, so it goes on
+                // the ready list and is driven again after the others.
+                if !self.ready.contains(&token) {
+                    self.ready.push_back(token);
+                }
+            }
             while let Some(ev) = c.session.poll_event() {
                 progress = true;
                 self.handle_event(&mut c, ev);
             }
-            if c.flush() && c.session.wants_read() {
+            if c.flush() && !c.session.is_closed() && !c.session.is_waiting() {
                 // Replies were held back by the output limit: let the session go on with
-                // the input it has buffered.
+                // the input it has buffered (it may answer, or ask for a lookup).
                 c.session.receive(&[], now);
-                progress |= c.session.has_output();
+                progress = true;
             }
             if c.done() || !progress {
                 break;

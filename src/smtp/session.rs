@@ -156,6 +156,8 @@ pub struct Session {
     events: VecDeque<Event>,
     errors: u32,
     deadline: Option<Instant>,
+    /// The client closed its sending side.
+    peer_eof: bool,
 }
 
 impl Session {
@@ -176,6 +178,7 @@ impl Session {
             events: VecDeque::new(),
             errors: 0,
             deadline: None,
+            peer_eof: false,
         };
         let greeting = format!("{} ESMTP inboxd ready", s.config.hostname);
         s.reply(Reply::plain(220, vec![greeting]));
@@ -194,9 +197,13 @@ impl Session {
                 self.consumed = 0;
             }
             self.input.extend_from_slice(bytes);
-            self.touch(now);
         }
         self.process();
+        if !bytes.is_empty() {
+            // After processing, so the timeout is the one of the phase the bytes led to
+            // (the 354 starts the DATA timeout, the final dot ends it).
+            self.touch(now);
+        }
         if self.consumed == self.input.len() {
             self.input.clear();
             self.consumed = 0;
@@ -204,15 +211,20 @@ impl Session {
     }
 
     /// The client closed its side. An unfinished DATA is dropped, never delivered.
+    ///
+    /// Commands it sent before closing are still answered (a half-closed socket can still
+    /// take our replies); the session closes once they are, or once an outstanding lookup or
+    /// delivery has been answered.
     pub fn peer_closed(&mut self) {
-        if let Phase::Data(_) = self.phase {
-            self.events.push_back(Event::DataAborted);
-        }
-        self.close();
+        self.peer_eof = true;
+        self.process();
     }
 
     /// Ends the session with 421 if its deadline has passed (RFC 5321 4.5.3.2).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
         if self.deadline.is_some_and(|d| now >= d) {
             if let Phase::Data(_) = self.phase {
                 self.events.push_back(Event::DataAborted);
@@ -264,7 +276,13 @@ impl Session {
     /// Whether the server should read more from the client now.
     pub fn wants_read(&self) -> bool {
         matches!(self.phase, Phase::Command | Phase::Data(_))
+            && !self.peer_eof
             && self.output.len() < OUTPUT_HIGH_WATER
+    }
+
+    /// Whether events wait in [`Session::poll_event`].
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -329,6 +347,7 @@ impl Session {
 
     fn touch(&mut self, now: Instant) {
         let t = match self.phase {
+            Phase::Closed => return,
             Phase::Data(_) => self.config.data_timeout,
             _ => self.config.command_timeout,
         };
@@ -345,6 +364,7 @@ impl Session {
             self.tx = None;
             self.input = Vec::new();
             self.consumed = 0;
+            self.deadline = None;
             self.events.push_back(Event::Close);
         }
     }
@@ -374,18 +394,21 @@ impl Session {
             if self.output.len() >= OUTPUT_HIGH_WATER {
                 return;
             }
-            match self.phase {
-                Phase::Command => {
-                    if !self.next_command() {
-                        return;
-                    }
-                }
-                Phase::Data(_) => {
-                    if !self.data() {
-                        return;
-                    }
-                }
+            let more = match self.phase {
+                Phase::Command => self.next_command(),
+                Phase::Data(_) => self.data(),
                 _ => return,
+            };
+            if !more {
+                // The input is used up. If the client has closed its side, nothing more can
+                // come: an unfinished DATA is dropped, never delivered.
+                if self.peer_eof {
+                    if let Phase::Data(_) = self.phase {
+                        self.events.push_back(Event::DataAborted);
+                    }
+                    self.close();
+                }
+                return;
             }
         }
     }
@@ -817,6 +840,52 @@ mod tests {
         // Draining the output lets it go on with what is buffered.
         s.receive(&[], t0);
         assert!(s.has_output());
+    }
+
+    #[test]
+    fn half_close_answers_what_was_sent_then_closes() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let flood = b"NOOP\r\n".repeat(20_000);
+        s.receive(&flood, t0);
+        s.peer_closed();
+        assert!(!s.is_closed(), "buffered commands are still owed replies");
+        let mut replies = 0;
+        while !s.is_closed() {
+            replies += text(&mut s).matches("250 2.0.0 OK").count();
+            s.receive(&[], t0);
+        }
+        replies += text(&mut s).matches("250 2.0.0 OK").count();
+        assert_eq!(replies, 20_000);
+    }
+
+    #[test]
+    fn data_phase_uses_the_data_timeout() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(
+            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
+            t0,
+        );
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        s.receive(b"DATA\r\n", t0);
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(600)));
+        s.receive(b".\r\n", t0);
+        while let Some(ev) = s.poll_event() {
+            if let Event::EndOfData(_) = ev {
+                s.delivery_outcome(Ok(()));
+            }
+        }
+        s.receive(b"NOOP\r\n", t0);
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(300)));
+        s.handle_timeout(t0 + Duration::from_secs(300));
+        s.take_output();
+        s.handle_timeout(t0 + Duration::from_secs(900));
+        assert!(s.take_output().is_empty(), "no second 421 after close");
     }
 
     #[test]

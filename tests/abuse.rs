@@ -1,0 +1,111 @@
+//! Clients that misbehave at the transport level: one that pipelines without ever reading,
+//! one that half-closes after a long pipelined group, one whose recipients sit behind a
+//! flood of NOOPs. The server must stay bounded in memory, fair to others, and answer every
+//! command it accepted.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_client_that_never_reads_is_bounded_and_others_are_served() {
+    let dir = TempDir::new("noread");
+    let server = Server::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let flooder = server.connect();
+    let mut stream = flooder.stream.try_clone().unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = b"NOOP\r\n".repeat(10_000);
+        let mut sent = 0usize;
+        while sent < 300 << 20 {
+            match stream.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break, // the server stopped reading: our write timed out
+            }
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile another client is served promptly.
+    let t0 = Instant::now();
+    let mut other = server.connect();
+    assert!(other.cmd("NOOP").starts_with("250 "));
+    let waited = t0.elapsed();
+    let sent = sender.join().unwrap();
+    let rss = rss_kib(server.child.id());
+    eprintln!(
+        "flooder sent {sent} octets; other client served in {waited:?}; server RSS {rss} KiB"
+    );
+    assert!(sent < 300 << 20, "the server never stopped reading");
+    assert!(
+        waited < Duration::from_secs(2),
+        "other client waited {waited:?}"
+    );
+    assert!(rss < 32 * 1024, "server RSS {rss} KiB");
+    drop(flooder);
+}
+
+#[test]
+fn a_half_closed_client_still_gets_every_reply() {
+    let dir = TempDir::new("halfclose");
+    let server = Server::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let mut c = server.connect();
+    let n = 20_000;
+    let mut group = b"EHLO client.example\r\n".to_vec();
+    group.extend(b"HELP\r\n".repeat(n));
+    group.extend_from_slice(b"QUIT\r\n");
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&group).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut all = Vec::new();
+    c.stream.read_to_end(&mut all).unwrap();
+    writer.join().unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(text.matches("214 2.0.0 End of HELP info\r\n").count(), n);
+    assert!(text.ends_with("221 2.0.0 mx.test closing connection\r\n"));
+}
+
+#[test]
+fn recipients_behind_a_noop_flood_are_all_answered() {
+    let dir = TempDir::new("stall");
+    let server = Server::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let mut c = server.connect();
+    let noops = 100_000;
+    let rcpts = 100;
+    let mut group = b"EHLO client.example\r\nMAIL FROM:<>\r\n".to_vec();
+    group.extend(b"NOOP\r\n".repeat(noops));
+    group.extend(b"RCPT TO:<root@localhost>\r\n".repeat(rcpts));
+    group.extend_from_slice(b"RSET\r\n");
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&group).unwrap());
+    // Let the replies back up before reading any.
+    std::thread::sleep(Duration::from_millis(500));
+    c.reply(); // EHLO
+    c.reply(); // MAIL
+    for _ in 0..noops {
+        assert!(c.reply().starts_with("250 2.0.0 OK"));
+    }
+    for i in 0..rcpts {
+        let r = c.reply();
+        assert!(r.starts_with("250 2.1.5"), "RCPT {i}: {r}");
+    }
+    assert!(c.reply().starts_with("250 2.0.0 Reset"));
+    writer.join().unwrap();
+}
