@@ -139,3 +139,68 @@ fn home_not_owned_by_the_account_gets_4xx() {
     );
     nix::unistd::chown(home.as_path(), Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
 }
+
+/// Unmounts on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full filesystem mid-transaction: 452 4.3.1, no partial file anywhere, and delivery
+/// works again once space is freed. A 1 MiB tmpfs made by the test.
+#[test]
+fn full_disk_gets_452_and_leaves_nothing_partial() {
+    if skip_unless_root("full_disk_gets_452_and_leaves_nothing_partial") {
+        return;
+    }
+    let dir = TempDir::new("enospc");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs");
+    let _mount = Mount(dir.path().to_path_buf());
+    let mail = dir.path().join("mail");
+    let server = Server::start(&[
+        "--maildir-root",
+        mail.to_str().unwrap(),
+        "--aliases",
+        "/dev/null",
+    ]);
+    let send = |body: &str| -> String {
+        let mut c = server.connect();
+        c.cmd("HELO client.example");
+        c.cmd("MAIL FROM:<a@b.example>");
+        assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
+        assert!(c.cmd("DATA").starts_with("354 "));
+        c.send(body.as_bytes());
+        c.cmd(".")
+    };
+    let first = token();
+    assert!(send(&message(&first)).starts_with("250 "));
+    // Fill the filesystem.
+    let filler = dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![b'f'; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+    }
+    let lines: String = (0..400).map(|_| "x".repeat(900) + "\r\n").collect();
+    let big = format!("{}{lines}", message(&token()));
+    let end = send(&big);
+    assert!(end.starts_with("452 4.3.1"), "{end}");
+    let md = mail.join("root");
+    assert_eq!(new_files(&md).len(), 1, "only the first message is in new/");
+    assert!(list(&md.join("tmp")).is_empty(), "nothing left in tmp/");
+    // Space again: delivery works.
+    std::fs::remove_file(&filler).unwrap();
+    let again = token();
+    assert!(send(&message(&again)).starts_with("250 "));
+    assert_eq!(messages_with(&md, &again).len(), 1);
+    drop(server);
+}
