@@ -3,6 +3,7 @@
 //! (EX_UNAVAILABLE) when a listener cannot be bound, 78 (EX_CONFIG) for an unusable
 //! `--maildir-root` or aliases file, 71 (EX_OSERR) for other start-up failures.
 
+use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -55,6 +56,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// The addresses inboxd listens on, for address literals. A wildcard listener
+/// (`0.0.0.0`, `::`) stands for every address of the host's interfaces.
+fn listening_addresses(config: &Config) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for a in &config.listen {
+        let ip = a.ip();
+        if ip.is_unspecified() {
+            if let Ok(ifs) = nix::ifaddrs::getifaddrs() {
+                for i in ifs {
+                    let Some(sa) = i.address else { continue };
+                    if let Some(v4) = sa.as_sockaddr_in() {
+                        out.push(IpAddr::V4(v4.ip()));
+                    } else if let Some(v6) = sa.as_sockaddr_in6() {
+                        out.push(IpAddr::V6(v6.ip()));
+                    }
+                }
+            }
+        } else {
+            out.push(ip);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn run(config: &Config) -> Result<(), (u8, String)> {
     let mut listeners = Vec::new();
     for addr in &config.listen {
@@ -79,6 +106,7 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
     let session_config = SessionConfig {
         hostname: config.hostname.clone(),
         local_domains: config.domains.clone(),
+        local_addresses: listening_addresses(config),
         max_message_size: config.max_message_size,
         max_recipients: config.max_recipients,
         command_timeout: config.timeout,

@@ -214,3 +214,26 @@ fn disconnect_during_data_leaves_nothing_behind() {
     assert!(list(&md.join("tmp")).is_empty());
     assert!(new_files(&md).is_empty());
 }
+
+#[test]
+fn ipv6_listener_and_literals_of_every_listening_address() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("ipv6_listener_and_literals_of_every_listening_address: skipped, no ::1 here");
+        return;
+    }
+    let dir = TempDir::new("v6");
+    let server = Server::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "[::1]:0",
+    ]);
+    // Over IPv4, the literal of the IPv6 listener is local too; other literals are not.
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<>");
+    assert!(c.cmd("RCPT TO:<root@[IPv6:::1]>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<root@[127.0.0.1]>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<root@[127.0.0.2]>").starts_with("550 5.7.1"));
+    assert!(c.cmd("RCPT TO:<root@[IPv6:::2]>").starts_with("550 5.7.1"));
+}

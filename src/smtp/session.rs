@@ -34,6 +34,9 @@ const OUTPUT_HIGH_WATER: usize = 64 * 1024;
 pub struct SessionConfig {
     pub hostname: String,
     pub local_domains: Vec<String>,
+    /// Addresses whose literals (`user@[192.0.2.1]`) are local: the addresses inboxd listens
+    /// on. The address a client connected to is always local too.
+    pub local_addresses: Vec<IpAddr>,
     pub max_message_size: u64,
     pub max_recipients: usize,
     /// RFC 5321 4.5.3.2.7: the server waits at least 5 minutes for the next command.
@@ -596,11 +599,12 @@ impl Session {
                 self.config.local_domains.contains(&n)
             }
             Domain::Literal(ip) => {
-                let local = match self.peer.local {
+                let unmap = |a: IpAddr| match a {
                     IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
                     v4 => v4,
                 };
-                *ip == local
+                *ip == unmap(self.peer.local)
+                    || self.config.local_addresses.iter().any(|a| unmap(*a) == *ip)
             }
             Domain::General(_) => false,
         }
@@ -747,6 +751,7 @@ mod tests {
         let config = Rc::new(SessionConfig {
             hostname: "mx.test".into(),
             local_domains: vec!["localhost".into()],
+            local_addresses: Vec::new(),
             max_message_size: 1_000_000,
             max_recipients: 100,
             command_timeout: Duration::from_secs(300),
@@ -918,6 +923,7 @@ mod loop_tests {
         let config = Rc::new(SessionConfig {
             hostname: "mx.test".into(),
             local_domains: vec!["localhost".into()],
+            local_addresses: Vec::new(),
             max_message_size: 1_000_000,
             max_recipients: 100,
             command_timeout: Duration::from_secs(300),

@@ -118,6 +118,10 @@ fn run(name: &str, text: &str) {
     let config = Rc::new(SessionConfig {
         hostname: "mx.test".into(),
         local_domains: vec!["mx.test".into(), "localhost".into()],
+        local_addresses: vec![
+            "192.0.2.25".parse().unwrap(),
+            "2001:db8::25".parse().unwrap(),
+        ],
         max_message_size: max_size,
         max_recipients: 100,
         command_timeout: Duration::from_secs(300),

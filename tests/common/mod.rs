@@ -76,7 +76,8 @@ impl Server {
                 .expect("inboxd did not report its port");
             if let Some(i) = line.find(marker) {
                 let rest = &line[i + marker.len()..];
-                server.port = rest[..rest.find(']').unwrap()].parse().unwrap();
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                server.port = digits.parse().expect("port number");
             }
         }
         server
