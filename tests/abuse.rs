@@ -23,7 +23,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn a_client_that_never_reads_is_bounded_and_others_are_served() {
     let dir = TempDir::new("noread");
-    let server = Server::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let server = Server::start_in(dir.path(), &[]);
     let flooder = server.connect();
     let mut stream = flooder.stream.try_clone().unwrap();
     stream
@@ -63,7 +63,7 @@ fn a_client_that_never_reads_is_bounded_and_others_are_served() {
 #[test]
 fn a_half_closed_client_still_gets_every_reply() {
     let dir = TempDir::new("halfclose");
-    let server = Server::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let server = Server::start_in(dir.path(), &[]);
     let mut c = server.connect();
     let n = 20_000;
     let mut group = b"EHLO client.example\r\n".to_vec();
@@ -85,7 +85,7 @@ fn a_half_closed_client_still_gets_every_reply() {
 #[test]
 fn recipients_behind_a_noop_flood_are_all_answered() {
     let dir = TempDir::new("stall");
-    let server = Server::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let server = Server::start_in(dir.path(), &[]);
     let mut c = server.connect();
     let noops = 100_000;
     let rcpts = 100;

@@ -7,35 +7,13 @@ mod common;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-fn deliver(server: &Server, rcpts: &[&str], body: &str) -> String {
-    let mut c = server.connect();
-    assert!(c.cmd("EHLO client.example").starts_with("250-"));
-    assert!(c
-        .cmd("MAIL FROM:<tester@client.example>")
-        .starts_with("250 "));
-    for r in rcpts {
-        let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
-        assert!(reply.starts_with("250 "), "{r}: {reply}");
-    }
-    assert!(c.cmd("DATA").starts_with("354 "));
-    c.send(body.as_bytes());
-    let end = c.cmd(".");
-    assert!(c.cmd("QUIT").starts_with("221 "));
-    end
-}
-
 #[test]
 fn delivers_one_durable_copy_per_recipient_with_trace_fields() {
     let dir = TempDir::new("root");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--aliases",
-        "/dev/null",
-    ]);
+    let server = Server::start_in(dir.path(), &[]);
     let tok = token();
     let body = message(&tok);
-    let end = deliver(&server, &["root", "nobody", "root"], &body);
+    let end = server.deliver(&["root", "nobody", "root"], &body);
     assert!(end.starts_with("250 2.0.0"), "{end}");
     for account in ["root", "nobody"] {
         let md = dir.path().join(account);
@@ -86,14 +64,9 @@ fn one_failing_recipient_means_nothing_is_delivered() {
     let dir = TempDir::new("allornothing");
     // nobody's "Maildir" is a plain file: that copy cannot be made.
     std::fs::write(dir.path().join("nobody"), b"not a directory").unwrap();
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--aliases",
-        "/dev/null",
-    ]);
+    let server = Server::start_in(dir.path(), &[]);
     let tok = token();
-    let end = deliver(&server, &["root", "nobody"], &message(&tok));
+    let end = server.deliver(&["root", "nobody"], &message(&tok));
     assert!(end.starts_with("450 4.2.0"), "{end}");
     let root_md = dir.path().join("root");
     assert!(
@@ -105,7 +78,7 @@ fn one_failing_recipient_means_nothing_is_delivered() {
         "root's tmp copy must be removed"
     );
     // A later message to root alone goes through.
-    let end = deliver(&server, &["root"], &message(&tok));
+    let end = server.deliver(&["root"], &message(&tok));
     assert!(end.starts_with("250 "), "{end}");
     assert_eq!(messages_with(&root_md, &tok).len(), 1);
 }
@@ -113,12 +86,7 @@ fn one_failing_recipient_means_nothing_is_delivered() {
 #[test]
 fn unknown_users_relays_and_smuggling_are_refused_over_the_wire() {
     let dir = TempDir::new("refuse");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--aliases",
-        "/dev/null",
-    ]);
+    let server = Server::start_in(dir.path(), &[]);
     let mut c = server.connect();
     c.cmd("EHLO client.example");
     c.cmd("MAIL FROM:<tester@client.example>");
@@ -143,14 +111,7 @@ fn unknown_users_relays_and_smuggling_are_refused_over_the_wire() {
 #[test]
 fn oversized_message_gets_one_552_at_the_end_and_nothing_is_kept() {
     let dir = TempDir::new("size");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--aliases",
-        "/dev/null",
-        "--max-message-size",
-        "100000",
-    ]);
+    let server = Server::start_in(dir.path(), &["--max-message-size", "100000"]);
     let mut c = server.connect();
     c.cmd("EHLO client.example");
     assert!(c
@@ -173,12 +134,7 @@ fn oversized_message_gets_one_552_at_the_end_and_nothing_is_kept() {
 #[test]
 fn idle_client_gets_421_after_the_timeout() {
     let dir = TempDir::new("timeout");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--timeout",
-        "1",
-    ]);
+    let server = Server::start_in(dir.path(), &["--timeout", "1"]);
     let mut c = server.connect();
     let r = c.reply();
     assert!(r.starts_with("421 4.4.2"), "{r}");
@@ -188,12 +144,7 @@ fn idle_client_gets_421_after_the_timeout() {
 #[test]
 fn disconnect_during_data_leaves_nothing_behind() {
     let dir = TempDir::new("disconnect");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--aliases",
-        "/dev/null",
-    ]);
+    let server = Server::start_in(dir.path(), &[]);
     {
         let mut c = server.connect();
         c.cmd("HELO client.example");
@@ -222,12 +173,7 @@ fn ipv6_listener_and_literals_of_every_listening_address() {
         return;
     }
     let dir = TempDir::new("v6");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--listen",
-        "[::1]:0",
-    ]);
+    let server = Server::start_in(dir.path(), &["--listen", "[::1]:0"]);
     // Over IPv4, the literal of the IPv6 listener is local too; other literals are not.
     let mut c = server.connect();
     c.cmd("EHLO client.example");

@@ -9,12 +9,7 @@ use std::time::Duration;
 #[test]
 fn clients_over_the_connection_cap_wait_for_a_free_slot() {
     let dir = TempDir::new("cap");
-    let server = Server::start(&[
-        "--maildir-root",
-        dir.path().to_str().unwrap(),
-        "--max-connections",
-        "2",
-    ]);
+    let server = Server::start_in(dir.path(), &["--max-connections", "2"]);
     let c1 = server.connect();
     let _c2 = server.connect();
     // The third connection completes in the kernel's backlog but is not served yet.
@@ -52,14 +47,8 @@ fn running_out_of_descriptors_pauses_accepting_and_recovers() {
     drop(clients);
     // Once descriptors are free again, new clients are served and mail is delivered.
     std::thread::sleep(Duration::from_millis(500));
-    let mut c = server.connect();
-    c.cmd("HELO client.example");
-    c.cmd("MAIL FROM:<a@b.example>");
-    assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
-    c.cmd("DATA");
     let tok = token();
-    c.send(message(&tok).as_bytes());
-    let end = c.cmd(".");
+    let end = server.deliver(&["root"], &message(&tok));
     assert!(end.starts_with("250 "), "{end}");
     assert_eq!(messages_with(&dir.path().join("root"), &tok).len(), 1);
 }

@@ -95,13 +95,7 @@ fn symlinked_maildir_new_gets_4xx_and_no_write_through_it() {
     }
     std::os::unix::fs::symlink(target.path(), md.join("new")).unwrap();
     let server = Server::start(&["--aliases", "/dev/null"]);
-    let mut c = server.connect();
-    c.cmd("EHLO client.example");
-    c.cmd("MAIL FROM:<a@b.example>");
-    assert!(c.cmd("RCPT TO:<inboxdsym@localhost>").starts_with("250 "));
-    assert!(c.cmd("DATA").starts_with("354 "));
-    c.send(b"Subject: symlink\r\n\r\nx\r\n");
-    let end = c.cmd(".");
+    let end = server.deliver(&["inboxdsym"], "Subject: symlink\r\n\r\nx\r\n");
     assert!(end.starts_with('4'), "{end}");
     assert!(
         list(target.path()).is_empty(),
@@ -123,15 +117,7 @@ fn home_not_owned_by_the_account_gets_4xx() {
     nix::unistd::chown(home.as_path(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
     let _ = std::fs::remove_dir_all(home.join("Maildir"));
     let server = Server::start(&["--aliases", "/dev/null"]);
-    let mut c = server.connect();
-    c.cmd("EHLO client.example");
-    c.cmd("MAIL FROM:<a@b.example>");
-    assert!(c
-        .cmd("RCPT TO:<inboxdforeign@localhost>")
-        .starts_with("250 "));
-    c.cmd("DATA");
-    c.send(b"Subject: foreign\r\n\r\nx\r\n");
-    let end = c.cmd(".");
+    let end = server.deliver(&["inboxdforeign"], "Subject: foreign\r\n\r\nx\r\n");
     assert!(end.starts_with("450 4.2.0"), "{end}");
     assert!(
         !home.join("Maildir").exists(),
@@ -165,21 +151,8 @@ fn full_disk_gets_452_and_leaves_nothing_partial() {
     assert!(st.success(), "mount tmpfs");
     let _mount = Mount(dir.path().to_path_buf());
     let mail = dir.path().join("mail");
-    let server = Server::start(&[
-        "--maildir-root",
-        mail.to_str().unwrap(),
-        "--aliases",
-        "/dev/null",
-    ]);
-    let send = |body: &str| -> String {
-        let mut c = server.connect();
-        c.cmd("HELO client.example");
-        c.cmd("MAIL FROM:<a@b.example>");
-        assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
-        assert!(c.cmd("DATA").starts_with("354 "));
-        c.send(body.as_bytes());
-        c.cmd(".")
-    };
+    let server = Server::start_in(&mail, &[]);
+    let send = |body: &str| server.deliver(&["root"], body);
     let first = token();
     assert!(send(&message(&first)).starts_with("250 "));
     // Fill the filesystem.

@@ -772,6 +772,19 @@ mod tests {
         String::from_utf8(s.take_output()).unwrap()
     }
 
+    /// HELO, MAIL and an accepted RCPT for alice.
+    fn with_recipient(s: &mut Session, now: Instant) {
+        s.receive(
+            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
+            now,
+        );
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+    }
+
     #[test]
     fn idle_timeout_ends_with_421() {
         let t0 = Instant::now();
@@ -815,15 +828,7 @@ mod tests {
     fn disconnect_during_data_aborts_it() {
         let t0 = Instant::now();
         let mut s = session(t0);
-        s.receive(
-            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
-            t0,
-        );
-        assert!(matches!(
-            s.poll_event(),
-            Some(Event::RecipientToCheck { .. })
-        ));
-        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        with_recipient(&mut s, t0);
         s.receive(b"DATA\r\nSubject: x\r\n\r\npartial line", t0);
         assert!(matches!(s.poll_event(), Some(Event::DataStart(_))));
         assert!(matches!(s.poll_event(), Some(Event::MailData(_))));
@@ -868,15 +873,7 @@ mod tests {
     fn data_phase_uses_the_data_timeout() {
         let t0 = Instant::now();
         let mut s = session(t0);
-        s.receive(
-            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
-            t0,
-        );
-        assert!(matches!(
-            s.poll_event(),
-            Some(Event::RecipientToCheck { .. })
-        ));
-        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        with_recipient(&mut s, t0);
         s.receive(b"DATA\r\n", t0);
         assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(600)));
         s.receive(b".\r\n", t0);
@@ -909,46 +906,13 @@ mod tests {
         assert_eq!(out.matches("452 4.5.3").count(), 50);
         assert!(!s.is_closed());
     }
-}
-
-#[cfg(test)]
-mod loop_tests {
-    use super::*;
-    use std::net::Ipv4Addr;
-    use std::rc::Rc;
 
     #[test]
     fn more_than_100_received_fields_is_a_loop() {
         let t0 = Instant::now();
-        let config = Rc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            local_domains: vec!["localhost".into()],
-            local_addresses: Vec::new(),
-            max_message_size: 1_000_000,
-            max_recipients: 100,
-            command_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(600),
-            max_errors: 20,
-        });
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         for (n, verdict) in [(100, "250 2.0.0"), (101, "554 5.4.6")] {
-            let mut s = Session::new(
-                config.clone(),
-                Peer {
-                    remote: ip,
-                    local: ip,
-                },
-                t0,
-            );
-            s.receive(
-                b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@localhost>\r\n",
-                t0,
-            );
-            while let Some(ev) = s.poll_event() {
-                if let Event::RecipientToCheck { .. } = ev {
-                    s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
-                }
-            }
+            let mut s = session(t0);
+            with_recipient(&mut s, t0);
             let mut data = b"DATA\r\n".to_vec();
             for i in 0..n {
                 data.extend_from_slice(format!("Received: from hop{i}\r\n").as_bytes());
@@ -960,7 +924,7 @@ mod loop_tests {
                     s.delivery_outcome(Ok(()));
                 }
             }
-            let out = String::from_utf8(s.take_output()).unwrap();
+            let out = text(&mut s);
             let last = out.lines().last().unwrap();
             assert!(last.starts_with(verdict), "{n} Received: {last}");
         }

@@ -22,6 +22,14 @@ impl Server {
         Server::spawn(Command::new(env!("CARGO_BIN_EXE_inboxd")), args)
     }
 
+    /// inboxd delivering into `dir/ACCOUNT/` (`--maildir-root`), with no aliases.
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        let root = dir.to_str().expect("utf-8 path");
+        let mut args = vec!["--maildir-root", root, "--aliases", "/dev/null"];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+
     /// Like [`Server::start`], with at most `nofile` open descriptors (RLIMIT_NOFILE).
     pub fn start_with_fd_limit(nofile: u32, args: &[&str]) -> Server {
         let mut cmd = Command::new("sh");
@@ -81,6 +89,26 @@ impl Server {
             }
         }
         server
+    }
+
+    /// One whole session: EHLO, MAIL FROM:<tester@client.example>, each RCPT (which must
+    /// get 250), DATA, `body` (SMTP form, dot-stuffed), the final dot, QUIT. Returns the
+    /// reply to the final dot.
+    pub fn deliver(&self, rcpts: &[&str], body: &str) -> String {
+        let mut c = self.connect();
+        assert!(c.cmd("EHLO client.example").starts_with("250-"));
+        assert!(c
+            .cmd("MAIL FROM:<tester@client.example>")
+            .starts_with("250 "));
+        for r in rcpts {
+            let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
+            assert!(reply.starts_with("250 "), "{r}: {reply}");
+        }
+        assert!(c.cmd("DATA").starts_with("354 "));
+        c.send(body.as_bytes());
+        let end = c.cmd(".");
+        assert!(c.cmd("QUIT").starts_with("221 "));
+        end
     }
 
     pub fn connect(&self) -> Client {
