@@ -16,6 +16,7 @@
 
 pub mod maildir;
 pub mod privileges;
+pub mod protocol;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -77,6 +78,28 @@ impl DeliveryError {
             Errno::from_raw(e.raw_os_error().unwrap_or(libc_eio())),
             what,
         )
+    }
+
+    /// The class byte and detail that carry this error over the agent protocol.
+    pub fn to_wire(&self) -> (u8, &str) {
+        match self {
+            DeliveryError::NoSpace(m) => (1, m),
+            DeliveryError::Quota(m) => (2, m),
+            DeliveryError::Io(m) => (3, m),
+            DeliveryError::Unsafe(m) => (4, m),
+            DeliveryError::Account(m) => (5, m),
+        }
+    }
+
+    /// The inverse of [`DeliveryError::to_wire`]; an unknown class is an I/O error.
+    pub fn from_wire(class: u8, detail: String) -> DeliveryError {
+        match class {
+            1 => DeliveryError::NoSpace(detail),
+            2 => DeliveryError::Quota(detail),
+            4 => DeliveryError::Unsafe(detail),
+            5 => DeliveryError::Account(detail),
+            _ => DeliveryError::Io(detail),
+        }
     }
 
     pub fn reply(&self) -> Reply {

@@ -1,0 +1,272 @@
+//! The wire protocol between the receiver (the unprivileged SMTP process) and the delivery
+//! agent: one SOCK_SEQPACKET datagram per message, fixed binary fields, no text parsing.
+//!
+//! ```text
+//! request  := kind:u8 id:u64le body
+//!   Begin  (1) body := n:u16le n * (len:u8 account-name)   reply: Opened or Failed
+//!   Commit (2) body := -                                   reply: Done or Failed
+//!   Abort  (3) body := -                                   no reply
+//! response := kind:u8 id:u64le body
+//!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
+//!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`
+//!   Done   (3) body := -
+//! ```
+//!
+//! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts). It
+//! must not trust what it decodes: the agent re-checks every account it is given.
+
+use super::DeliveryError;
+
+/// Largest datagram either side sends or accepts.
+pub const MAX_DATAGRAM: usize = 64 * 1024;
+/// Accounts in one Begin: far above `--max-recipients`' useful range, and it fits a datagram.
+pub const MAX_ACCOUNTS: usize = 2000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Begin { id: u64, accounts: Vec<String> },
+    Commit { id: u64 },
+    Abort { id: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// `count` descriptors, one per account of the Begin, in its order, come with it.
+    Opened {
+        id: u64,
+        count: u16,
+    },
+    Failed {
+        id: u64,
+        class: u8,
+        detail: String,
+    },
+    Done {
+        id: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeError;
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("malformed message between receiver and delivery agent")
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.b.len() < n {
+            return Err(DecodeError);
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn end(&self) -> Result<(), DecodeError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError)
+        }
+    }
+}
+
+fn head(kind: u8, id: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.push(kind);
+    v.extend_from_slice(&id.to_le_bytes());
+    v
+}
+
+impl Request {
+    pub fn id(&self) -> u64 {
+        match self {
+            Request::Begin { id, .. } | Request::Commit { id } | Request::Abort { id } => *id,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Request::Begin { id, accounts } => {
+                let mut v = head(1, *id);
+                v.extend_from_slice(&(accounts.len() as u16).to_le_bytes());
+                for a in accounts {
+                    // Account names are at most 32 octets (recipient::is_account_name).
+                    let b = &a.as_bytes()[..a.len().min(255)];
+                    v.push(b.len() as u8);
+                    v.extend_from_slice(b);
+                }
+                v
+            }
+            Request::Commit { id } => head(2, *id),
+            Request::Abort { id } => head(3, *id),
+        }
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Request, DecodeError> {
+        let mut r = Reader { b };
+        let kind = r.u8()?;
+        let id = r.u64()?;
+        let req = match kind {
+            1 => {
+                let n = r.u16()? as usize;
+                if n == 0 || n > MAX_ACCOUNTS {
+                    return Err(DecodeError);
+                }
+                let mut accounts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u8()? as usize;
+                    let name = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError)?;
+                    accounts.push(name.to_string());
+                }
+                Request::Begin { id, accounts }
+            }
+            2 => Request::Commit { id },
+            3 => Request::Abort { id },
+            _ => return Err(DecodeError),
+        };
+        r.end()?;
+        Ok(req)
+    }
+}
+
+impl Response {
+    pub fn id(&self) -> u64 {
+        match self {
+            Response::Opened { id, .. } | Response::Failed { id, .. } | Response::Done { id } => {
+                *id
+            }
+        }
+    }
+
+    pub fn failed(id: u64, e: &DeliveryError) -> Response {
+        let (class, detail) = e.to_wire();
+        Response::Failed {
+            id,
+            class,
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Opened { id, count } => {
+                let mut v = head(1, *id);
+                v.extend_from_slice(&count.to_le_bytes());
+                v
+            }
+            Response::Failed { id, class, detail } => {
+                let mut v = head(2, *id);
+                v.push(*class);
+                let mut end = detail.len().min(1024);
+                while !detail.is_char_boundary(end) {
+                    end -= 1;
+                }
+                v.extend_from_slice(&(end as u16).to_le_bytes());
+                v.extend_from_slice(&detail.as_bytes()[..end]);
+                v
+            }
+            Response::Done { id } => head(3, *id),
+        }
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Response, DecodeError> {
+        let mut r = Reader { b };
+        let kind = r.u8()?;
+        let id = r.u64()?;
+        let resp = match kind {
+            1 => Response::Opened {
+                id,
+                count: r.u16()?,
+            },
+            2 => {
+                let class = r.u8()?;
+                let len = r.u16()? as usize;
+                let detail = String::from_utf8_lossy(r.take(len)?).into_owned();
+                Response::Failed { id, class, detail }
+            }
+            3 => Response::Done { id },
+            _ => return Err(DecodeError),
+        };
+        r.end()?;
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Begin {
+                id: 7,
+                accounts: vec!["alice".into(), "Carol".into()],
+            },
+            Request::Commit { id: u64::MAX },
+            Request::Abort { id: 0 },
+        ] {
+            assert_eq!(Request::decode(&r.encode()), Ok(r));
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        for r in [
+            Response::Opened { id: 1, count: 3 },
+            Response::Failed {
+                id: 2,
+                class: 4,
+                detail: "new is a symlink".into(),
+            },
+            Response::Done { id: 3 },
+        ] {
+            assert_eq!(Response::decode(&r.encode()), Ok(r));
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_refused() {
+        let good = Request::Begin {
+            id: 1,
+            accounts: vec!["bob".into()],
+        }
+        .encode();
+        for cut in 0..good.len() {
+            assert_eq!(
+                Request::decode(&good[..cut]),
+                Err(DecodeError),
+                "cut at {cut}"
+            );
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(Request::decode(&long), Err(DecodeError));
+        assert_eq!(
+            Request::decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError)
+        );
+        let mut none = head(1, 1);
+        none.extend_from_slice(&0u16.to_le_bytes());
+        assert_eq!(Request::decode(&none), Err(DecodeError));
+    }
+}
