@@ -11,3 +11,4 @@ pub mod hostname;
 pub mod recipient;
 pub mod server;
 pub mod smtp;
+pub mod sys;

@@ -9,7 +9,7 @@
 //! filesystem identity (see `privileges`).
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -180,7 +180,8 @@ impl Maildir {
         let _ = fsync(&self.new);
     }
 
-    pub fn new_dir(&self) -> impl AsFd + '_ {
-        &self.new
+    /// Identifies the new/ directory (device, inode), so a batch fsyncs each one once.
+    pub fn new_dir_key(&self) -> Option<(u64, u64)> {
+        fstat(&self.new).ok().map(|st| (st.st_dev, st.st_ino))
     }
 }

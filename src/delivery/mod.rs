@@ -14,9 +14,11 @@
 //! It must not speak SMTP beyond classifying its failures as replies, and never writes as root
 //! into a directory that belongs to somebody else.
 
+pub mod channel;
 pub mod maildir;
 pub mod privileges;
 pub mod protocol;
+pub mod store;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -24,17 +26,15 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::recipient::lookup_account;
 use crate::smtp::trace::Trace;
 use crate::smtp::{DeliveryOutcome, Reply, Transaction};
-use maildir::{Maildir, Owner};
+use store::Store;
 
 /// Why a delivery failed, classified where it was detected (RFC 3463; Postfix's mbox_dsn).
 #[derive(Debug)]
@@ -173,151 +173,52 @@ impl Layout {
     }
 }
 
-/// One account's copy of the message in progress.
-struct Copy {
-    account: String,
-    maildir: Maildir,
-    tmp_name: String,
-    file: File,
-    size: u64,
-}
-
-#[derive(Default)]
+/// A transaction in progress on the writer's side: the descriptors to write to, or why it
+/// can no longer be delivered (sticky until the end of data).
 struct Pending {
-    copies: Vec<Copy>,
+    files: Vec<File>,
     error: Option<DeliveryError>,
 }
 
-impl Pending {
-    fn fail(&mut self, e: DeliveryError) {
-        if self.error.is_none() {
-            self.error = Some(e);
-        }
-    }
-
-    /// Removes every tmp file (nothing of this transaction becomes visible).
-    fn discard(self) {
-        for c in self.copies {
-            drop(c.file);
-            c.maildir.remove_tmp(&c.tmp_name);
-        }
-    }
-}
-
-/// The Maildir writer. `conn` keys identify the connection a transaction belongs to.
+/// The in-process delivery client: the server's request/outcome interface over a [`Store`]
+/// in the same process. `conn` keys identify the connection a transaction belongs to.
 pub struct Deliverer {
     hostname: String,
-    /// The hostname with `/` and `:` escaped, as it goes into file names (maildir(5)).
-    name_host: String,
-    layout: Layout,
+    store: Store,
     pending: HashMap<u64, Pending>,
     outcomes: VecDeque<(u64, DeliveryOutcome)>,
-    counter: u64,
-    pid: u32,
 }
 
 impl Deliverer {
     pub fn new(hostname: &str, layout: Layout) -> Deliverer {
         Deliverer {
             hostname: hostname.to_string(),
-            name_host: escape_host(hostname),
-            layout,
+            // Root's own Maildir is written as root (see README, "root's mail").
+            store: Store::new(hostname, layout, true),
             pending: HashMap::new(),
             outcomes: VecDeque::new(),
-            counter: 0,
-            pid: std::process::id(),
         }
     }
 
-    /// Maildir unique name: `<secs>.M<usecs>P<pid>Q<n>.<host>` (maildir(5), Dovecot's form).
-    fn unique(&mut self) -> String {
-        self.counter += 1;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        format!(
-            "{}.M{}P{}Q{}.{}",
-            now.as_secs(),
-            now.subsec_micros(),
-            self.pid,
-            self.counter,
-            self.name_host
-        )
-    }
-
-    fn open_maildir(&self, account: &str) -> Result<Maildir, DeliveryError> {
-        // The recipient is looked up again here, by the writer: it trusts only NSS, not the
-        // session, for the identity it writes with.
-        let acct = lookup_account(account)
-            .map_err(|e| DeliveryError::Account(e.to_string()))?
-            .ok_or_else(|| {
-                DeliveryError::Account(format!("{account}: no such account any more"))
-            })?;
-        // The name NSS returns becomes a path component under --maildir-root: it must be
-        // one we would accept from a client (no '/', no '..'), whatever the backend says.
-        if !crate::recipient::is_account_name(&acct.name) {
-            return Err(DeliveryError::Account(format!(
-                "NSS returned the unusable account name {:?}",
-                acct.name
-            )));
-        }
-        let owner = if privileges::privileged() {
-            Owner {
-                uid: acct.uid,
-                gid: acct.gid,
-            }
-        } else {
-            Owner {
-                uid: nix::unistd::geteuid(),
-                gid: nix::unistd::getegid(),
-            }
-        };
-        match &self.layout {
-            Layout::Home => Maildir::open_in_home(&acct.home, owner),
-            Layout::Root(fd) => Maildir::open_in_root(fd, &acct.name, owner),
-        }
-    }
-
-    /// DATA began: create a tmp file per account and write its trace fields.
+    /// DATA began: open a tmp file per account and write its trace fields.
     pub fn begin(&mut self, conn: u64, tx: &Transaction, trace: &Trace) {
-        let mut p = Pending::default();
-        for account in tx.accounts() {
-            let name = self.unique();
-            let r = self
-                .open_maildir(&account)
-                .and_then(|md| md.create_tmp(&name).map(|file| (md, file)));
-            let (maildir, file) = match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("delivery to {account} cannot start: {e}");
-                    p.fail(e);
-                    break;
-                }
-            };
-            // Listed before anything is written, so a failure from here on removes it.
-            let head = trace.for_account(&account, &self.hostname);
-            p.copies.push(Copy {
-                account,
-                maildir,
-                tmp_name: name,
-                file,
-                size: 0,
-            });
-            if let Some(c) = p.copies.last_mut() {
-                match c.file.write_all(&head) {
-                    Ok(()) => c.size = head.len() as u64,
-                    Err(e) => {
-                        let e = DeliveryError::from_io(e, &format!("write tmp/{}", c.tmp_name));
-                        warn!("delivery to {} cannot start: {e}", c.account);
-                        p.fail(e);
-                        break;
-                    }
-                }
+        self.abort(conn);
+        let accounts = tx.accounts();
+        let mut p = match self.store.open(conn, &accounts) {
+            Ok(files) => Pending { files, error: None },
+            Err(e) => Pending {
+                files: Vec::new(),
+                error: Some(e),
+            },
+        };
+        for (file, account) in p.files.iter_mut().zip(&accounts) {
+            let head = trace.for_account(account, &self.hostname);
+            if let Err(e) = file.write_all(&head) {
+                p.error = Some(DeliveryError::from_io(e, "write of the trace fields"));
+                break;
             }
         }
-        if let Some(old) = self.pending.insert(conn, p) {
-            old.discard();
-        }
+        self.pending.insert(conn, p);
     }
 
     /// More mail data for the transaction of `conn`.
@@ -328,26 +229,18 @@ impl Deliverer {
         if p.error.is_some() {
             return;
         }
-        let mut failed = None;
-        for c in &mut p.copies {
-            if let Err(e) = c.file.write_all(data) {
-                failed = Some(DeliveryError::from_io(
-                    e,
-                    &format!("write tmp/{}", c.tmp_name),
-                ));
-                break;
+        for f in &mut p.files {
+            if let Err(e) = f.write_all(data) {
+                p.error = Some(DeliveryError::from_io(e, "write of mail data"));
+                return;
             }
-            c.size += data.len() as u64;
-        }
-        if let Some(e) = failed {
-            p.fail(e);
         }
     }
 
     /// The transaction of `conn` will not be delivered: remove its tmp files.
     pub fn abort(&mut self, conn: u64) {
-        if let Some(p) = self.pending.remove(&conn) {
-            p.discard();
+        if self.pending.remove(&conn).is_some() {
+            self.store.abort(conn);
         }
     }
 
@@ -359,65 +252,26 @@ impl Deliverer {
                 "4.3.0",
                 "Local error: no data for transaction",
             )),
-            Some(p) => Self::commit(p, tx_id).map_err(|e| e.reply()),
-        };
-        self.outcomes.push_back((conn, outcome));
-    }
-
-    fn commit(mut p: Pending, tx_id: &str) -> Result<(), DeliveryError> {
-        // Phase 1: every tmp file durable. Nothing is visible yet, so a failure here loses
-        // nothing: remove all and answer 4xx.
-        if p.error.is_none() {
-            for c in &mut p.copies {
-                let r = c
-                    .file
-                    .flush()
-                    .and_then(|()| c.file.sync_all())
-                    .map_err(|e| DeliveryError::from_io(e, &format!("fsync tmp/{}", c.tmp_name)));
-                if let Err(e) = r {
-                    p.fail(e);
-                    break;
+            Some(Pending { error: Some(e), .. }) => {
+                warn!("transaction {tx_id}: nothing delivered: {e}");
+                self.store.abort(conn);
+                Err(e.reply())
+            }
+            Some(Pending { files, error: None }) => {
+                drop(files);
+                match self.store.commit(&[conn]).pop() {
+                    Some((_, Ok(copies))) => {
+                        for (account, name) in copies {
+                            info!("transaction {tx_id}: delivered to {account} as new/{name}");
+                        }
+                        Ok(())
+                    }
+                    Some((_, Err(e))) => Err(e.reply()),
+                    None => Err(Reply::new(451, "4.3.0", "Local error in delivery")),
                 }
             }
-        }
-        if let Some(e) = p.error.take() {
-            warn!("transaction {tx_id}: delivery failed, nothing delivered: {e}");
-            p.discard();
-            return Err(e);
-        }
-        // Phase 2: move each into new/ and make the directory entry durable.
-        let mut done: Vec<(usize, String)> = Vec::new();
-        let mut failure = None;
-        for (i, c) in p.copies.iter().enumerate() {
-            let new_name = format!("{},S={}", c.tmp_name, c.size);
-            if let Err(e) = c.maildir.publish(&c.tmp_name, &new_name) {
-                failure = Some(e);
-                break;
-            }
-            // Visible from here on: listed first, so a failed fsync below rolls it back too.
-            done.push((i, new_name));
-            if let Err(e) = c.maildir.sync_new() {
-                failure = Some(e);
-                break;
-            }
-        }
-        if let Some(e) = failure {
-            // Roll back what was published so the client's retry does not duplicate it.
-            for (i, name) in &done {
-                p.copies[*i].maildir.remove_new(name);
-            }
-            warn!("transaction {tx_id}: delivery failed while publishing, rolled back: {e}");
-            p.discard();
-            return Err(e);
-        }
-        for (i, name) in done {
-            let c = &p.copies[i];
-            info!(
-                "transaction {tx_id}: delivered to {} as new/{name} ({} octets)",
-                c.account, c.size
-            );
-        }
-        Ok(())
+        };
+        self.outcomes.push_back((conn, outcome));
     }
 
     pub fn poll_outcome(&mut self) -> Option<(u64, DeliveryOutcome)> {

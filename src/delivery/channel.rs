@@ -1,0 +1,134 @@
+//! The socket between the receiver and the delivery agent: an AF_UNIX SOCK_SEQPACKET pair
+//! (message boundaries kept, so one datagram is one protocol message), close-on-exec on both
+//! ends and on every descriptor received.
+//!
+//! Owns sending and receiving datagrams with descriptors attached (SCM_RIGHTS). It must not
+//! interpret the messages (see `protocol`).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+
+use super::protocol::MAX_DATAGRAM;
+
+/// Descriptors one datagram may carry (one per account of a Begin).
+pub const MAX_FDS: usize = 253;
+
+/// A connected pair; both ends close-on-exec.
+pub fn pair() -> Result<(OwnedFd, OwnedFd), Errno> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+}
+
+/// Sends one datagram with `fds` attached.
+pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fds: &[OwnedFd]) -> Result<(), Errno> {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [IoSlice::new(msg)];
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+    loop {
+        match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// What one receive got.
+#[derive(Debug)]
+pub enum Received {
+    Message(Vec<u8>, Vec<OwnedFd>),
+    /// The other end closed.
+    Closed,
+    /// Nothing there (non-blocking receive only).
+    Empty,
+}
+
+/// Receives one datagram; `wait` blocks until one arrives. A datagram longer than
+/// [`MAX_DATAGRAM`] is an error (EMSGSIZE), its descriptors closed.
+pub fn recv(sock: BorrowedFd<'_>, wait: bool) -> Result<Received, Errno> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if !wait {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let r = recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags);
+        let msg = match r {
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(Received::Empty),
+            Err(e) => return Err(e),
+            Ok(m) => m,
+        };
+        let mut raw = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    raw.extend(fds);
+                }
+            }
+        }
+        let fds = crate::sys::adopt_fds(raw);
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let len = msg.bytes;
+        if truncated {
+            return Err(Errno::EMSGSIZE);
+        }
+        if len == 0 && fds.is_empty() {
+            return Ok(Received::Closed);
+        }
+        buf.truncate(len);
+        return Ok(Received::Message(buf, fds));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn datagrams_and_descriptors_cross() {
+        let (a, b) = pair().unwrap();
+        let mut f = std::fs::File::from(
+            nix::fcntl::open(
+                &std::env::temp_dir(),
+                nix::fcntl::OFlag::O_TMPFILE | nix::fcntl::OFlag::O_RDWR,
+                nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+            )
+            .unwrap(),
+        );
+        f.write_all(b"hello").unwrap();
+        send(a.as_fd(), b"one", &[OwnedFd::from(f.try_clone().unwrap())]).unwrap();
+        send(a.as_fd(), b"two", &[]).unwrap();
+        let Received::Message(m, fds) = recv(b.as_fd(), true).unwrap() else {
+            panic!("no message")
+        };
+        assert_eq!(m, b"one");
+        assert_eq!(fds.len(), 1);
+        let mut g = std::fs::File::from(fds.into_iter().next().unwrap());
+        g.rewind().unwrap();
+        let mut s = String::new();
+        g.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello");
+        assert!(matches!(recv(b.as_fd(), false).unwrap(), Received::Message(m, _) if m == b"two"));
+        assert!(matches!(recv(b.as_fd(), false).unwrap(), Received::Empty));
+        drop(a);
+        assert!(matches!(recv(b.as_fd(), true).unwrap(), Received::Closed));
+    }
+}

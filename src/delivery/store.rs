@@ -1,0 +1,269 @@
+//! The transaction store of the delivery side: opens recipients' tmp files, and later makes
+//! them durable and visible, several transactions at a time (group commit).
+//!
+//! Owns every decision about *where* and *as whom* a copy is written: each account is looked
+//! up again through NSS (the store trusts no name it is given), must have a usable name, and
+//! uid 0 is refused unless explicitly allowed; the Maildir is opened by `maildir`, which walks
+//! the path safely as the recipient. The bytes of the message are written by whoever holds the
+//! descriptors [`Store::open`] hands out; the store itself never parses mail.
+//! All or nothing per transaction: every copy is fsynced before any is renamed into new/, and
+//! a failure at any step removes every copy of that transaction.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::warn;
+use nix::sys::stat::fstat;
+
+use super::maildir::{Maildir, Owner};
+use super::{escape_host, privileges, DeliveryError, Layout};
+use crate::recipient::{is_account_name, lookup_account};
+
+/// What a committed transaction became: (account, file name in new/) per copy.
+pub type Delivered = Vec<(String, String)>;
+
+/// One account's copy in progress.
+struct Copy {
+    account: String,
+    maildir: Maildir,
+    tmp_name: String,
+    file: File,
+}
+
+pub struct Store {
+    /// The hostname with `/` and `:` escaped, as it goes into file names (maildir(5)).
+    name_host: String,
+    layout: Layout,
+    allow_root: bool,
+    pending: HashMap<u64, Vec<Copy>>,
+    counter: u64,
+    pid: u32,
+}
+
+fn discard(copies: Vec<Copy>) {
+    for c in copies {
+        drop(c.file);
+        c.maildir.remove_tmp(&c.tmp_name);
+    }
+}
+
+impl Store {
+    /// `allow_root`: whether copies may be written as uid 0 (root's own Maildir).
+    pub fn new(hostname: &str, layout: Layout, allow_root: bool) -> Store {
+        Store {
+            name_host: escape_host(hostname),
+            layout,
+            allow_root,
+            pending: HashMap::new(),
+            counter: 0,
+            pid: std::process::id(),
+        }
+    }
+
+    /// Maildir unique name: `<secs>.M<usecs>P<pid>Q<n>.<host>` (maildir(5), Dovecot's form).
+    fn unique(&mut self) -> String {
+        self.counter += 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{}.M{}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            self.pid,
+            self.counter,
+            self.name_host
+        )
+    }
+
+    fn open_maildir(&self, account: &str) -> Result<Maildir, DeliveryError> {
+        if !is_account_name(account) {
+            return Err(DeliveryError::Account(format!(
+                "{account:?} is not an account name"
+            )));
+        }
+        let acct = lookup_account(account)
+            .map_err(|e| DeliveryError::Account(e.to_string()))?
+            .ok_or_else(|| DeliveryError::Account(format!("{account}: no such account")))?;
+        // The name NSS returns becomes a path component under --maildir-root: it must be
+        // one we would accept from a client (no '/', no '..'), whatever the backend says.
+        if !is_account_name(&acct.name) {
+            return Err(DeliveryError::Account(format!(
+                "NSS returned the unusable account name {:?}",
+                acct.name
+            )));
+        }
+        if acct.uid.is_root() && !self.allow_root {
+            return Err(DeliveryError::Unsafe(format!(
+                "{account} is uid 0 and delivery as root is not allowed"
+            )));
+        }
+        let owner = if privileges::privileged() {
+            Owner {
+                uid: acct.uid,
+                gid: acct.gid,
+            }
+        } else {
+            Owner {
+                uid: nix::unistd::geteuid(),
+                gid: nix::unistd::getegid(),
+            }
+        };
+        match &self.layout {
+            Layout::Home => Maildir::open_in_home(&acct.home, owner),
+            Layout::Root(fd) => Maildir::open_in_root(fd, &acct.name, owner),
+        }
+    }
+
+    /// Creates `tmp/<unique>` for each account (each once) and returns a descriptor of each,
+    /// in order, for the writer. On any failure nothing is left behind.
+    pub fn open(&mut self, id: u64, accounts: &[String]) -> Result<Vec<File>, DeliveryError> {
+        if self.pending.contains_key(&id) {
+            return Err(DeliveryError::Io(format!(
+                "transaction {id} is already open"
+            )));
+        }
+        let mut copies: Vec<Copy> = Vec::new();
+        let mut out = Vec::new();
+        for account in accounts {
+            if copies.iter().any(|c| &c.account == account) {
+                continue;
+            }
+            let name = self.unique();
+            let r = self.open_maildir(account).and_then(|md| {
+                let file = md.create_tmp(&name)?;
+                Ok((md, file))
+            });
+            let (maildir, file) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("delivery to {account} cannot start: {e}");
+                    discard(copies);
+                    return Err(e);
+                }
+            };
+            let writer = file
+                .try_clone()
+                .map_err(|e| DeliveryError::from_io(e, "dup"));
+            copies.push(Copy {
+                account: account.clone(),
+                maildir,
+                tmp_name: name,
+                file,
+            });
+            match writer {
+                Ok(w) => out.push(w),
+                Err(e) => {
+                    discard(copies);
+                    return Err(e);
+                }
+            }
+        }
+        self.pending.insert(id, copies);
+        Ok(out)
+    }
+
+    /// Removes the tmp files of `id` (nothing of it becomes visible).
+    pub fn abort(&mut self, id: u64) {
+        if let Some(c) = self.pending.remove(&id) {
+            discard(c);
+        }
+    }
+
+    /// Removes the tmp files of every open transaction.
+    pub fn abort_all(&mut self) {
+        for (_, c) in self.pending.drain() {
+            discard(c);
+        }
+    }
+
+    /// Makes the copies of every transaction in `ids` durable and visible, together: first
+    /// every tmp file is fsynced, then each is renamed into new/ (named with its size), then
+    /// each new/ directory involved is fsynced once. Each transaction succeeds or fails as a
+    /// whole; a failed one leaves nothing behind. A delivered one reports, per copy, the
+    /// account and the file name in new/.
+    pub fn commit(&mut self, ids: &[u64]) -> Vec<(u64, Result<Delivered, DeliveryError>)> {
+        let mut results = Vec::with_capacity(ids.len());
+        let mut ready: Vec<(u64, Vec<Copy>)> = Vec::new();
+        // Phase 1: every file durable. Nothing is visible yet: a failure loses nothing.
+        for &id in ids {
+            let Some(copies) = self.pending.remove(&id) else {
+                results.push((
+                    id,
+                    Err(DeliveryError::Io(format!("no open transaction {id}"))),
+                ));
+                continue;
+            };
+            match copies.iter().try_for_each(|c| {
+                c.file
+                    .sync_all()
+                    .map_err(|e| DeliveryError::from_io(e, &format!("fsync tmp/{}", c.tmp_name)))
+            }) {
+                Ok(()) => ready.push((id, copies)),
+                Err(e) => {
+                    warn!("transaction {id}: nothing delivered: {e}");
+                    discard(copies);
+                    results.push((id, Err(e)));
+                }
+            }
+        }
+        // Phase 2: rename into new/; phase 3: fsync each new/ once (same directory, same
+        // device and inode). A failure rolls back that transaction's renamed copies.
+        let mut synced: Vec<(u64, u64)> = Vec::new();
+        for (id, copies) in ready {
+            let mut done: Vec<(usize, String)> = Vec::new();
+            let mut failure = None;
+            for (i, c) in copies.iter().enumerate() {
+                let size = match fstat(c.file.as_fd()) {
+                    Ok(st) => st.st_size,
+                    Err(e) => {
+                        failure = Some(DeliveryError::io(e, "stat of the tmp file"));
+                        break;
+                    }
+                };
+                let new_name = format!("{},S={size}", c.tmp_name);
+                if let Err(e) = c.maildir.publish(&c.tmp_name, &new_name) {
+                    failure = Some(e);
+                    break;
+                }
+                // Visible from here on: listed first, so a failure below rolls it back too.
+                done.push((i, new_name));
+            }
+            if failure.is_none() {
+                for c in &copies {
+                    let key = c.maildir.new_dir_key();
+                    if key.is_some_and(|k| synced.contains(&k)) {
+                        continue;
+                    }
+                    if let Err(e) = c.maildir.sync_new() {
+                        failure = Some(e);
+                        break;
+                    }
+                    synced.extend(key);
+                }
+            }
+            if let Some(e) = failure {
+                for (i, name) in &done {
+                    copies[*i].maildir.remove_new(name);
+                }
+                warn!("transaction {id}: delivery failed while publishing, rolled back: {e}");
+                discard(copies);
+                results.push((id, Err(e)));
+                continue;
+            }
+            let delivered = done
+                .into_iter()
+                .map(|(i, name)| (copies[i].account.clone(), name))
+                .collect();
+            results.push((id, Ok(delivered)));
+        }
+        results
+    }
+
+    /// Descriptors for sending: the writer's copies as plain descriptors.
+    pub fn into_fds(files: Vec<File>) -> Vec<OwnedFd> {
+        files.into_iter().map(OwnedFd::from).collect()
+    }
+}

@@ -1,0 +1,63 @@
+//! The only `unsafe` code in inboxd, kept small and commented: two calls nix does not wrap
+//! safely.
+//!
+//! - [`canonical_name`]: getaddrinfo(3) with AI_CANONNAME, for the default hostname.
+//! - [`adopt_fds`]: taking ownership of descriptors received with SCM_RIGHTS.
+//!
+//! It must not grow: anything that can be done with a safe API is done elsewhere.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use nix::libc;
+
+/// The canonical name of `name` from the resolver (as `hostname -f` finds it), if any.
+pub fn canonical_name(name: &str) -> Option<String> {
+    let c_name = CString::new(name).ok()?;
+    // SAFETY: `addrinfo` is a plain C struct for which all-zero is the documented "no hints"
+    // value; getaddrinfo receives valid NUL-terminated strings and a valid out-pointer, and
+    // on success we read `ai_canonname` (NUL-terminated or null) from the first result and
+    // free the list exactly once, copying the name out before freeing.
+    unsafe {
+        let mut hints: libc::addrinfo = std::mem::zeroed();
+        hints.ai_flags = libc::AI_CANONNAME;
+        hints.ai_family = libc::AF_UNSPEC;
+        hints.ai_socktype = libc::SOCK_STREAM;
+        let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+        if libc::getaddrinfo(c_name.as_ptr(), std::ptr::null(), &hints, &mut res) != 0
+            || res.is_null()
+        {
+            return None;
+        }
+        let cn = (*res).ai_canonname;
+        let out = if cn.is_null() {
+            None
+        } else {
+            CStr::from_ptr(cn).to_str().ok().map(str::to_string)
+        };
+        libc::freeaddrinfo(res);
+        out.filter(|n| !n.is_empty())
+    }
+}
+
+/// Takes ownership of descriptors that recvmsg(2) just installed in this process
+/// (SCM_RIGHTS). Must be given each received descriptor exactly once.
+pub fn adopt_fds(raw: Vec<RawFd>) -> Vec<OwnedFd> {
+    raw.into_iter()
+        // SAFETY: the kernel created these descriptors for us during recvmsg; nothing else
+        // in the process knows them, so each gets exactly one owner here and is closed when
+        // that owner is dropped.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn localhost_has_a_canonical_name() {
+        // /etc/hosts maps localhost on every Linux system; whatever it is, it is non-empty.
+        let n = super::canonical_name("localhost").expect("localhost resolves");
+        assert!(!n.is_empty());
+        assert!(super::canonical_name("no-such-host.invalid").is_none());
+    }
+}
