@@ -4,6 +4,7 @@
 //! `--maildir-root` or aliases file, 71 (EX_OSERR) for other start-up failures.
 
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--delivery-agent") {
+        return agent_main(&args[1..]);
+    }
     // The resolver is only asked when --hostname is absent.
     let config = match cli::parse(&args, inboxd::hostname::fqdn) {
         Ok(Cli::Run(c)) => c,
@@ -80,6 +84,61 @@ fn listening_addresses(config: &Config) -> Vec<IpAddr> {
     out.sort();
     out.dedup();
     out
+}
+
+/// `inboxd --delivery-agent --hostname NAME [--maildir-root DIR] [--allow-root]`, with the
+/// socket to the receiver as standard input: the delivery agent (an internal interface,
+/// started by inboxd itself; see `delivery::agent`).
+fn agent_main(args: &[String]) -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut hostname = None;
+    let mut root = None;
+    let mut allow_root = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--hostname" => hostname = it.next().cloned(),
+            "--maildir-root" => root = it.next().cloned(),
+            "--allow-root" => allow_root = true,
+            other => {
+                eprintln!("inboxd delivery agent: unexpected argument {other:?}");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    }
+    let Some(hostname) = hostname else {
+        eprintln!("inboxd delivery agent: --hostname is required");
+        return ExitCode::from(EX_USAGE);
+    };
+    let layout = match root {
+        None => Layout::Home,
+        Some(r) => match Layout::root(std::path::Path::new(&r)) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("inboxd delivery agent: --maildir-root {r}: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+    };
+    if let Err(e) = privileges::drop_supplementary_groups() {
+        eprintln!("inboxd delivery agent: dropping supplementary groups: {e}");
+        return ExitCode::from(EX_OSERR);
+    }
+    let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("inboxd delivery agent: no socket on standard input: {e}");
+            return ExitCode::from(EX_OSERR);
+        }
+    };
+    let store = inboxd::delivery::store::Store::new(&hostname, layout, allow_root);
+    match inboxd::delivery::agent::serve(sock, store) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inboxd delivery agent: {e}");
+            ExitCode::from(EX_OSERR)
+        }
+    }
 }
 
 fn run(config: &Config) -> Result<(), (u8, String)> {

@@ -14,6 +14,7 @@
 //! It must not speak SMTP beyond classifying its failures as replies, and never writes as root
 //! into a directory that belongs to somebody else.
 
+pub mod agent;
 pub mod channel;
 pub mod maildir;
 pub mod privileges;

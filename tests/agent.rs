@@ -1,0 +1,202 @@
+//! The delivery agent on its own: the test plays the receiver over the real socket protocol,
+//! including requests a taken-over receiver might forge.
+
+mod common;
+
+use common::*;
+use inboxd::delivery::channel::{self, Received};
+use inboxd::delivery::protocol::{Request, Response};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+    sock: OwnedFd,
+}
+
+impl Agent {
+    fn start(args: &[&str]) -> Agent {
+        let (ours, theirs) = channel::pair().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_inboxd"))
+            .arg("--delivery-agent")
+            .args(["--hostname", "mx.test"])
+            .args(args)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent");
+        Agent { child, sock: ours }
+    }
+
+    fn send(&self, r: &Request) {
+        channel::send(self.sock.as_fd(), &r.encode(), &[]).unwrap();
+    }
+
+    fn recv(&self) -> (Response, Vec<OwnedFd>) {
+        match channel::recv(self.sock.as_fd(), true).unwrap() {
+            Received::Message(m, fds) => (Response::decode(&m).unwrap(), fds),
+            other => panic!("agent: {other:?}"),
+        }
+    }
+
+    fn begin(&self, id: u64, accounts: &[&str]) -> (Response, Vec<OwnedFd>) {
+        self.send(&Request::Begin {
+            id,
+            accounts: accounts.iter().map(|a| a.to_string()).collect(),
+        });
+        self.recv()
+    }
+
+    /// Closes our end and waits (at most 5 s) for the agent to exit.
+    fn close(mut self) -> bool {
+        drop(self.sock);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        false
+    }
+}
+
+fn write_all(fd: OwnedFd, data: &[u8]) {
+    std::fs::File::from(fd).write_all(data).unwrap();
+}
+
+#[test]
+fn begin_write_commit_delivers_and_batches_commits() {
+    let dir = TempDir::new("agent");
+    let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let (r, fds) = agent.begin(1, &["nobody", "nobody"]);
+    assert_eq!(
+        r,
+        Response::Opened { id: 1, count: 1 },
+        "duplicates get one copy"
+    );
+    let (r2, fds2) = agent.begin(2, &["nobody"]);
+    assert_eq!(r2, Response::Opened { id: 2, count: 1 });
+    write_all(fds.into_iter().next().unwrap(), b"first\n");
+    write_all(fds2.into_iter().next().unwrap(), b"second!\n");
+    // Two commits back to back: one batch, two answers.
+    agent.send(&Request::Commit { id: 1 });
+    agent.send(&Request::Commit { id: 2 });
+    let mut done = vec![agent.recv().0, agent.recv().0];
+    done.sort_by_key(|r| r.id());
+    assert_eq!(
+        done,
+        vec![Response::Done { id: 1 }, Response::Done { id: 2 }]
+    );
+    let md = dir.path().join("nobody");
+    let files = new_files(&md);
+    assert_eq!(files.len(), 2);
+    let mut contents: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    contents.sort();
+    assert_eq!(contents, vec!["first\n", "second!\n"]);
+    for f in &files {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        let size = std::fs::metadata(f).unwrap().len();
+        assert!(name.ends_with(&format!(",S={size}")), "{name}");
+    }
+    assert!(list(&md.join("tmp")).is_empty());
+    assert!(agent.close());
+}
+
+#[test]
+fn forged_requests_are_refused() {
+    let dir = TempDir::new("agentforged");
+    let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    // uid 0 without --allow-root.
+    let (r, fds) = agent.begin(1, &["root"]);
+    assert!(
+        matches!(
+            r,
+            Response::Failed {
+                id: 1,
+                class: 4,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(fds.is_empty());
+    assert!(!dir.path().join("root").exists());
+    // Names that are no account, or would be a path.
+    for (id, name) in [(2, "../etc"), (3, "a/b"), (4, "nosuchuser")] {
+        let (r, _) = agent.begin(id, &[name]);
+        assert!(
+            matches!(r, Response::Failed { class: 5, .. }),
+            "{name}: {r:?}"
+        );
+    }
+    // Garbage is ignored; the agent still answers.
+    channel::send(agent.sock.as_fd(), b"\x01garbage", &[]).unwrap();
+    // Committing what was never opened fails cleanly.
+    agent.send(&Request::Commit { id: 99 });
+    assert!(matches!(agent.recv().0, Response::Failed { id: 99, .. }));
+    // Reusing an open id is refused.
+    let (r, _) = agent.begin(5, &["nobody"]);
+    assert!(matches!(r, Response::Opened { .. }));
+    let (r, _) = agent.begin(5, &["nobody"]);
+    assert!(matches!(r, Response::Failed { id: 5, .. }), "{r:?}");
+    assert!(agent.close());
+}
+
+#[test]
+fn allowed_root_and_receiver_death_cleans_up() {
+    let dir = TempDir::new("agentroot");
+    let agent = Agent::start(&[
+        "--maildir-root",
+        dir.path().to_str().unwrap(),
+        "--allow-root",
+    ]);
+    let (r, fds) = agent.begin(1, &["root"]);
+    assert!(matches!(r, Response::Opened { count: 1, .. }), "{r:?}");
+    write_all(fds.into_iter().next().unwrap(), b"never committed\n");
+    let tmp = dir.path().join("root").join("tmp");
+    assert_eq!(list(&tmp).len(), 1);
+    // The receiver goes away: the agent removes the open transaction and exits.
+    assert!(agent.close(), "agent did not exit cleanly");
+    assert!(list(&tmp).is_empty());
+    assert!(new_files(&dir.path().join("root")).is_empty());
+}
+
+#[test]
+fn symlinked_maildir_is_refused_by_the_agent() {
+    if !is_root() {
+        eprintln!("symlinked_maildir_is_refused_by_the_agent: skipped, needs root");
+        return;
+    }
+    let name = "inboxdagentsym";
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        assert!(Command::new("useradd")
+            .args(["-m", name])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    let md = u.dir.join("Maildir");
+    let _ = std::fs::remove_dir_all(&md);
+    let _ = std::fs::remove_file(&md);
+    let target = TempDir::new("agentsymtarget");
+    std::os::unix::fs::symlink(target.path(), &md).unwrap();
+    let agent = Agent::start(&[]);
+    let (r, fds) = agent.begin(1, &[name]);
+    assert!(matches!(r, Response::Failed { class: 4, .. }), "{r:?}");
+    assert!(fds.is_empty());
+    assert!(
+        list(target.path()).is_empty(),
+        "written through the symlink"
+    );
+    let _ = std::fs::remove_file(&md);
+    assert!(agent.close());
+}
