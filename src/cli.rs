@@ -94,6 +94,14 @@ fn options() -> Options {
         "no-lowercase-fallback",
         "do not try the all-lowercase account when no account matches the local part exactly",
     );
+    o.optopt(
+        "u",
+        "user",
+        &format!(
+            "started as root, run the network-facing process as this user (default {DEFAULT_USER})"
+        ),
+        "NAME",
+    );
     o.optflagmulti("v", "verbose", "log more (repeat for more)");
     o.optflag("V", "version", "print the version and exit");
     o.optflag("h", "help", "print this help and exit");
@@ -225,6 +233,9 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
         max_errors,
         timeout,
         lowercase_fallback: !m.opt_present("no-lowercase-fallback"),
+        user: m
+            .opt_str("user")
+            .unwrap_or_else(|| DEFAULT_USER.to_string()),
         verbose: m.opt_count("verbose"),
     })))
 }

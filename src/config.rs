@@ -21,6 +21,7 @@ pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 pub const DEFAULT_MAX_ERRORS: u32 = 20;
 pub const DEFAULT_ALIASES: &str = "/etc/aliases";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:25";
+pub const DEFAULT_USER: &str = "inboxd";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -37,6 +38,8 @@ pub struct Config {
     pub max_errors: u32,
     pub timeout: Duration,
     pub lowercase_fallback: bool,
+    /// The unprivileged user the receiver runs as when started as root.
+    pub user: String,
     /// 0: info, 1: debug, 2+: trace.
     pub verbose: usize,
 }

@@ -10,15 +10,17 @@ use std::time::Duration;
 
 use inboxd::cli::{self, Cli};
 use inboxd::config::Config;
-use inboxd::delivery::{privileges, Deliverer, Layout};
+use inboxd::delivery::client::AgentClient;
+use inboxd::delivery::{channel, privileges, Delivery, Layout};
 use inboxd::recipient::{Aliases, Resolver};
-use inboxd::server::{listener, Server};
+use inboxd::server::{listener, Server, ServerError};
 use inboxd::smtp::SessionConfig;
 use log::{info, warn};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_OSERR: u8 = 71;
+const EX_TEMPFAIL: u8 = 75;
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
@@ -157,11 +159,12 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         }
         Err(e) => return Err((EX_CONFIG, format!("{}: {e}", config.aliases.display()))),
     };
-    let layout = match &config.maildir_root {
-        Some(root) => Layout::root(root)
-            .map_err(|e| (EX_CONFIG, format!("--maildir-root {}: {e}", root.display())))?,
-        None => Layout::Home,
-    };
+    if let Some(root) = &config.maildir_root {
+        // Checked here too, for a clear error before anything starts; the agent uses it.
+        Layout::root(root)
+            .map_err(|e| (EX_CONFIG, format!("--maildir-root {}: {e}", root.display())))?;
+    }
+    let (mut agent, agent_sock) = start_agent(config)?;
     let session_config = SessionConfig {
         hostname: config.hostname.clone(),
         local_domains: config.domains.clone(),
@@ -172,13 +175,13 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         data_timeout: config.timeout.max(Duration::from_secs(600)),
         max_errors: config.max_errors,
     };
-    let deliverer = Deliverer::new(&config.hostname, layout);
+    let delivery = Delivery::Agent(AgentClient::new(agent_sock, &config.hostname));
     let resolver = Resolver::new(aliases.clone(), config.lowercase_fallback);
     let mut server = Server::new(
         listeners,
         session_config,
         resolver,
-        deliverer,
+        delivery,
         config.max_connections,
         config.aliases.clone(),
     )
@@ -195,5 +198,40 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         },
         aliases.len()
     );
-    server.run().map_err(|e| (EX_OSERR, e.to_string()))
+    // Everything that needs root is done: listeners bound, agent started.
+    privileges::drop_to(&config.user).map_err(|e| (EX_CONFIG, e))?;
+    let result = server.run();
+    // The agent sees its socket close and exits once it has cleaned up.
+    drop(server);
+    let _ = agent.wait();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e @ ServerError::AgentGone(_)) => Err((EX_TEMPFAIL, e.to_string())),
+        Err(e) => Err((EX_OSERR, e.to_string())),
+    }
+}
+
+/// Starts the delivery agent (this program with `--delivery-agent`, the socket as its
+/// standard input). It keeps the privileges inboxd started with.
+fn start_agent(
+    config: &Config,
+) -> Result<(std::process::Child, std::os::fd::OwnedFd), (u8, String)> {
+    let (ours, theirs) = channel::pair()
+        .map_err(|e| (EX_OSERR, format!("socketpair for the delivery agent: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| (EX_OSERR, format!("finding our own executable: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--delivery-agent")
+        .args(["--hostname", &config.hostname])
+        // Root's own Maildir is written as root (README, "root's mail").
+        .arg("--allow-root")
+        .stdin(std::process::Stdio::from(theirs))
+        .stdout(std::process::Stdio::null());
+    if let Some(root) = &config.maildir_root {
+        cmd.arg("--maildir-root").arg(root);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| (EX_OSERR, format!("starting the delivery agent: {e}")))?;
+    Ok((child, ours))
 }

@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod channel;
+pub mod client;
 pub mod maildir;
 pub mod privileges;
 pub mod protocol;
@@ -277,6 +278,57 @@ impl Deliverer {
 
     pub fn poll_outcome(&mut self) -> Option<(u64, DeliveryOutcome)> {
         self.outcomes.pop_front()
+    }
+}
+
+/// The server's delivery backend: in this process, or a separate delivery agent.
+pub enum Delivery {
+    Local(Deliverer),
+    Agent(client::AgentClient),
+}
+
+impl Delivery {
+    pub fn begin(&mut self, conn: u64, tx: &Transaction, trace: &Trace, tx_id: &str) {
+        match self {
+            Delivery::Local(d) => d.begin(conn, tx, trace),
+            Delivery::Agent(a) => a.begin(conn, tx, trace, tx_id),
+        }
+    }
+
+    pub fn write(&mut self, conn: u64, data: &[u8]) {
+        match self {
+            Delivery::Local(d) => d.write(conn, data),
+            Delivery::Agent(a) => a.write(conn, data),
+        }
+    }
+
+    pub fn abort(&mut self, conn: u64) {
+        match self {
+            Delivery::Local(d) => d.abort(conn),
+            Delivery::Agent(a) => a.abort(conn),
+        }
+    }
+
+    pub fn finish(&mut self, conn: u64, tx_id: &str) {
+        match self {
+            Delivery::Local(d) => d.finish(conn, tx_id),
+            Delivery::Agent(a) => a.finish(conn),
+        }
+    }
+
+    pub fn poll_outcome(&mut self) -> Option<(u64, DeliveryOutcome)> {
+        match self {
+            Delivery::Local(d) => d.poll_outcome(),
+            Delivery::Agent(a) => a.poll_outcome(),
+        }
+    }
+
+    /// Whether more mail data may be read from `conn` now.
+    pub fn wants_data(&self, conn: u64) -> bool {
+        match self {
+            Delivery::Local(_) => true,
+            Delivery::Agent(a) => a.wants_data(conn),
+        }
     }
 }
 

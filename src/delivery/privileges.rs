@@ -6,11 +6,15 @@
 //! Changing fsuid away from 0 also clears the filesystem capabilities (CAP_DAC_OVERRIDE,
 //! CAP_FOWNER, ...) from the effective set, so root's overrides do not apply while it lasts.
 //! Unprivileged, inboxd writes as itself and this module changes nothing.
+//! The receiver gives up root entirely with [`drop_to`] once it has bound its listeners.
 //! It must not be used from more than one thread: fsuid is per thread and inboxd's event loop
 //! is single-threaded.
 
 use nix::errno::Errno;
-use nix::unistd::{geteuid, setfsgid, setfsuid, setgroups, Gid, Uid};
+use nix::unistd::{
+    geteuid, getresgid, getresuid, setfsgid, setfsuid, setgroups, setresgid, setresuid, setuid,
+    Gid, Uid, User,
+};
 
 /// Whether this process can take other users' identities.
 pub fn privileged() -> bool {
@@ -22,6 +26,41 @@ pub fn privileged() -> bool {
 pub fn drop_supplementary_groups() -> Result<(), Errno> {
     if privileged() {
         setgroups(&[])?;
+    }
+    Ok(())
+}
+
+/// Becomes `user` for good (the receiver, once its listeners are bound and the delivery agent
+/// is started): no supplementary groups, real/effective/saved ids all the user's, and it is
+/// checked that root cannot be regained. Does nothing when not running as root.
+pub fn drop_to(user: &str) -> Result<(), String> {
+    if !privileged() {
+        return Ok(());
+    }
+    let u = User::from_name(user)
+        .map_err(|e| format!("looking up the user {user:?}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "no user {user:?} to run as: create it (useradd --system --no-create-home \
+                 --shell /usr/sbin/nologin {user}) or name another with --user"
+            )
+        })?;
+    if u.uid.is_root() {
+        return Err(format!("--user {user}: the receiver must not run as uid 0"));
+    }
+    setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    setresgid(u.gid, u.gid, u.gid).map_err(|e| format!("setresgid: {e}"))?;
+    setresuid(u.uid, u.uid, u.uid).map_err(|e| format!("setresuid: {e}"))?;
+    let ids = getresuid().map_err(|e| format!("getresuid: {e}"))?;
+    let gids = getresgid().map_err(|e| format!("getresgid: {e}"))?;
+    let all_user = [ids.real, ids.effective, ids.saved]
+        .iter()
+        .all(|&i| i == u.uid)
+        && [gids.real, gids.effective, gids.saved]
+            .iter()
+            .all(|&g| g == u.gid);
+    if !all_user || setuid(Uid::from_raw(0)).is_ok() {
+        return Err("dropping root privileges did not hold".to_string());
     }
     Ok(())
 }

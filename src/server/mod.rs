@@ -26,7 +26,8 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::delivery::Deliverer;
+use crate::delivery::client::AgentGone;
+use crate::delivery::Delivery;
 use crate::recipient::{Aliases, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Session, SessionConfig};
@@ -34,8 +35,9 @@ use connection::{Connection, ReadStep, READ_CHUNK};
 use timers::Timers;
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
+const AGENT_TOKEN: Token = Token(usize::MAX - 2);
 /// Listener i has token `LISTENER_BASE - i`.
-const LISTENER_BASE: usize = usize::MAX - 2;
+const LISTENER_BASE: usize = usize::MAX - 3;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 /// How long a closing connection may take to take its last reply.
@@ -53,7 +55,7 @@ pub struct Server {
     timers: Timers,
     session_config: Rc<SessionConfig>,
     resolver: Resolver,
-    deliverer: Deliverer,
+    delivery: Delivery,
     max_connections: usize,
     next_id: u64,
     /// Accepting is paused until then (resource exhaustion).
@@ -64,17 +66,24 @@ pub struct Server {
     stopping: bool,
     /// Re-read on SIGHUP.
     aliases_path: PathBuf,
+    /// Delivery outcomes waiting for their connection to be driven.
+    parked: Vec<(u64, crate::smtp::DeliveryOutcome)>,
+    /// Set when the delivery agent went away; the server then stops.
+    agent_gone: Option<String>,
 }
 
 #[derive(Debug)]
 pub enum ServerError {
     Setup(String, io::Error),
+    /// The delivery agent went away; in-flight clients got 4xx, all others 421.
+    AgentGone(String),
 }
 
 impl std::fmt::Display for ServerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServerError::Setup(what, e) => write!(f, "{what}: {e}"),
+            ServerError::AgentGone(why) => write!(f, "{why}"),
         }
     }
 }
@@ -86,7 +95,7 @@ impl Server {
         listeners: Vec<TcpListener>,
         session_config: SessionConfig,
         resolver: Resolver,
-        deliverer: Deliverer,
+        delivery: Delivery,
         max_connections: usize,
         aliases_path: PathBuf,
     ) -> Result<Server, ServerError> {
@@ -117,6 +126,11 @@ impl Server {
                 Interest::READABLE,
             )
             .map_err(setup("registering the signalfd"))?;
+        if let Delivery::Agent(a) = &delivery {
+            poll.registry()
+                .register(&mut SourceFd(&a.raw_fd()), AGENT_TOKEN, Interest::READABLE)
+                .map_err(setup("registering the delivery agent's socket"))?;
+        }
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -129,7 +143,7 @@ impl Server {
             timers: Timers::default(),
             session_config: Rc::new(session_config),
             resolver,
-            deliverer,
+            delivery,
             max_connections: max_connections.max(1),
             next_id: 0,
             accept_paused_until: None,
@@ -137,6 +151,8 @@ impl Server {
             id_prefix: format!("{:X}", start.as_secs()),
             stopping: false,
             aliases_path,
+            parked: Vec::new(),
+            agent_gone: None,
         })
     }
 
@@ -172,12 +188,14 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     SIGNAL_TOKEN => self.signals(),
+                    AGENT_TOKEN => self.agent_readable(&mut buf),
                     t if t.0 <= LISTENER_BASE && t.0 > LISTENER_BASE - self.listeners.len() => {
                         self.accept(now)
                     }
                     t => self.drive(t, &mut buf),
                 }
             }
+            self.deliver_parked(&mut buf);
             for _ in 0..self.ready.len() {
                 if let Some(t) = self.ready.pop_front() {
                     self.drive(t, &mut buf);
@@ -190,6 +208,9 @@ impl Server {
                 self.accept(now);
             }
             if self.stopping && self.conns.is_empty() {
+                if let Some(why) = self.agent_gone.take() {
+                    return Err(ServerError::AgentGone(why));
+                }
                 info!("stopped");
                 return Ok(());
             }
@@ -354,12 +375,12 @@ impl Server {
         loop {
             let now = Instant::now();
             let mut progress = false;
-            if reads < READS_PER_TURN {
+            if reads < READS_PER_TURN && self.delivery.wants_data(c.id) {
                 if let ReadStep::Data = c.read_once(buf, now) {
                     reads += 1;
                     progress = true;
                 }
-            } else if c.session.wants_read() && !c.eof {
+            } else if reads >= READS_PER_TURN && c.session.wants_read() && !c.eof {
                 // Fairness: this client has had its share of this turn. Its socket may still
                 // hold data, and edge-triggered readiness will not say so again, so it goes on
                 // the ready list and is driven again after the others.
@@ -438,39 +459,74 @@ impl Server {
                     tx.reverse_path,
                     tx.recipients.len()
                 );
-                self.deliverer.begin(c.id, &tx, &trace);
+                self.delivery.begin(c.id, &tx, &trace, &id);
             }
-            Event::MailData(chunk) => self.deliverer.write(c.id, &chunk),
+            Event::MailData(chunk) => self.delivery.write(c.id, &chunk),
             Event::DataAborted => {
                 debug!("conn={:x} data aborted", c.id);
-                self.deliverer.abort(c.id);
+                self.delivery.abort(c.id);
             }
             Event::EndOfData(tx) => {
                 let id = format!("{}{:X}.{}", self.id_prefix, c.id, tx.number);
-                self.deliverer.finish(c.id, &id);
-                self.route_outcomes(c);
+                self.delivery.finish(c.id, &id);
+                self.take_outcomes(c);
             }
             Event::Close => debug!("conn={:x} session closing", c.id),
         }
     }
 
-    /// Hands delivery outcomes to their sessions.
-    fn route_outcomes(&mut self, current: &mut Connection) {
-        let mut others = Vec::new();
-        while let Some((id, outcome)) = self.deliverer.poll_outcome() {
+    /// Takes the delivery outcomes that are ready: the one for `current` (the connection
+    /// being driven, which is out of the map) is applied now, the others are parked for
+    /// [`Server::deliver_parked`].
+    fn take_outcomes(&mut self, current: &mut Connection) {
+        while let Some((id, outcome)) = self.delivery.poll_outcome() {
             if let Err(r) = &outcome {
                 info!("conn={id:x} delivery refused: {r}");
             }
             if id == current.id {
                 current.session.delivery_outcome(outcome);
-            } else if let Some(c) = self.conns.get_mut(&Token(id as usize)) {
-                c.session.delivery_outcome(outcome);
-                others.push(Token(id as usize));
+            } else {
+                self.parked.push((id, outcome));
             }
         }
-        let mut buf = vec![0u8; READ_CHUNK];
-        for t in others {
-            self.drive(t, &mut buf);
+    }
+
+    /// Applies parked outcomes and drives their connections.
+    fn deliver_parked(&mut self, buf: &mut [u8]) {
+        while let Some((id, outcome)) = self.delivery.poll_outcome() {
+            if let Err(r) = &outcome {
+                info!("conn={id:x} delivery refused: {r}");
+            }
+            self.parked.push((id, outcome));
+        }
+        for (id, outcome) in std::mem::take(&mut self.parked) {
+            let token = Token(id as usize);
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.session.delivery_outcome(outcome);
+                self.drive(token, buf);
+            }
+        }
+    }
+
+    /// The agent's socket is readable: its answers go to their connections.
+    fn agent_readable(&mut self, buf: &mut [u8]) {
+        let (result, resumed) = match &mut self.delivery {
+            Delivery::Agent(a) => (a.on_readable(), a.take_resumed()),
+            Delivery::Local(_) => return,
+        };
+        self.deliver_parked(buf);
+        for id in resumed {
+            self.drive(Token(id as usize), buf);
+        }
+        if let Err(AgentGone(why)) = result {
+            if self.agent_gone.is_none() {
+                error!("{why}: stopping (a service manager restarts inboxd)");
+                self.agent_gone = Some(why);
+                if let Delivery::Agent(a) = &self.delivery {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&a.raw_fd()));
+                }
+                self.stop();
+            }
         }
     }
 
@@ -480,7 +536,7 @@ impl Server {
         };
         // Whatever was in progress is dropped: a transaction without its final reply was
         // never accepted.
-        self.deliverer.abort(c.id);
+        self.delivery.abort(c.id);
         let _ = self.poll.registry().deregister(&mut c.socket);
         info!("conn={:x} closed", c.id);
         drop(c);

@@ -42,6 +42,7 @@ impl Server {
     }
 
     fn spawn(mut cmd: Command, args: &[&str]) -> Server {
+        ensure_receiver_user();
         let mut child = cmd
             .args([
                 "--listen",
@@ -314,4 +315,50 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Started as root, inboxd runs its network side as the user `inboxd`: make sure it exists.
+pub fn ensure_receiver_user() {
+    if is_root()
+        && nix::unistd::User::from_name("inboxd")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        let _ = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "inboxd",
+            ])
+            .status();
+    }
+}
+
+/// The `Uid:` line of /proc/PID/status: real, effective, saved, filesystem.
+pub fn proc_uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The children of PID (from /proc/PID/task/*/children).
+pub fn proc_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            out.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+        }
+    }
+    out
 }

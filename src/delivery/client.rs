@@ -1,0 +1,317 @@
+//! The receiver's side of the delivery agent: the server's request/outcome interface, carried
+//! over the agent socket and answered asynchronously.
+//!
+//! Owns the transactions in flight: Begin is sent when DATA starts; mail data that arrives
+//! before the agent's descriptors is held (the server stops reading from that client once
+//! [`AgentClient::wants_data`] says so); once the descriptors arrive the trace fields and data
+//! are written straight into the recipients' tmp files; Commit goes out at the end of data
+//! and the outcome comes back later. If the agent goes away, every transaction in flight gets
+//! 451 4.3.0 and [`AgentClient::on_readable`] reports it. It must not open files itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use log::{error, info, warn};
+
+use super::channel::{self, Received};
+use super::protocol::{Request, Response};
+use super::DeliveryError;
+use crate::smtp::trace::Trace;
+use crate::smtp::{DeliveryOutcome, Reply, Transaction};
+
+/// Mail data held per transaction while its descriptors are on their way.
+const HOLD_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// Begin sent, descriptors not here yet.
+    Opening,
+    /// Descriptors here, data being written.
+    Open,
+    /// End of data came before the descriptors: commit as soon as they are written.
+    CommitWanted,
+    /// Commit sent.
+    Committing,
+}
+
+struct InFlight {
+    conn: u64,
+    tx_id: String,
+    heads: Vec<Vec<u8>>,
+    files: Vec<File>,
+    held: Vec<u8>,
+    error: Option<DeliveryError>,
+    state: State,
+}
+
+/// The agent went away (or spoke nonsense): the server must stop.
+#[derive(Debug)]
+pub struct AgentGone(pub String);
+
+pub struct AgentClient {
+    sock: OwnedFd,
+    hostname: String,
+    next_id: u64,
+    by_conn: HashMap<u64, u64>,
+    inflight: HashMap<u64, InFlight>,
+    outcomes: VecDeque<(u64, DeliveryOutcome)>,
+    /// Connections whose held data was written: they may read again.
+    resumed: Vec<u64>,
+}
+
+fn gone_reply() -> Reply {
+    Reply::new(
+        451,
+        "4.3.0",
+        "Local delivery agent unavailable, try again later",
+    )
+}
+
+impl AgentClient {
+    pub fn new(sock: OwnedFd, hostname: &str) -> AgentClient {
+        AgentClient {
+            sock,
+            hostname: hostname.to_string(),
+            next_id: 0,
+            by_conn: HashMap::new(),
+            inflight: HashMap::new(),
+            outcomes: VecDeque::new(),
+            resumed: Vec::new(),
+        }
+    }
+
+    /// The socket, for the poller.
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn send(&self, r: &Request) -> Result<(), DeliveryError> {
+        channel::send(self.sock.as_fd(), &r.encode(), &[])
+            .map_err(|e| DeliveryError::Io(format!("delivery agent: {e}")))
+    }
+
+    /// DATA began.
+    pub fn begin(&mut self, conn: u64, tx: &Transaction, trace: &Trace, tx_id: &str) {
+        self.abort(conn);
+        self.next_id += 1;
+        let id = self.next_id;
+        let accounts = tx.accounts();
+        let heads = accounts
+            .iter()
+            .map(|a| trace.for_account(a, &self.hostname))
+            .collect();
+        let error = self.send(&Request::Begin { id, accounts }).err();
+        self.by_conn.insert(conn, id);
+        self.inflight.insert(
+            id,
+            InFlight {
+                conn,
+                tx_id: tx_id.to_string(),
+                heads,
+                files: Vec::new(),
+                held: Vec::new(),
+                error,
+                state: State::Opening,
+            },
+        );
+    }
+
+    /// Whether the server may read more mail data from `conn` now.
+    pub fn wants_data(&self, conn: u64) -> bool {
+        match self.by_conn.get(&conn).and_then(|id| self.inflight.get(id)) {
+            Some(t) => t.state != State::Opening || t.held.len() < HOLD_LIMIT,
+            None => true,
+        }
+    }
+
+    pub fn write(&mut self, conn: u64, data: &[u8]) {
+        let Some(t) = self
+            .by_conn
+            .get(&conn)
+            .and_then(|id| self.inflight.get_mut(id))
+        else {
+            return;
+        };
+        if t.error.is_some() {
+            return;
+        }
+        if t.state == State::Opening {
+            t.held.extend_from_slice(data);
+            return;
+        }
+        write_each(t, data);
+    }
+
+    pub fn abort(&mut self, conn: u64) {
+        if let Some(id) = self.by_conn.remove(&conn) {
+            self.inflight.remove(&id);
+            // The agent handles requests in order: an Abort after a Begin it has not answered
+            // yet still finds the transaction.
+            let _ = self.send(&Request::Abort { id });
+        }
+    }
+
+    /// End of data: commit (now, or once the descriptors are here and written).
+    pub fn finish(&mut self, conn: u64) {
+        let Some(&id) = self.by_conn.get(&conn) else {
+            self.outcomes.push_back((
+                conn,
+                Err(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Local error: no data for transaction",
+                )),
+            ));
+            return;
+        };
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        if t.state == State::Opening {
+            t.state = State::CommitWanted;
+            return;
+        }
+        self.commit(id);
+    }
+
+    fn commit(&mut self, id: u64) {
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        if let Some(e) = t.error.take() {
+            warn!("transaction {}: nothing delivered: {e}", t.tx_id);
+            let conn = t.conn;
+            self.by_conn.remove(&conn);
+            self.inflight.remove(&id);
+            let _ = self.send(&Request::Abort { id });
+            self.outcomes.push_back((conn, Err(e.reply())));
+            return;
+        }
+        // Our descriptors are not needed any more: the agent fsyncs its own.
+        t.files.clear();
+        t.state = State::Committing;
+        if let Err(e) = self.send(&Request::Commit { id }) {
+            if let Some(t) = self.inflight.remove(&id) {
+                self.by_conn.remove(&t.conn);
+                self.outcomes.push_back((t.conn, Err(e.reply())));
+            }
+        }
+    }
+
+    /// Reads the agent's answers. `Err` when the agent is gone: every transaction in flight
+    /// has then been answered with 451.
+    pub fn on_readable(&mut self) -> Result<(), AgentGone> {
+        loop {
+            let (msg, fds) = match channel::recv(self.sock.as_fd(), false) {
+                Ok(Received::Message(m, fds)) => (m, fds),
+                Ok(Received::Empty) => return Ok(()),
+                Ok(Received::Closed) => {
+                    return Err(self.fail_all("the delivery agent closed its socket"))
+                }
+                Err(e) => return Err(self.fail_all(&format!("delivery agent socket: {e}"))),
+            };
+            let Ok(resp) = Response::decode(&msg) else {
+                return Err(self.fail_all("malformed answer from the delivery agent"));
+            };
+            self.handle(resp, fds);
+        }
+    }
+
+    fn handle(&mut self, resp: Response, fds: Vec<OwnedFd>) {
+        let id = resp.id();
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return; // aborted meanwhile; its descriptors are dropped here
+        };
+        match resp {
+            Response::Opened { count, .. } => {
+                if fds.len() != usize::from(count) || fds.len() != t.heads.len() {
+                    t.error = Some(DeliveryError::Io(
+                        "delivery agent sent the wrong descriptors".into(),
+                    ));
+                } else {
+                    t.files = fds.into_iter().map(File::from).collect();
+                    let heads = std::mem::take(&mut t.heads);
+                    for (f, h) in t.files.iter_mut().zip(&heads) {
+                        if let Err(e) = f.write_all(h) {
+                            t.error = Some(DeliveryError::from_io(e, "write of the trace fields"));
+                            break;
+                        }
+                    }
+                    let held = std::mem::take(&mut t.held);
+                    if t.error.is_none() && !held.is_empty() {
+                        write_each(t, &held);
+                    }
+                }
+                let wanted = t.state == State::CommitWanted;
+                t.state = State::Open;
+                let conn = t.conn;
+                self.resumed.push(conn);
+                if wanted {
+                    self.commit(id);
+                }
+            }
+            Response::Failed { class, detail, .. } => {
+                let e = DeliveryError::from_wire(class, detail);
+                if t.state == State::Committing {
+                    let conn = t.conn;
+                    error!("transaction {}: delivery failed: {e}", t.tx_id);
+                    self.inflight.remove(&id);
+                    self.by_conn.remove(&conn);
+                    self.outcomes.push_back((conn, Err(e.reply())));
+                } else {
+                    // Begin failed: nothing was opened; the data is discarded as it comes.
+                    t.held = Vec::new();
+                    t.error = Some(e);
+                    let wanted = t.state == State::CommitWanted;
+                    t.state = State::Open;
+                    let conn = t.conn;
+                    self.resumed.push(conn);
+                    if wanted {
+                        self.commit(id);
+                    }
+                }
+            }
+            Response::Done { .. } => {
+                let conn = t.conn;
+                info!("transaction {}: delivered", t.tx_id);
+                self.inflight.remove(&id);
+                self.by_conn.remove(&conn);
+                self.outcomes.push_back((conn, Ok(())));
+            }
+        }
+    }
+
+    fn fail_all(&mut self, why: &str) -> AgentGone {
+        error!(
+            "{why}: {} transaction(s) in flight get 451",
+            self.inflight.len()
+        );
+        for (_, t) in self.inflight.drain() {
+            if matches!(t.state, State::Committing | State::CommitWanted) {
+                self.outcomes.push_back((t.conn, Err(gone_reply())));
+            }
+        }
+        self.by_conn.clear();
+        AgentGone(why.to_string())
+    }
+
+    pub fn poll_outcome(&mut self) -> Option<(u64, DeliveryOutcome)> {
+        self.outcomes.pop_front()
+    }
+
+    /// Connections that may read again since the last call.
+    pub fn take_resumed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.resumed)
+    }
+}
+
+fn write_each(t: &mut InFlight, data: &[u8]) {
+    for f in &mut t.files {
+        if let Err(e) = f.write_all(data) {
+            t.error = Some(DeliveryError::from_io(e, "write of mail data"));
+            return;
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Privilege separation, as root: the network-facing receiver runs as the user `inboxd`
+//! with no capabilities, the delivery agent (its child) keeps root, and a killed agent costs
+//! the clients in flight a 4xx, never a lost or duplicated 250.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+fn skip_unless_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("{test}: skipped, needs root");
+        return true;
+    }
+    false
+}
+
+fn agent_of(server: &Server) -> u32 {
+    let kids = proc_children(server.child.id());
+    assert_eq!(kids.len(), 1, "one delivery agent: {kids:?}");
+    kids[0]
+}
+
+#[test]
+fn receiver_is_unprivileged_and_the_agent_is_root() {
+    if skip_unless_root("receiver_is_unprivileged_and_the_agent_is_root") {
+        return;
+    }
+    let dir = TempDir::new("privsep");
+    let server = Server::start_in(dir.path(), &[]);
+    let inboxd = nix::unistd::User::from_name("inboxd")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    let pid = server.child.id();
+    assert_eq!(proc_uids(pid), vec![inboxd; 4], "receiver uids");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+    assert_eq!(groups.trim(), "Groups:", "no supplementary groups");
+    let capeff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(capeff.ends_with("0000000000000000"), "{capeff}");
+    let agent = agent_of(&server);
+    assert_eq!(proc_uids(agent), vec![0; 4], "agent uids");
+    // And mail still arrives, owned by its recipient.
+    let tok = token();
+    assert!(server
+        .deliver(&["nobody"], &message(&tok))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
+}
+
+#[test]
+fn a_killed_agent_costs_clients_in_flight_a_4xx_and_inboxd_exits_75() {
+    if skip_unless_root("a_killed_agent_costs_clients_in_flight_a_4xx_and_inboxd_exits_75") {
+        return;
+    }
+    let dir = TempDir::new("agentkill");
+    let mut server = Server::start_in(dir.path(), &[]);
+    let agent = agent_of(&server);
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<a@b.example>");
+    assert!(c.cmd("RCPT TO:<nobody@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let tok = token();
+    c.send(message(&tok).as_bytes());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert!(r.starts_with('4'), "{r}");
+    // inboxd stops (for the service manager to restart it) with EX_TEMPFAIL.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "inboxd did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(75));
+    assert!(messages_with(&dir.path().join("nobody"), &tok).is_empty());
+}
