@@ -11,7 +11,7 @@ use std::time::Duration;
 use inboxd::cli::{self, Cli};
 use inboxd::config::Config;
 use inboxd::delivery::client::AgentClient;
-use inboxd::delivery::{channel, privileges, Delivery, Layout};
+use inboxd::delivery::{channel, privileges, Layout};
 use inboxd::recipient::{Aliases, Resolver};
 use inboxd::server::{listener, Server, ServerError};
 use inboxd::smtp::SessionConfig;
@@ -175,7 +175,7 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         data_timeout: config.timeout.max(Duration::from_secs(600)),
         max_errors: config.max_errors,
     };
-    let delivery = Delivery::Agent(AgentClient::new(agent_sock, &config.hostname));
+    let delivery = AgentClient::new(agent_sock, &config.hostname);
     let resolver = Resolver::new(aliases.clone(), config.lowercase_fallback);
     let mut server = Server::new(
         listeners,

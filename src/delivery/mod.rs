@@ -1,18 +1,17 @@
 //! Delivery: mail data of an accepted transaction becomes one durable file per account in
 //! that account's Maildir, all or nothing.
 //!
-//! The session hands over a transaction through a request/outcome interface: [`Deliverer::begin`]
-//! when DATA starts, [`Deliverer::write`] per chunk, then [`Deliverer::finish`] or
-//! [`Deliverer::abort`]; outcomes come back through [`Deliverer::poll_outcome`]. Today the loop
-//! drives it synchronously, but callers must not assume that (a later design moves it into a
-//! separate privileged process).
-//!
-//! The protocol per copy: `tmp/<unique>` created O_EXCL 0600 as the recipient, written as the
-//! data streams in, then at the end every copy is fsynced *before any* is moved into new/; only
-//! then are they renamed and each new/ fsynced. If anything fails before the renames, every tmp
-//! file is removed and the client gets a 4xx (or 552 for a full quota): nothing is delivered.
-//! It must not speak SMTP beyond classifying its failures as replies, and never writes as root
-//! into a directory that belongs to somebody else.
+//! Two processes share this module. The receiver uses [`client::AgentClient`], the server's
+//! request/outcome interface (begin when DATA starts, write per chunk, finish or abort,
+//! outcomes later). The delivery agent ([`agent`]) runs a [`store::Store`]: it opens each
+//! recipient's `tmp/<unique>` (O_EXCL, 0600, as the recipient, path walked safely by
+//! [`maildir`]), hands the descriptors to the receiver over [`channel`] in the fixed
+//! [`protocol`], and at the end fsyncs every copy *before any* is renamed into new/, then
+//! fsyncs new/. If anything fails before the renames, every tmp file is removed and the client
+//! gets a 4xx (or 552 for a full quota): nothing is delivered.
+//! Only [`privileges`] changes credentials. Nothing here speaks SMTP beyond classifying
+//! failures as replies, and nothing writes as root into a directory that belongs to somebody
+//! else.
 
 pub mod agent;
 pub mod channel;
@@ -22,21 +21,15 @@ pub mod privileges;
 pub mod protocol;
 pub mod store;
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::fs::File;
-use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use log::{info, warn};
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::smtp::trace::Trace;
-use crate::smtp::{DeliveryOutcome, Reply, Transaction};
-use store::Store;
+use crate::smtp::Reply;
 
 /// Why a delivery failed, classified where it was detected (RFC 3463; Postfix's mbox_dsn).
 #[derive(Debug)]
@@ -172,163 +165,6 @@ impl Layout {
             )));
         }
         Ok(Layout::Root(fd))
-    }
-}
-
-/// A transaction in progress on the writer's side: the descriptors to write to, or why it
-/// can no longer be delivered (sticky until the end of data).
-struct Pending {
-    files: Vec<File>,
-    error: Option<DeliveryError>,
-}
-
-/// The in-process delivery client: the server's request/outcome interface over a [`Store`]
-/// in the same process. `conn` keys identify the connection a transaction belongs to.
-pub struct Deliverer {
-    hostname: String,
-    store: Store,
-    pending: HashMap<u64, Pending>,
-    outcomes: VecDeque<(u64, DeliveryOutcome)>,
-}
-
-impl Deliverer {
-    pub fn new(hostname: &str, layout: Layout) -> Deliverer {
-        Deliverer {
-            hostname: hostname.to_string(),
-            // Root's own Maildir is written as root (see README, "root's mail").
-            store: Store::new(hostname, layout, true),
-            pending: HashMap::new(),
-            outcomes: VecDeque::new(),
-        }
-    }
-
-    /// DATA began: open a tmp file per account and write its trace fields.
-    pub fn begin(&mut self, conn: u64, tx: &Transaction, trace: &Trace) {
-        self.abort(conn);
-        let accounts = tx.accounts();
-        let mut p = match self.store.open(conn, &accounts) {
-            Ok(files) => Pending { files, error: None },
-            Err(e) => Pending {
-                files: Vec::new(),
-                error: Some(e),
-            },
-        };
-        for (file, account) in p.files.iter_mut().zip(&accounts) {
-            let head = trace.for_account(account, &self.hostname);
-            if let Err(e) = file.write_all(&head) {
-                p.error = Some(DeliveryError::from_io(e, "write of the trace fields"));
-                break;
-            }
-        }
-        self.pending.insert(conn, p);
-    }
-
-    /// More mail data for the transaction of `conn`.
-    pub fn write(&mut self, conn: u64, data: &[u8]) {
-        let Some(p) = self.pending.get_mut(&conn) else {
-            return;
-        };
-        if p.error.is_some() {
-            return;
-        }
-        for f in &mut p.files {
-            if let Err(e) = f.write_all(data) {
-                p.error = Some(DeliveryError::from_io(e, "write of mail data"));
-                return;
-            }
-        }
-    }
-
-    /// The transaction of `conn` will not be delivered: remove its tmp files.
-    pub fn abort(&mut self, conn: u64) {
-        if self.pending.remove(&conn).is_some() {
-            self.store.abort(conn);
-        }
-    }
-
-    /// End of data: make every copy durable, then visible; queue the outcome.
-    pub fn finish(&mut self, conn: u64, tx_id: &str) {
-        let outcome = match self.pending.remove(&conn) {
-            None => Err(Reply::new(
-                451,
-                "4.3.0",
-                "Local error: no data for transaction",
-            )),
-            Some(Pending { error: Some(e), .. }) => {
-                warn!("transaction {tx_id}: nothing delivered: {e}");
-                self.store.abort(conn);
-                Err(e.reply())
-            }
-            Some(Pending { files, error: None }) => {
-                drop(files);
-                match self.store.commit(&[conn]).pop() {
-                    Some((_, Ok(copies))) => {
-                        for (account, name) in copies {
-                            info!("transaction {tx_id}: delivered to {account} as new/{name}");
-                        }
-                        Ok(())
-                    }
-                    Some((_, Err(e))) => Err(e.reply()),
-                    None => Err(Reply::new(451, "4.3.0", "Local error in delivery")),
-                }
-            }
-        };
-        self.outcomes.push_back((conn, outcome));
-    }
-
-    pub fn poll_outcome(&mut self) -> Option<(u64, DeliveryOutcome)> {
-        self.outcomes.pop_front()
-    }
-}
-
-/// The server's delivery backend: in this process, or a separate delivery agent.
-pub enum Delivery {
-    Local(Deliverer),
-    Agent(client::AgentClient),
-}
-
-impl Delivery {
-    pub fn begin(&mut self, conn: u64, tx: &Transaction, trace: &Trace, tx_id: &str) {
-        match self {
-            Delivery::Local(d) => d.begin(conn, tx, trace),
-            Delivery::Agent(a) => a.begin(conn, tx, trace, tx_id),
-        }
-    }
-
-    pub fn write(&mut self, conn: u64, data: &[u8]) {
-        match self {
-            Delivery::Local(d) => d.write(conn, data),
-            Delivery::Agent(a) => a.write(conn, data),
-        }
-    }
-
-    pub fn abort(&mut self, conn: u64) {
-        match self {
-            Delivery::Local(d) => d.abort(conn),
-            Delivery::Agent(a) => a.abort(conn),
-        }
-    }
-
-    pub fn finish(&mut self, conn: u64, tx_id: &str) {
-        match self {
-            Delivery::Local(d) => d.finish(conn, tx_id),
-            Delivery::Agent(a) => a.finish(conn),
-        }
-    }
-
-    pub fn poll_outcome(&mut self) -> Option<(u64, DeliveryOutcome)> {
-        match self {
-            Delivery::Local(d) => d.poll_outcome(),
-            Delivery::Agent(a) => a.poll_outcome(),
-        }
-    }
-
-    /// Whether more mail data may be read from `conn` now.
-    pub fn wants_data(&self, conn: u64) -> bool {
-        match self {
-            Delivery::Local(_) => true,
-            Delivery::Agent(a) => a.wants_data(conn),
-        }
     }
 }
 

@@ -1,12 +1,12 @@
 //! The single-threaded mio event loop: listeners, connections, timers, signals.
 //!
 //! Owns every socket and the clock. Each connection's session is fed bytes and time; its
-//! events go to the recipient resolver and the deliverer, whose answers go back into the
+//! events go to the recipient resolver and the delivery agent, whose answers go back into the
 //! session. No accept error and no client error ever ends the loop: EMFILE and friends pause
 //! accepting for a moment, a full house (`--max-connections`) leaves new clients in the
 //! kernel's backlog until a slot frees. SIGTERM/SIGINT end it cleanly: in-progress DATA is
 //! dropped (its tmp files removed) and every client gets 421.
-//! It must not parse SMTP (the session does) or touch Maildirs (the deliverer does).
+//! It must not parse SMTP (the session does) or touch Maildirs (the delivery agent does).
 
 pub mod connection;
 pub mod listener;
@@ -26,8 +26,7 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::delivery::client::AgentGone;
-use crate::delivery::Delivery;
+use crate::delivery::client::{AgentClient, AgentGone};
 use crate::recipient::{Aliases, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Session, SessionConfig};
@@ -55,7 +54,7 @@ pub struct Server {
     timers: Timers,
     session_config: Rc<SessionConfig>,
     resolver: Resolver,
-    delivery: Delivery,
+    delivery: AgentClient,
     max_connections: usize,
     next_id: u64,
     /// Accepting is paused until then (resource exhaustion).
@@ -95,7 +94,7 @@ impl Server {
         listeners: Vec<TcpListener>,
         session_config: SessionConfig,
         resolver: Resolver,
-        delivery: Delivery,
+        delivery: AgentClient,
         max_connections: usize,
         aliases_path: PathBuf,
     ) -> Result<Server, ServerError> {
@@ -126,11 +125,13 @@ impl Server {
                 Interest::READABLE,
             )
             .map_err(setup("registering the signalfd"))?;
-        if let Delivery::Agent(a) = &delivery {
-            poll.registry()
-                .register(&mut SourceFd(&a.raw_fd()), AGENT_TOKEN, Interest::READABLE)
-                .map_err(setup("registering the delivery agent's socket"))?;
-        }
+        poll.registry()
+            .register(
+                &mut SourceFd(&delivery.raw_fd()),
+                AGENT_TOKEN,
+                Interest::READABLE,
+            )
+            .map_err(setup("registering the delivery agent's socket"))?;
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -466,9 +467,8 @@ impl Server {
                 debug!("conn={:x} data aborted", c.id);
                 self.delivery.abort(c.id);
             }
-            Event::EndOfData(tx) => {
-                let id = format!("{}{:X}.{}", self.id_prefix, c.id, tx.number);
-                self.delivery.finish(c.id, &id);
+            Event::EndOfData(_) => {
+                self.delivery.finish(c.id);
                 self.take_outcomes(c);
             }
             Event::Close => debug!("conn={:x} session closing", c.id),
@@ -510,10 +510,8 @@ impl Server {
 
     /// The agent's socket is readable: its answers go to their connections.
     fn agent_readable(&mut self, buf: &mut [u8]) {
-        let (result, resumed) = match &mut self.delivery {
-            Delivery::Agent(a) => (a.on_readable(), a.take_resumed()),
-            Delivery::Local(_) => return,
-        };
+        let result = self.delivery.on_readable();
+        let resumed = self.delivery.take_resumed();
         self.deliver_parked(buf);
         for id in resumed {
             self.drive(Token(id as usize), buf);
@@ -522,9 +520,8 @@ impl Server {
             if self.agent_gone.is_none() {
                 error!("{why}: stopping (a service manager restarts inboxd)");
                 self.agent_gone = Some(why);
-                if let Delivery::Agent(a) = &self.delivery {
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&a.raw_fd()));
-                }
+                let fd = self.delivery.raw_fd();
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
                 self.stop();
             }
         }
