@@ -25,6 +25,7 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    raise_fd_limit();
     if args.first().map(String::as_str) == Some("--delivery-agent") {
         return agent_main(&args[1..]);
     }
@@ -88,6 +89,17 @@ fn listening_addresses(config: &Config) -> Vec<IpAddr> {
     out
 }
 
+/// Every connection and every copy in flight holds descriptors: use all the kernel allows
+/// (the soft RLIMIT_NOFILE up to the hard one), silently keeping the old limit on failure.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 /// `inboxd --delivery-agent --hostname NAME [--maildir-root DIR] [--allow-root]`, with the
 /// socket to the receiver as standard input: the delivery agent (an internal interface,
 /// started by inboxd itself; see `delivery::agent`).
@@ -122,8 +134,10 @@ fn agent_main(args: &[String]) -> ExitCode {
             }
         },
     };
-    if let Err(e) = privileges::drop_supplementary_groups() {
-        eprintln!("inboxd delivery agent: dropping supplementary groups: {e}");
+    if let Err(e) = privileges::drop_supplementary_groups()
+        .and_then(|()| inboxd::delivery::agent::ignore_stop_signals())
+    {
+        eprintln!("inboxd delivery agent: setting up: {e}");
         return ExitCode::from(EX_OSERR);
     }
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {

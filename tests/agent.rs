@@ -139,6 +139,19 @@ fn forged_requests_are_refused() {
     }
     // Garbage is ignored; the agent still answers.
     channel::send(agent.sock.as_fd(), b"\x01garbage", &[]).unwrap();
+    // A malformed request whose id can be read is answered with a failure: a Begin with no
+    // accounts, and one with more than a datagram can carry descriptors for.
+    let mut empty = vec![1u8];
+    empty.extend_from_slice(&77u64.to_le_bytes());
+    empty.extend_from_slice(&0u16.to_le_bytes());
+    channel::send(agent.sock.as_fd(), &empty, &[]).unwrap();
+    assert!(matches!(agent.recv().0, Response::Failed { id: 77, .. }));
+    let many: Vec<String> = (0..300).map(|i| format!("user{i}")).collect();
+    agent.send(&Request::Begin {
+        id: 78,
+        accounts: many,
+    });
+    assert!(matches!(agent.recv().0, Response::Failed { id: 78, .. }));
     // Committing what was never opened fails cleanly.
     agent.send(&Request::Commit { id: 99 });
     assert!(matches!(agent.recv().0, Response::Failed { id: 99, .. }));
@@ -198,5 +211,28 @@ fn symlinked_maildir_is_refused_by_the_agent() {
         "written through the symlink"
     );
     let _ = std::fs::remove_file(&md);
+    assert!(agent.close());
+}
+
+#[test]
+fn stop_signals_do_not_end_the_agent() {
+    let dir = TempDir::new("agentsig");
+    let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let (r, fds) = agent.begin(1, &["nobody"]);
+    assert!(matches!(r, Response::Opened { .. }));
+    let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
+    for sig in [
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Still there, and the transaction still commits.
+    write_all(fds.into_iter().next().unwrap(), b"after signals\n");
+    agent.send(&Request::Commit { id: 1 });
+    assert_eq!(agent.recv().0, Response::Done { id: 1 });
+    assert_eq!(new_files(&dir.path().join("nobody")).len(), 1);
     assert!(agent.close());
 }

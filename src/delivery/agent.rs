@@ -4,19 +4,41 @@
 //! It does not listen on the network and does not parse SMTP. It reads fixed binary requests
 //! (`protocol`), answers Begin with the tmp-file descriptors of a [`Store`] (SCM_RIGHTS), and
 //! commits every Commit that is waiting when it wakes up in one batch (group commit), then
-//! answers each. A malformed request is logged and ignored; when the receiver goes away, every
-//! open transaction is removed and the agent exits.
+//! answers each. A malformed request is answered with a failure when its id can be read, and
+//! otherwise ignored. SIGHUP, SIGINT and SIGTERM are blocked: the agent ends only when the
+//! receiver closes the socket, so a signal meant for the receiver (or for the whole process
+//! group) never cuts a commit in half; every open transaction is then removed.
 
 use std::os::fd::{AsFd, OwnedFd};
 
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
+use nix::sys::signal::{SigSet, Signal};
 
 use super::channel::{self, Received};
 use super::protocol::{Request, Response};
 use super::store::Store;
+use super::DeliveryError;
 
-/// Serves the receiver on `sock` until it closes. Errors are socket errors.
+/// Requests handled in one batch at most, so a flood cannot grow the agent without bound.
+const MAX_BATCH: usize = 256;
+
+/// Blocks the signals that stop the receiver; called at the agent's start.
+pub fn ignore_stop_signals() -> Result<(), Errno> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGPIPE,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()
+}
+
+/// Serves the receiver on `sock` until it closes. Errors are socket errors; the store's
+/// open transactions are removed on every way out (see `Store`'s Drop).
 pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     loop {
         let mut batch = Vec::new();
@@ -26,37 +48,29 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
             Received::Message(m, _) => batch.push(m),
         }
         // Everything else already waiting joins this batch.
-        loop {
+        let mut closed = false;
+        while batch.len() < MAX_BATCH {
             match channel::recv(sock.as_fd(), false)? {
                 Received::Message(m, _) => batch.push(m),
                 Received::Empty => break,
                 Received::Closed => {
-                    store.abort_all();
-                    info!("delivery agent: receiver closed");
-                    return Ok(());
+                    closed = true;
+                    break;
                 }
             }
         }
         let mut commits = Vec::new();
         for m in batch {
             match Request::decode(&m) {
-                Err(e) => warn!("delivery agent: {e} ({} octets), ignored", m.len()),
-                Ok(Request::Begin { id, accounts }) => {
-                    let reply = match store.open(id, &accounts) {
-                        Ok(files) => {
-                            let fds = Store::into_fds(files);
-                            let r = Response::Opened {
-                                id,
-                                count: fds.len() as u16,
-                            };
-                            channel::send(sock.as_fd(), &r.encode(), &fds)
-                        }
-                        Err(e) => {
-                            channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])
-                        }
-                    };
-                    reply?;
+                Err(e) => {
+                    warn!("delivery agent: {e} ({} octets)", m.len());
+                    if let Some(id) = m.get(1..9).and_then(|b| b.try_into().ok()) {
+                        let id = u64::from_le_bytes(id);
+                        let e = DeliveryError::Io("malformed request".into());
+                        channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
+                    }
                 }
+                Ok(Request::Begin { id, accounts }) => begin(&sock, &mut store, id, &accounts)?,
                 Ok(Request::Abort { id }) => {
                     debug!("delivery agent: abort {id}");
                     store.abort(id);
@@ -81,8 +95,35 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                 channel::send(sock.as_fd(), &resp.encode(), &[])?;
             }
         }
+        if closed {
+            break;
+        }
     }
     store.abort_all();
     info!("delivery agent: receiver closed");
     Ok(())
+}
+
+/// Opens a transaction and answers with its descriptors; if they cannot be sent (too many,
+/// or the socket refuses them), the transaction is removed and a failure is sent instead.
+fn begin(sock: &OwnedFd, store: &mut Store, id: u64, accounts: &[String]) -> Result<(), Errno> {
+    let e = match store.open(id, accounts) {
+        Ok(files) => {
+            let fds = Store::into_fds(files);
+            let r = Response::Opened {
+                id,
+                count: fds.len() as u16,
+            };
+            match channel::send(sock.as_fd(), &r.encode(), &fds) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(Errno::EPIPE),
+                Err(e) => {
+                    store.abort(id);
+                    DeliveryError::io(e, "passing the descriptors")
+                }
+            }
+        }
+        Err(e) => e,
+    };
+    channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])
 }

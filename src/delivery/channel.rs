@@ -81,18 +81,17 @@ pub fn recv(sock: BorrowedFd<'_>, wait: bool) -> Result<Received, Errno> {
             }
         }
         let fds = crate::sys::adopt_fds(raw);
-        let truncated = msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         let len = msg.bytes;
-        if truncated {
+        // A cut datagram cannot be trusted. Cut descriptors (MSG_CTRUNC: we are out of
+        // them) are not an error here: the caller sees fewer than announced.
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
             return Err(Errno::EMSGSIZE);
         }
         if len == 0 && fds.is_empty() {
             return Ok(Received::Closed);
         }
-        buf.truncate(len);
-        return Ok(Received::Message(buf, fds));
+        // Only what arrived is kept, not the whole receive buffer.
+        return Ok(Received::Message(buf[..len].to_vec(), fds));
     }
 }
 

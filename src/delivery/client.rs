@@ -21,8 +21,9 @@ use super::DeliveryError;
 use crate::smtp::trace::Trace;
 use crate::smtp::{DeliveryOutcome, Reply, Transaction};
 
-/// Mail data held per transaction while its descriptors are on their way.
-const HOLD_LIMIT: usize = 1024 * 1024;
+/// Mail data held per transaction while its descriptors are on their way (one round trip to
+/// the agent); beyond it the server stops reading from that client.
+const HOLD_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
@@ -103,6 +104,12 @@ impl AgentClient {
             .map(|a| trace.for_account(a, &self.hostname))
             .collect();
         let error = self.send(&Request::Begin { id, accounts }).err();
+        // No answer can come for a Begin that was not sent: the end of data fails at once.
+        let state = if error.is_some() {
+            State::Open
+        } else {
+            State::Opening
+        };
         self.by_conn.insert(conn, id);
         self.inflight.insert(
             id,
@@ -113,7 +120,7 @@ impl AgentClient {
                 files: Vec::new(),
                 held: Vec::new(),
                 error,
-                state: State::Opening,
+                state,
             },
         );
     }

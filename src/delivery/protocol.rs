@@ -19,8 +19,9 @@ use super::DeliveryError;
 
 /// Largest datagram either side sends or accepts.
 pub const MAX_DATAGRAM: usize = 64 * 1024;
-/// Accounts in one Begin: far above `--max-recipients`' useful range, and it fits a datagram.
-pub const MAX_ACCOUNTS: usize = 2000;
+/// Accounts in one Begin: their descriptors come back in one datagram, which carries at
+/// most 253 (SCM_MAX_FD); the session keeps transactions below that.
+pub const MAX_ACCOUNTS: usize = 253;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {

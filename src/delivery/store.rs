@@ -42,10 +42,27 @@ pub struct Store {
     pid: u32,
 }
 
+/// Undoes a transaction that failed while publishing: its copies already in new/ are
+/// removed again (so the client's retry does not duplicate them), then its tmp files.
+fn rollback(id: u64, copies: Vec<Copy>, done: &[(usize, String)], e: &DeliveryError) {
+    for (i, name) in done {
+        copies[*i].maildir.remove_new(name);
+    }
+    warn!("transaction {id}: delivery failed while publishing, rolled back: {e}");
+    discard(copies);
+}
+
 fn discard(copies: Vec<Copy>) {
     for c in copies {
         drop(c.file);
         c.maildir.remove_tmp(&c.tmp_name);
+    }
+}
+
+impl Drop for Store {
+    /// However the agent ends, no tmp file of an unfinished transaction stays behind.
+    fn drop(&mut self) {
+        self.abort_all();
     }
 }
 
@@ -139,7 +156,7 @@ impl Store {
             let (maildir, file) = match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!("delivery to {account} cannot start: {e}");
+                    warn!("delivery to {account:?} cannot start: {e}");
                     discard(copies);
                     return Err(e);
                 }
@@ -209,9 +226,9 @@ impl Store {
                 }
             }
         }
-        // Phase 2: rename into new/; phase 3: fsync each new/ once (same directory, same
-        // device and inode). A failure rolls back that transaction's renamed copies.
-        let mut synced: Vec<(u64, u64)> = Vec::new();
+        // Phase 2: every copy of every transaction renamed into new/. A failure rolls back
+        // that transaction's renamed copies.
+        let mut published: Vec<(u64, Vec<Copy>, Vec<(usize, String)>)> = Vec::new();
         for (id, copies) in ready {
             let mut done: Vec<(usize, String)> = Vec::new();
             let mut failure = None;
@@ -231,25 +248,42 @@ impl Store {
                 // Visible from here on: listed first, so a failure below rolls it back too.
                 done.push((i, new_name));
             }
-            if failure.is_none() {
-                for c in &copies {
-                    let key = c.maildir.new_dir_key();
-                    if key.is_some_and(|k| synced.contains(&k)) {
-                        continue;
-                    }
-                    if let Err(e) = c.maildir.sync_new() {
-                        failure = Some(e);
-                        break;
-                    }
-                    synced.extend(key);
+            match failure {
+                None => published.push((id, copies, done)),
+                Some(e) => {
+                    rollback(id, copies, &done, &e);
+                    results.push((id, Err(e)));
                 }
             }
-            if let Some(e) = failure {
-                for (i, name) in &done {
-                    copies[*i].maildir.remove_new(name);
+        }
+        // Phase 3: each new/ directory involved fsynced once, *after* every rename into it,
+        // so no answer goes out before its directory entry is durable.
+        let mut failed_dirs: Vec<Option<(u64, u64)>> = Vec::new();
+        let mut synced: Vec<(u64, u64)> = Vec::new();
+        let mut dir_error: Option<String> = None;
+        for (_, copies, _) in &published {
+            for c in copies {
+                let key = c.maildir.new_dir_key();
+                if key.is_some_and(|k| synced.contains(&k)) {
+                    continue;
                 }
-                warn!("transaction {id}: delivery failed while publishing, rolled back: {e}");
-                discard(copies);
+                match c.maildir.sync_new() {
+                    Ok(()) => synced.extend(key),
+                    Err(e) => {
+                        dir_error = Some(e.to_string());
+                        failed_dirs.push(key);
+                    }
+                }
+            }
+        }
+        for (id, copies, done) in published {
+            let failed = copies.iter().any(|c| {
+                let key = c.maildir.new_dir_key();
+                key.is_none_or(|k| !synced.contains(&k)) && !failed_dirs.is_empty()
+            });
+            if failed {
+                let e = DeliveryError::Io(dir_error.clone().unwrap_or_default());
+                rollback(id, copies, &done, &e);
                 results.push((id, Err(e)));
                 continue;
             }

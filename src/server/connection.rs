@@ -33,6 +33,8 @@ pub struct Connection {
     pub timer_at: Option<Instant>,
     /// Set once the session asked to close: the last replies are being flushed.
     pub closing_since: Option<Instant>,
+    /// Since when the session has been waiting for the delivery agent.
+    pub waiting_since: Option<Instant>,
 }
 
 /// What one read step did.
@@ -56,6 +58,7 @@ impl Connection {
             interest: None,
             timer_at: None,
             closing_since: None,
+            waiting_since: None,
         }
     }
 

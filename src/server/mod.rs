@@ -29,7 +29,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::delivery::client::{AgentClient, AgentGone};
 use crate::recipient::{Aliases, Resolver};
 use crate::smtp::trace::Trace;
-use crate::smtp::{Event, Peer, RcptVerdict, Session, SessionConfig};
+use crate::smtp::{Event, Peer, RcptVerdict, Reply, Session, SessionConfig};
 use connection::{Connection, ReadStep, READ_CHUNK};
 use timers::Timers;
 
@@ -41,6 +41,8 @@ const LISTENER_BASE: usize = usize::MAX - 3;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 /// How long a closing connection may take to take its last reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How long a client waits for the delivery agent's answer before it gets 451.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Reads (of up to 64 KiB) one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
 
@@ -362,7 +364,25 @@ impl Server {
                 self.finish(c);
                 continue;
             }
-            c.session.handle_timeout(now);
+            if c.waiting_since.is_some_and(|w| now >= w + AGENT_TIMEOUT) {
+                // The agent is stuck (a hung NFS home, an NSS backend that never answers):
+                // the client gets a 4xx instead of waiting for ever. Should the commit still
+                // complete, the client's retry makes a duplicate, never a loss.
+                warn!(
+                    "conn={:x} no answer from the delivery agent in {AGENT_TIMEOUT:?}",
+                    c.id
+                );
+                c.waiting_since = None;
+                c.session.delivery_outcome(Err(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Local delivery timed out, try again later",
+                )));
+                let id = c.id;
+                self.delivery.abort(id);
+            } else {
+                c.session.handle_timeout(now);
+            }
             self.drive(token, buf);
         }
     }
@@ -411,9 +431,15 @@ impl Server {
         if c.session.is_closed() && c.closing_since.is_none() {
             c.closing_since = Some(now);
         }
-        let deadline = match c.closing_since {
-            Some(t) => Some(t + CLOSE_GRACE),
-            None => c.session.next_deadline(),
+        if c.session.is_waiting() {
+            c.waiting_since.get_or_insert(now);
+        } else {
+            c.waiting_since = None;
+        }
+        let deadline = match (c.closing_since, c.waiting_since) {
+            (Some(t), _) => Some(t + CLOSE_GRACE),
+            (None, Some(w)) => Some(w + AGENT_TIMEOUT),
+            (None, None) => c.session.next_deadline(),
         };
         if let Some(d) = deadline {
             c.timer_at = self.timers.arm(token, d, c.timer_at);

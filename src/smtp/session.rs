@@ -23,6 +23,9 @@ use super::reply::Reply;
 
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including the CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
+/// Distinct accounts one transaction may reach: each copy's descriptor crosses to the
+/// receiver in one datagram, and a datagram carries at most 253 (SCM_MAX_FD).
+pub const MAX_ACCOUNTS: usize = 250;
 /// RFC 5321 6.3 suggests refusing mail with "more than 100 Received" fields as a loop.
 pub const MAX_RECEIVED: usize = 100;
 /// Replies waiting to be sent beyond this stop the processing of pipelined input until the
@@ -308,6 +311,10 @@ impl Session {
             return;
         };
         let r = match verdict {
+            RcptVerdict::Accept(accounts) if !accounts.is_empty() && self.too_many(&accounts) => {
+                // RFC 5321 4.5.3.1.10: 452 for too many recipients.
+                Reply::new(452, "4.5.3", "Too many recipients")
+            }
             RcptVerdict::Accept(accounts) if !accounts.is_empty() => {
                 if let Some(tx) = self.tx.as_mut() {
                     tx.recipients.push(Recipient {
@@ -347,6 +354,20 @@ impl Session {
     }
 
     // ---- internals ----
+
+    /// Whether adding `accounts` would take the transaction over [`MAX_ACCOUNTS`].
+    fn too_many(&self, accounts: &[String]) -> bool {
+        let Some(tx) = self.tx.as_ref() else {
+            return false;
+        };
+        let mut all = tx.accounts();
+        for a in accounts {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all.len() > MAX_ACCOUNTS
+    }
 
     fn touch(&mut self, now: Instant) {
         let t = match self.phase {
@@ -888,6 +909,37 @@ mod tests {
         s.take_output();
         s.handle_timeout(t0 + Duration::from_secs(900));
         assert!(s.take_output().is_empty(), "no second 421 after close");
+    }
+
+    #[test]
+    fn too_many_distinct_accounts_is_452() {
+        let t0 = Instant::now();
+        let mut config = (*session(t0).config).clone();
+        config.max_recipients = 1000;
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let peer = Peer {
+            remote: ip,
+            local: ip,
+        };
+        let mut s = Session::new(Rc::new(config), peer, t0);
+        s.take_output();
+        s.receive(b"HELO c\r\nMAIL FROM:<>\r\n", t0);
+        for _ in 0..MAX_ACCOUNTS + 1 {
+            s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+        }
+        let mut n = 0;
+        while let Some(ev) = s.poll_event() {
+            if let Event::RecipientToCheck { .. } = ev {
+                n += 1;
+                s.recipient_verdict(RcptVerdict::Accept(vec![format!("user{n}")]));
+            }
+        }
+        let out = text(&mut s);
+        assert_eq!(out.matches("250 2.1.5").count(), MAX_ACCOUNTS);
+        assert!(
+            out.trim_end().ends_with("452 4.5.3 Too many recipients"),
+            "{out}"
+        );
     }
 
     #[test]
