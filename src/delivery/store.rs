@@ -24,6 +24,9 @@ use crate::recipient::{is_account_name, lookup_account};
 /// What a committed transaction became: (account, file name in new/) per copy.
 pub type Delivered = Vec<(String, String)>;
 
+/// The copies of a transaction already renamed into new/: (index, name in new/).
+type Published = Vec<(usize, String)>;
+
 /// One account's copy in progress.
 struct Copy {
     account: String,
@@ -44,7 +47,7 @@ pub struct Store {
 
 /// Undoes a transaction that failed while publishing: its copies already in new/ are
 /// removed again (so the client's retry does not duplicate them), then its tmp files.
-fn rollback(id: u64, copies: Vec<Copy>, done: &[(usize, String)], e: &DeliveryError) {
+fn rollback(id: u64, copies: Vec<Copy>, done: &Published, e: &DeliveryError) {
     for (i, name) in done {
         copies[*i].maildir.remove_new(name);
     }
@@ -228,7 +231,7 @@ impl Store {
         }
         // Phase 2: every copy of every transaction renamed into new/. A failure rolls back
         // that transaction's renamed copies.
-        let mut published: Vec<(u64, Vec<Copy>, Vec<(usize, String)>)> = Vec::new();
+        let mut published: Vec<(u64, Vec<Copy>, Published)> = Vec::new();
         for (id, copies) in ready {
             let mut done: Vec<(usize, String)> = Vec::new();
             let mut failure = None;
