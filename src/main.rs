@@ -200,6 +200,9 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         config.aliases.clone(),
     )
     .map_err(|e| (EX_OSERR, e.to_string()))?;
+    // Everything that needs root is done: listeners bound, agent started. The line below
+    // says the server is ready, so it comes after the switch.
+    privileges::drop_to(&config.user).map_err(|e| (EX_CONFIG, e))?;
     info!(
         "inboxd {} listening on {:?} for domains {:?}; hostname {}; mail to {}; {} aliases",
         env!("CARGO_PKG_VERSION"),
@@ -212,8 +215,6 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         },
         aliases.len()
     );
-    // Everything that needs root is done: listeners bound, agent started.
-    privileges::drop_to(&config.user).map_err(|e| (EX_CONFIG, e))?;
     let result = server.run();
     // The agent sees its socket close and exits once it has cleaned up.
     drop(server);
