@@ -83,7 +83,7 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                 let resp = match r {
                     Ok(copies) => {
                         for (account, name) in copies {
-                            debug!("delivery agent: {id}: {account} new/{name}");
+                            info!("agent transaction {id}: delivered to {account} as new/{name}");
                         }
                         Response::Done { id }
                     }

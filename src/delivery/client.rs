@@ -251,13 +251,7 @@ impl AgentClient {
                         write_each(t, &held);
                     }
                 }
-                let wanted = t.state == State::CommitWanted;
-                t.state = State::Open;
-                let conn = t.conn;
-                self.resumed.push(conn);
-                if wanted {
-                    self.commit(id);
-                }
+                self.opened(id);
             }
             Response::Failed { class, detail, .. } => {
                 let e = DeliveryError::from_wire(class, detail);
@@ -271,22 +265,33 @@ impl AgentClient {
                     // Begin failed: nothing was opened; the data is discarded as it comes.
                     t.held = Vec::new();
                     t.error = Some(e);
-                    let wanted = t.state == State::CommitWanted;
-                    t.state = State::Open;
-                    let conn = t.conn;
-                    self.resumed.push(conn);
-                    if wanted {
-                        self.commit(id);
-                    }
+                    self.opened(id);
                 }
             }
             Response::Done { .. } => {
                 let conn = t.conn;
-                info!("transaction {}: delivered", t.tx_id);
+                info!(
+                    "transaction {}: delivered (agent transaction {id})",
+                    t.tx_id
+                );
                 self.inflight.remove(&id);
                 self.by_conn.remove(&conn);
                 self.outcomes.push_back((conn, Ok(())));
             }
+        }
+    }
+
+    /// The Begin of `id` was answered: its client may send data again, and an end of data
+    /// that came first is committed now.
+    fn opened(&mut self, id: u64) {
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        let wanted = t.state == State::CommitWanted;
+        t.state = State::Open;
+        self.resumed.push(t.conn);
+        if wanted {
+            self.commit(id);
         }
     }
 
