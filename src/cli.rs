@@ -94,6 +94,11 @@ fn options() -> Options {
         "no-lowercase-fallback",
         "do not try the all-lowercase account when no account matches the local part exactly",
     );
+    o.optflag(
+        "",
+        "allow-root-delivery",
+        "started as root, also deliver to accounts with uid 0 (by default their mail is refused: alias root to a person)",
+    );
     o.optopt(
         "u",
         "user",
@@ -233,6 +238,7 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
         max_errors,
         timeout,
         lowercase_fallback: !m.opt_present("no-lowercase-fallback"),
+        allow_root_delivery: m.opt_present("allow-root-delivery"),
         user: m
             .opt_str("user")
             .unwrap_or_else(|| DEFAULT_USER.to_string()),

@@ -38,6 +38,9 @@ pub struct Config {
     pub max_errors: u32,
     pub timeout: Duration,
     pub lowercase_fallback: bool,
+    /// `--allow-root-delivery`: write copies as uid 0 (root's own Maildir). Off by default:
+    /// started as root, inboxd refuses mail that would be written as root.
+    pub allow_root_delivery: bool,
     /// The unprivileged user the receiver runs as when started as root.
     pub user: String,
     /// 0: info, 1: debug, 2+: trace.

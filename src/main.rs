@@ -178,6 +178,12 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         Layout::root(root)
             .map_err(|e| (EX_CONFIG, format!("--maildir-root {}: {e}", root.display())))?;
     }
+    // Started as root, the agent could write as any uid: uid 0 only when explicitly allowed.
+    let refuse_uid0 = privileges::privileged() && !config.allow_root_delivery;
+    let resolver = Resolver::new(aliases.clone(), config.lowercase_fallback, refuse_uid0);
+    resolver
+        .check_postmaster()
+        .map_err(|e| (EX_CONFIG, format!("{}: {e}", config.aliases.display())))?;
     let (mut agent, agent_sock) = start_agent(config)?;
     let session_config = SessionConfig {
         hostname: config.hostname.clone(),
@@ -190,7 +196,6 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         max_errors: config.max_errors,
     };
     let delivery = AgentClient::new(agent_sock, &config.hostname);
-    let resolver = Resolver::new(aliases.clone(), config.lowercase_fallback);
     let mut server = Server::new(
         listeners,
         session_config,
@@ -238,12 +243,13 @@ fn start_agent(
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--delivery-agent")
         .args(["--hostname", &config.hostname])
-        // Root's own Maildir is written as root (README, "root's mail").
-        .arg("--allow-root")
         .stdin(std::process::Stdio::from(theirs))
         .stdout(std::process::Stdio::null());
     if let Some(root) = &config.maildir_root {
         cmd.arg("--maildir-root").arg(root);
+    }
+    if config.allow_root_delivery {
+        cmd.arg("--allow-root");
     }
     let child = cmd
         .spawn()

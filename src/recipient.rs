@@ -7,9 +7,11 @@
 //! It must not write anything, and it never runs or opens what an alias names: pipe, file and
 //! `:include:` targets are refused with a warning.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use log::warn;
 use nix::errno::Errno;
@@ -19,6 +21,12 @@ use nix::unistd::{Gid, Uid, User};
 pub const POSTMASTER: &str = "postmaster";
 /// How deep aliases may name aliases before we call it a loop.
 const MAX_ALIAS_DEPTH: usize = 10;
+/// How long an account that was found is remembered (a burst of mail to one user costs one
+/// NSS lookup). "No such user" and failed lookups are never remembered: a new account gets
+/// mail at once, and an outage is retried.
+const ACCOUNT_TTL: Duration = Duration::from_secs(2);
+/// Accounts remembered at most.
+const ACCOUNT_CACHE: usize = 1024;
 
 /// A local account that can receive mail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,30 +169,102 @@ impl Aliases {
     }
 }
 
+/// What a local part resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The accounts that get a copy (never empty).
+    Accounts(Vec<String>),
+    /// Neither an alias nor an account.
+    Unknown,
+    /// It reaches only uid-0 accounts, and delivery as root is refused.
+    Uid0Refused,
+}
+
 /// Turns local parts into account names.
 #[derive(Debug, Clone)]
 pub struct Resolver {
     aliases: Aliases,
     lowercase_fallback: bool,
+    /// Whether accounts with uid 0 are dropped from every expansion: set when inboxd runs as
+    /// root without `--allow-root-delivery`, so the delivery agent never writes as root.
+    refuse_uid0: bool,
     lookup: fn(&str) -> Result<Option<Account>, RecipientError>,
+    found: RefCell<HashMap<String, (Instant, Account)>>,
+}
+
+/// One expansion's result: accounts found, and whether a uid-0 account was dropped.
+#[derive(Default)]
+struct Expansion {
+    accounts: Vec<String>,
+    dropped_uid0: bool,
 }
 
 impl Resolver {
-    pub fn new(aliases: Aliases, lowercase_fallback: bool) -> Resolver {
+    pub fn new(aliases: Aliases, lowercase_fallback: bool, refuse_uid0: bool) -> Resolver {
         Resolver {
             aliases,
             lowercase_fallback,
+            refuse_uid0,
             lookup: lookup_account,
+            found: RefCell::new(HashMap::new()),
         }
     }
 
-    /// Replaces the alias table (SIGHUP reloads it).
-    pub fn set_aliases(&mut self, aliases: Aliases) {
-        self.aliases = aliases;
+    /// An NSS lookup, answered from the last [`ACCOUNT_TTL`] when the account was found.
+    fn lookup(&self, name: &str) -> Result<Option<Account>, RecipientError> {
+        let now = Instant::now();
+        if let Some((at, a)) = self.found.borrow().get(name) {
+            if now.duration_since(*at) < ACCOUNT_TTL {
+                return Ok(Some(a.clone()));
+            }
+        }
+        let r = (self.lookup)(name)?;
+        let mut found = self.found.borrow_mut();
+        match &r {
+            Some(a) => {
+                if found.len() >= ACCOUNT_CACHE {
+                    found.clear();
+                }
+                found.insert(name.to_string(), (now, a.clone()));
+            }
+            None => {
+                found.remove(name);
+            }
+        }
+        Ok(r)
     }
 
-    /// Resolves a local part to the accounts that get a copy. `Ok(None)`: no such recipient.
-    pub fn resolve(&self, local_part: &str) -> Result<Option<Vec<String>>, RecipientError> {
+    /// Replaces the alias table (SIGHUP reloads it), unless postmaster would then reach
+    /// nobody: the old table stays and the reason is returned.
+    pub fn set_aliases(&mut self, aliases: Aliases) -> Result<(), String> {
+        let old = std::mem::replace(&mut self.aliases, aliases);
+        if let Err(e) = self.check_postmaster() {
+            self.aliases = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// RFC 5321 4.5.1: postmaster must always reach somebody. Err says why it would not
+    /// (it ends at uid 0 and delivery as root is refused); a failed lookup is not an error
+    /// here, it is answered 451 at RCPT time like any other.
+    pub fn check_postmaster(&self) -> Result<(), String> {
+        match self.resolve(POSTMASTER) {
+            Ok(Resolution::Uid0Refused) => Err(
+                "postmaster reaches only root, and inboxd does not deliver as uid 0: \
+                 add \"root: <a person's account>\" to the aliases file, \
+                 or pass --allow-root-delivery"
+                    .into(),
+            ),
+            Ok(Resolution::Unknown) => {
+                Err("postmaster reaches nobody: alias postmaster (or root) to an account".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves a local part to the accounts that get a copy.
+    pub fn resolve(&self, local_part: &str) -> Result<Resolution, RecipientError> {
         let mut candidates = vec![local_part.to_string()];
         if local_part.eq_ignore_ascii_case(POSTMASTER) {
             candidates = vec![POSTMASTER.to_string()];
@@ -195,20 +275,20 @@ impl Resolver {
             }
         }
         for name in &candidates {
-            let mut out = Vec::new();
+            let mut out = Expansion::default();
             if self.expand(name, 0, &mut Vec::new(), &mut out)? {
-                return Ok(if out.is_empty() { None } else { Some(out) });
+                return Ok(out.into_resolution());
             }
         }
         if candidates[0] == POSTMASTER {
             // No alias and no account called postmaster: RFC 5321 4.5.1 still requires the
             // address to work, so it reaches root (whose alias, if any, is followed).
-            let mut out = Vec::new();
-            if self.expand("root", 0, &mut Vec::new(), &mut out)? && !out.is_empty() {
-                return Ok(Some(out));
+            let mut out = Expansion::default();
+            if self.expand("root", 0, &mut Vec::new(), &mut out)? {
+                return Ok(out.into_resolution());
             }
         }
-        Ok(None)
+        Ok(Resolution::Unknown)
     }
 
     /// Expands `name` into `out`. Returns false when `name` is neither alias nor account.
@@ -217,7 +297,7 @@ impl Resolver {
         name: &str,
         depth: usize,
         seen: &mut Vec<String>,
-        out: &mut Vec<String>,
+        out: &mut Expansion,
     ) -> Result<bool, RecipientError> {
         if let Some(targets) = self.aliases.map.get(name) {
             if seen.iter().any(|s| s == name) || depth >= MAX_ALIAS_DEPTH {
@@ -240,15 +320,32 @@ impl Resolver {
         self.account_into(name, out)
     }
 
-    fn account_into(&self, name: &str, out: &mut Vec<String>) -> Result<bool, RecipientError> {
-        match (self.lookup)(name)? {
+    fn account_into(&self, name: &str, out: &mut Expansion) -> Result<bool, RecipientError> {
+        match self.lookup(name)? {
+            Some(a) if self.refuse_uid0 && a.uid.is_root() => {
+                warn!("{name:?} is uid 0: no copy (delivery as root is not allowed)");
+                out.dropped_uid0 = true;
+                Ok(true)
+            }
             Some(a) => {
-                if !out.contains(&a.name) {
-                    out.push(a.name);
+                if !out.accounts.contains(&a.name) {
+                    out.accounts.push(a.name);
                 }
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+}
+
+impl Expansion {
+    fn into_resolution(self) -> Resolution {
+        if !self.accounts.is_empty() {
+            Resolution::Accounts(self.accounts)
+        } else if self.dropped_uid0 {
+            Resolution::Uid0Refused
+        } else {
+            Resolution::Unknown
         }
     }
 }
@@ -267,7 +364,7 @@ mod tests {
         }
         Ok(known.contains(&name).then(|| Account {
             name: name.to_string(),
-            uid: Uid::from_raw(1000),
+            uid: Uid::from_raw(if name == "root" { 0 } else { 1000 }),
             gid: Gid::from_raw(1000),
             home: PathBuf::from("/home").join(name),
         }))
@@ -277,12 +374,42 @@ mod tests {
         Resolver {
             aliases: Aliases::parse(aliases, "test"),
             lowercase_fallback: fallback,
+            refuse_uid0: false,
             lookup: fake,
+            found: RefCell::new(HashMap::new()),
         }
     }
 
-    fn names(v: &[&str]) -> Option<Vec<String>> {
-        Some(v.iter().map(|s| s.to_string()).collect())
+    fn names(v: &[&str]) -> Resolution {
+        Resolution::Accounts(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    const UNKNOWN: Resolution = Resolution::Unknown;
+
+    #[test]
+    fn uid0_is_dropped_when_refused() {
+        let mut r = resolver(
+            "ops: root, alice
+boss: root
+",
+            true,
+        );
+        r.refuse_uid0 = true;
+        assert_eq!(r.resolve("root").unwrap(), Resolution::Uid0Refused);
+        assert_eq!(r.resolve("boss").unwrap(), Resolution::Uid0Refused);
+        assert_eq!(r.resolve("Postmaster").unwrap(), Resolution::Uid0Refused);
+        assert_eq!(r.resolve("ops").unwrap(), names(&["alice"]));
+        assert_eq!(r.resolve("nobody-here").unwrap(), UNKNOWN);
+        assert!(r.check_postmaster().is_err());
+        // Aliased to a person, root and postmaster work again.
+        let mut r = resolver(
+            "root: alice
+",
+            true,
+        );
+        r.refuse_uid0 = true;
+        assert_eq!(r.resolve("postmaster").unwrap(), names(&["alice"]));
+        assert_eq!(r.resolve("root").unwrap(), names(&["alice"]));
     }
 
     #[test]
@@ -290,10 +417,10 @@ mod tests {
         let r = resolver("", true);
         assert_eq!(r.resolve("Carol").unwrap(), names(&["Carol"]));
         // No account "CAROL" nor "carol": never folded onto "Carol".
-        assert_eq!(r.resolve("CAROL").unwrap(), None);
-        assert_eq!(r.resolve("carol").unwrap(), None);
+        assert_eq!(r.resolve("CAROL").unwrap(), UNKNOWN);
+        assert_eq!(r.resolve("carol").unwrap(), UNKNOWN);
         assert_eq!(r.resolve("ALICE").unwrap(), names(&["alice"]));
-        assert_eq!(resolver("", false).resolve("ALICE").unwrap(), None);
+        assert_eq!(resolver("", false).resolve("ALICE").unwrap(), UNKNOWN);
     }
 
     #[test]
@@ -302,6 +429,10 @@ mod tests {
         assert_eq!(r.resolve("PostMaster").unwrap(), names(&["root"]));
         let r = resolver("postmaster: root\nroot: alice, bob\n", true);
         assert_eq!(r.resolve("POSTMASTER").unwrap(), names(&["alice", "bob"]));
+        assert!(r.check_postmaster().is_ok());
+        assert!(resolver("postmaster: nobody-here\n", true)
+            .check_postmaster()
+            .is_err());
     }
 
     #[test]
@@ -309,7 +440,7 @@ mod tests {
         let text = "# comment\nstaff: alice,\n  \\bob\nevil: |/bin/sh, /etc/passwd, :include:/x, u@remote.example\nmixed: \"|cmd\", Jones\n";
         let r = resolver(text, true);
         assert_eq!(r.resolve("staff").unwrap(), names(&["alice", "bob"]));
-        assert_eq!(r.resolve("evil").unwrap(), None);
+        assert_eq!(r.resolve("evil").unwrap(), UNKNOWN);
         assert_eq!(r.resolve("mixed").unwrap(), names(&["Jones"]));
     }
 
@@ -317,15 +448,15 @@ mod tests {
     fn alias_loops_terminate() {
         let r = resolver("a: b\nb: a, alice\nself: self\n", true);
         assert_eq!(r.resolve("a").unwrap(), names(&["alice"]));
-        assert_eq!(r.resolve("self").unwrap(), None);
+        assert_eq!(r.resolve("self").unwrap(), UNKNOWN);
     }
 
     #[test]
     fn lookup_failure_is_an_error_not_unknown() {
         let r = resolver("", true);
         assert!(r.resolve("broken").is_err());
-        assert_eq!(r.resolve("nosuchuser").unwrap(), None);
-        assert_eq!(r.resolve("../etc").unwrap(), None);
+        assert_eq!(r.resolve("nosuchuser").unwrap(), UNKNOWN);
+        assert_eq!(r.resolve("../etc").unwrap(), UNKNOWN);
     }
 
     #[test]

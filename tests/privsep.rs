@@ -86,3 +86,64 @@ fn a_killed_agent_costs_clients_in_flight_a_4xx_and_inboxd_exits_75() {
     assert_eq!(status.code(), Some(75));
     assert!(messages_with(&dir.path().join("nobody"), &tok).is_empty());
 }
+
+/// Continues a stopped process however the test ends.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+/// The event loop never blocks on the agent: with the agent stopped (SIGSTOP) and more
+/// requests than its socket can queue (the kernel holds at most 512 datagrams), a new client
+/// still gets its greeting at once; once the agent runs again every message is delivered.
+/// Needs no root: the agent is a child either way.
+#[test]
+fn a_stalled_agent_does_not_stall_the_receiver() {
+    const CLIENTS: usize = 700;
+    let dir = TempDir::new("agentstall");
+    let server = Server::start_in(dir.path(), &[]);
+    let agent = agent_of(&server);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let guard = Continue(agent);
+    let tok = token();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = server.connect();
+        assert!(c.cmd("HELO client.example").starts_with("250 "));
+        c.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<nobody@localhost>\r\nDATA\r\n");
+        assert!(c.reply().starts_with("250 "));
+        assert!(c.reply().starts_with("250 "));
+        assert!(c.reply().starts_with("354 "));
+        // Its Begin waits for the stopped agent; the data is held until the descriptors come.
+        c.send(format!("{}.\r\n", message(&tok)).as_bytes());
+        clients.push(c);
+    }
+    let t0 = Instant::now();
+    let mut probe = server.connect();
+    assert!(probe.cmd("NOOP").starts_with("250 "));
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "greeting and NOOP took {waited:?} with the agent stopped"
+    );
+    assert!(server.log_lines().iter().all(|l| !l.contains("delivered")));
+    drop(guard);
+    for mut c in clients {
+        let r = c.reply();
+        assert!(r.starts_with("250 "), "{r}");
+    }
+    assert_eq!(
+        messages_with(&dir.path().join("nobody"), &tok).len(),
+        CLIENTS
+    );
+}

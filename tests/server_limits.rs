@@ -37,6 +37,7 @@ fn running_out_of_descriptors_pauses_accepting_and_recovers() {
             dir.path().to_str().unwrap(),
             "--aliases",
             "/dev/null",
+            "--allow-root-delivery",
         ],
     );
     let clients: Vec<Client> = (0..30).map(|_| Client::connect_only(server.port)).collect();
@@ -72,6 +73,7 @@ fn aliases_are_local_only_and_reloaded_on_sighup() {
         mail.to_str().unwrap(),
         "--aliases",
         aliases.to_str().unwrap(),
+        "--allow-root-delivery",
     ]);
     let send = |rcpt: &str| -> (String, String) {
         let mut c = server.connect();

@@ -23,6 +23,17 @@ fn ensure_user(name: &str) -> (PathBuf, u32) {
     (u.dir, u.uid.as_raw())
 }
 
+/// inboxd as root delivering to ~account/Maildir, with root (and so postmaster) aliased to
+/// Jones: started as root, inboxd refuses to run while postmaster would reach uid 0.
+fn start_system() -> (Server, TempDir) {
+    ensure_user("Jones");
+    let dir = TempDir::new("sysaliases");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "root: Jones\n").unwrap();
+    let server = Server::start(&["--aliases", aliases.to_str().unwrap()]);
+    (server, dir)
+}
+
 fn skip_unless_root(test: &str) -> bool {
     if !is_root() {
         eprintln!("{test}: skipped, needs root (creates accounts, writes as them)");
@@ -44,7 +55,7 @@ fn rfc821_appendix_f_with_system_accounts() {
         nix::unistd::User::from_name("Green").unwrap().is_none(),
         "Green must not exist"
     );
-    let server = Server::start(&["--aliases", "/dev/null"]);
+    let (server, _aliases) = start_system();
     let tok = token();
     let mut c = server.connect();
     assert!(c.cmd("HELO GMAIL.COM").starts_with("250 "));
@@ -94,7 +105,7 @@ fn symlinked_maildir_new_gets_4xx_and_no_write_through_it() {
         nix::unistd::chown(d.as_path(), Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
     }
     std::os::unix::fs::symlink(target.path(), md.join("new")).unwrap();
-    let server = Server::start(&["--aliases", "/dev/null"]);
+    let (server, _aliases) = start_system();
     let end = server.deliver(&["inboxdsym"], "Subject: symlink\r\n\r\nx\r\n");
     assert!(end.starts_with('4'), "{end}");
     assert!(
@@ -116,7 +127,7 @@ fn home_not_owned_by_the_account_gets_4xx() {
     let (home, uid) = ensure_user("inboxdforeign");
     nix::unistd::chown(home.as_path(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
     let _ = std::fs::remove_dir_all(home.join("Maildir"));
-    let server = Server::start(&["--aliases", "/dev/null"]);
+    let (server, _aliases) = start_system();
     let end = server.deliver(&["inboxdforeign"], "Subject: foreign\r\n\r\nx\r\n");
     assert!(end.starts_with("450 4.2.0"), "{end}");
     assert!(
@@ -176,4 +187,68 @@ fn full_disk_gets_452_and_leaves_nothing_partial() {
     assert!(send(&message(&again)).starts_with("250 "));
     assert_eq!(messages_with(&md, &again).len(), 1);
     drop(server);
+}
+
+/// Started as root, inboxd never writes as uid 0 unless told to: it will not start while
+/// postmaster reaches only root, RCPT to root gets 550 5.7.1, an alias keeps its other
+/// targets, and a SIGHUP that would leave postmaster with nobody keeps the old aliases.
+#[test]
+fn uid0_is_refused_unless_allowed() {
+    if skip_unless_root("uid0_is_refused_unless_allowed") {
+        return;
+    }
+    let (brown_home, _) = ensure_user("Brown");
+    let out = Command::new(env!("CARGO_BIN_EXE_inboxd"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "-d",
+            "localhost",
+            "--aliases",
+            "/dev/null",
+        ])
+        .output()
+        .expect("run inboxd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("postmaster reaches only root"), "{err}");
+
+    let dir = TempDir::new("rootpolicy");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "postmaster: Brown\nops: root, Brown\n").unwrap();
+    let server = Server::start(&["--aliases", aliases.to_str().unwrap()]);
+    let mut c = server.connect();
+    assert!(c.cmd("EHLO client.example").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
+    let r = c.cmd("RCPT TO:<root@localhost>");
+    assert!(r.starts_with("550 5.7.1 "), "{r}");
+    assert!(c.cmd("RCPT TO:<Postmaster>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<ops@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let tok = token();
+    c.send(message(&tok).as_bytes());
+    assert!(c.cmd(".").starts_with("250 "));
+    // postmaster and ops both reach Brown: one copy; root got none.
+    assert_eq!(messages_with(&brown_home.join("Maildir"), &tok).len(), 1);
+    assert_eq!(
+        messages_with(std::path::Path::new("/root/Maildir"), &tok).len(),
+        0
+    );
+    assert!(server.wait_log("reaches only uid 0"));
+
+    std::fs::write(&aliases, "# postmaster forgotten\n").unwrap();
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(server.wait_log("keeping the aliases loaded before"));
+    assert!(c.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<postmaster@localhost>").starts_with("250 "));
+    assert!(c.cmd("RSET").starts_with("250 "));
+    drop(c);
+    drop(server);
+
+    // Explicitly allowed: root is a recipient like any other.
+    let server = Server::start(&["--aliases", "/dev/null", "--allow-root-delivery"]);
+    let mut c = server.connect();
+    assert!(c.cmd("HELO client.example").starts_with("250 "));
+    assert!(c.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
 }

@@ -44,6 +44,21 @@ pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fds: &[OwnedFd]) -> Result<(), Err
     }
 }
 
+/// Sends one datagram without descriptors unless the socket's buffer is full: `Ok(false)`
+/// then, and nothing was sent (the caller queues it and waits for the socket to drain).
+pub fn try_send(sock: BorrowedFd<'_>, msg: &[u8]) -> Result<bool, Errno> {
+    let iov = [IoSlice::new(msg)];
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    loop {
+        match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, &[], flags, None) {
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(false),
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(true),
+        }
+    }
+}
+
 /// What one receive got.
 #[derive(Debug)]
 pub enum Received {

@@ -60,6 +60,14 @@ pub struct AgentClient {
     outcomes: VecDeque<(u64, DeliveryOutcome)>,
     /// Connections whose held data was written: they may read again.
     resumed: Vec<u64>,
+    /// Requests the socket had no room for, in order. The event loop never blocks on the
+    /// agent: they go out when the socket is writable again ([`AgentClient::flush`]). Bounded
+    /// by the connections: each has at most a Begin and a Commit or Abort outstanding.
+    outbox: VecDeque<Vec<u8>>,
+    /// A send failed: the agent is gone; reported by the next `flush` or `on_readable`.
+    broken: Option<String>,
+    /// The agent is gone and that was reported: nothing is sent any more.
+    gone: bool,
 }
 
 fn gone_reply() -> Reply {
@@ -80,6 +88,9 @@ impl AgentClient {
             inflight: HashMap::new(),
             outcomes: VecDeque::new(),
             resumed: Vec::new(),
+            outbox: VecDeque::new(),
+            broken: None,
+            gone: false,
         }
     }
 
@@ -88,9 +99,48 @@ impl AgentClient {
         self.sock.as_raw_fd()
     }
 
-    fn send(&self, r: &Request) -> Result<(), DeliveryError> {
-        channel::send(self.sock.as_fd(), &r.encode(), &[])
-            .map_err(|e| DeliveryError::Io(format!("delivery agent: {e}")))
+    /// Sends `r`, or queues it behind earlier requests when the socket is full.
+    fn send(&mut self, r: &Request) -> Result<(), DeliveryError> {
+        if self.gone || self.broken.is_some() {
+            return Err(DeliveryError::Io("delivery agent gone".into()));
+        }
+        let msg = r.encode();
+        if self.outbox.is_empty() {
+            match channel::try_send(self.sock.as_fd(), &msg) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    let why = format!("delivery agent socket: {e}");
+                    self.broken = Some(why.clone());
+                    return Err(DeliveryError::Io(why));
+                }
+            }
+        }
+        self.outbox.push_back(msg);
+        Ok(())
+    }
+
+    /// Whether requests wait for the socket to become writable.
+    pub fn wants_write(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Sends what the socket has room for now. `Err` when the agent is gone (every
+    /// transaction in flight has then been answered with 451).
+    pub fn flush(&mut self) -> Result<(), AgentGone> {
+        if let Some(why) = self.broken.take() {
+            return Err(self.fail_all(&why));
+        }
+        while let Some(msg) = self.outbox.front() {
+            match channel::try_send(self.sock.as_fd(), msg) {
+                Ok(true) => {
+                    self.outbox.pop_front();
+                }
+                Ok(false) => break,
+                Err(e) => return Err(self.fail_all(&format!("delivery agent socket: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     /// DATA began.
@@ -210,6 +260,9 @@ impl AgentClient {
     /// Reads the agent's answers. `Err` when the agent is gone: every transaction in flight
     /// has then been answered with 451.
     pub fn on_readable(&mut self) -> Result<(), AgentGone> {
+        if let Some(why) = self.broken.take() {
+            return Err(self.fail_all(&why));
+        }
         loop {
             let (msg, fds) = match channel::recv(self.sock.as_fd(), false) {
                 Ok(Received::Message(m, fds)) => (m, fds),
@@ -306,6 +359,8 @@ impl AgentClient {
             }
         }
         self.by_conn.clear();
+        self.outbox.clear();
+        self.gone = true;
         AgentGone(why.to_string())
     }
 

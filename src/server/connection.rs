@@ -26,6 +26,10 @@ pub struct Connection {
     out_pos: usize,
     /// The client closed its sending side (or reading failed).
     pub eof: bool,
+    /// The last read returned less than asked for: the socket was empty then, and with
+    /// edge-triggered readiness new data brings a new event, which clears this. Saves the
+    /// read(2) that would only say EAGAIN.
+    pub drained: bool,
     /// Writing failed: nothing more can reach the client.
     write_failed: bool,
     interest: Option<Interest>,
@@ -54,6 +58,7 @@ impl Connection {
             out: Vec::new(),
             out_pos: 0,
             eof: false,
+            drained: false,
             write_failed: false,
             interest: None,
             timer_at: None,
@@ -64,7 +69,7 @@ impl Connection {
 
     /// One read(2) into the session, if it wants input.
     pub fn read_once(&mut self, buf: &mut [u8], now: Instant) -> ReadStep {
-        if self.eof || !self.session.wants_read() {
+        if self.eof || self.drained || !self.session.wants_read() {
             return ReadStep::Nothing;
         }
         match self.socket.read(buf) {
@@ -74,10 +79,14 @@ impl Connection {
                 ReadStep::Data
             }
             Ok(n) => {
+                self.drained = n < buf.len();
                 self.session.receive(&buf[..n], now);
                 ReadStep::Data
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::Nothing,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.drained = true;
+                ReadStep::Nothing
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::Data,
             Err(_) => {
                 // Reset by peer and the like: the same as a close.

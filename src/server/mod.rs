@@ -27,7 +27,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::delivery::client::{AgentClient, AgentGone};
-use crate::recipient::{Aliases, Resolver};
+use crate::recipient::{Aliases, Resolution, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Reply, Session, SessionConfig};
 use connection::{Connection, ReadStep, READ_CHUNK};
@@ -71,6 +71,8 @@ pub struct Server {
     parked: Vec<(u64, crate::smtp::DeliveryOutcome)>,
     /// Set when the delivery agent went away; the server then stops.
     agent_gone: Option<String>,
+    /// Whether the agent's socket is registered for WRITABLE (requests wait in its outbox).
+    agent_write_interest: bool,
 }
 
 #[derive(Debug)]
@@ -156,6 +158,7 @@ impl Server {
             aliases_path,
             parked: Vec::new(),
             agent_gone: None,
+            agent_write_interest: false,
         })
     }
 
@@ -172,6 +175,9 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
+            // Requests queued anywhere in the last turn go out (or get WRITABLE interest)
+            // before the loop sleeps.
+            self.agent_flush(&mut buf);
             let now = Instant::now();
             let mut timeout = self.timers.timeout(now);
             if let Some(until) = self.accept_paused_until {
@@ -191,11 +197,25 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     SIGNAL_TOKEN => self.signals(),
-                    AGENT_TOKEN => self.agent_readable(&mut buf),
+                    AGENT_TOKEN => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.agent_readable(&mut buf);
+                        }
+                        if ev.is_writable() {
+                            self.agent_flush(&mut buf);
+                        }
+                    }
                     t if t.0 <= LISTENER_BASE && t.0 > LISTENER_BASE - self.listeners.len() => {
                         self.accept(now)
                     }
-                    t => self.drive(t, &mut buf),
+                    t => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            if let Some(c) = self.conns.get_mut(&t) {
+                                c.drained = false;
+                            }
+                        }
+                        self.drive(t, &mut buf)
+                    }
                 }
             }
             self.deliver_parked(&mut buf);
@@ -237,22 +257,26 @@ impl Server {
 
     /// SIGHUP: re-read the aliases file. A file that cannot be read keeps the old table.
     fn reload_aliases(&mut self) {
-        match Aliases::load(&self.aliases_path) {
-            Ok(a) => {
-                info!(
-                    "SIGHUP: {} reloaded, {} aliases",
-                    self.aliases_path.display(),
-                    a.len()
-                );
-                self.resolver.set_aliases(a);
-            }
+        let table = match Aliases::load(&self.aliases_path) {
+            Ok(a) => a,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                info!(
-                    "SIGHUP: {} not found; no aliases",
+                info!("SIGHUP: {} not found", self.aliases_path.display());
+                Aliases::default()
+            }
+            Err(e) => {
+                error!(
+                    "SIGHUP: {}: {e}; keeping the aliases loaded before",
                     self.aliases_path.display()
                 );
-                self.resolver.set_aliases(Aliases::default());
+                return;
             }
+        };
+        let n = table.len();
+        match self.resolver.set_aliases(table) {
+            Ok(()) => info!(
+                "SIGHUP: {} reloaded, {n} aliases",
+                self.aliases_path.display()
+            ),
             Err(e) => error!(
                 "SIGHUP: {}: {e}; keeping the aliases loaded before",
                 self.aliases_path.display()
@@ -459,13 +483,21 @@ impl Server {
         match ev {
             Event::RecipientToCheck { local_part } => {
                 let verdict = match self.resolver.resolve(&local_part) {
-                    Ok(Some(accounts)) => {
+                    Ok(Resolution::Accounts(accounts)) => {
                         info!("conn={:x} rcpt {local_part:?} -> {accounts:?}", c.id);
                         RcptVerdict::Accept(accounts)
                     }
-                    Ok(None) => {
+                    Ok(Resolution::Unknown) => {
                         info!("conn={:x} rcpt {local_part:?}: no such user", c.id);
                         RcptVerdict::NoSuchUser
+                    }
+                    Ok(Resolution::Uid0Refused) => {
+                        warn!(
+                            "conn={:x} rcpt {local_part:?}: reaches only uid 0; refused \
+                             (alias it to a person, or --allow-root-delivery)",
+                            c.id
+                        );
+                        RcptVerdict::Uid0Refused
                     }
                     Err(e) => {
                         warn!("conn={:x} rcpt {local_part:?}: {e}", c.id);
@@ -542,14 +574,50 @@ impl Server {
         for id in resumed {
             self.drive(Token(id as usize), buf);
         }
-        if let Err(AgentGone(why)) = result {
-            if self.agent_gone.is_none() {
-                error!("{why}: stopping (a service manager restarts inboxd)");
-                self.agent_gone = Some(why);
-                let fd = self.delivery.raw_fd();
-                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-                self.stop();
+        if let Err(gone) = result {
+            self.agent_failed(gone);
+        }
+    }
+
+    /// Sends the requests that waited for room on the agent's socket, and asks the poller
+    /// for WRITABLE only while some still wait.
+    fn agent_flush(&mut self, buf: &mut [u8]) {
+        if self.agent_gone.is_some() {
+            return;
+        }
+        if let Err(gone) = self.delivery.flush() {
+            self.deliver_parked(buf);
+            self.agent_failed(gone);
+            return;
+        }
+        let want = self.delivery.wants_write();
+        if want != self.agent_write_interest {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            let fd = self.delivery.raw_fd();
+            match self
+                .poll
+                .registry()
+                .reregister(&mut SourceFd(&fd), AGENT_TOKEN, interest)
+            {
+                Ok(()) => self.agent_write_interest = want,
+                Err(e) => self.agent_failed(AgentGone(format!(
+                    "cannot watch the delivery agent's socket: {e}"
+                ))),
             }
+        }
+    }
+
+    fn agent_failed(&mut self, AgentGone(why): AgentGone) {
+        if self.agent_gone.is_none() {
+            error!("{why}: stopping (a service manager restarts inboxd)");
+            self.agent_gone = Some(why);
+            let fd = self.delivery.raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            self.stop();
         }
     }
 

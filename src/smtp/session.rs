@@ -117,6 +117,9 @@ pub enum Event {
 pub enum RcptVerdict {
     Accept(Vec<String>),
     NoSuchUser,
+    /// The name reaches only uid 0, and this host does not deliver as root: a policy
+    /// refusal (550 5.7.1), not an unknown user.
+    Uid0Refused,
     /// The lookup itself failed (NSS down, aliases unreadable): try later.
     TemporaryFailure,
 }
@@ -327,6 +330,12 @@ impl Session {
             RcptVerdict::Accept(_) | RcptVerdict::NoSuchUser => {
                 Reply::new(550, "5.1.1", "No such user here")
             }
+            // RFC 3463 X.7.1: delivery not authorized. The text tells the postmaster the fix.
+            RcptVerdict::Uid0Refused => Reply::new(
+                550,
+                "5.7.1",
+                "Mail for root is not delivered here; the administrator must alias it",
+            ),
             RcptVerdict::TemporaryFailure => Reply::new(
                 451,
                 "4.3.0",

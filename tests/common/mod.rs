@@ -22,10 +22,18 @@ impl Server {
         Server::spawn(Command::new(env!("CARGO_BIN_EXE_inboxd")), args)
     }
 
-    /// inboxd delivering into `dir/ACCOUNT/` (`--maildir-root`), with no aliases.
+    /// inboxd delivering into `dir/ACCOUNT/` (`--maildir-root`), with no aliases. The tests
+    /// deliver to the one account every host has, root: run as root, that needs
+    /// `--allow-root-delivery` (the default refusal has its own tests).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
         let root = dir.to_str().expect("utf-8 path");
-        let mut args = vec!["--maildir-root", root, "--aliases", "/dev/null"];
+        let mut args = vec![
+            "--maildir-root",
+            root,
+            "--aliases",
+            "/dev/null",
+            "--allow-root-delivery",
+        ];
         args.extend_from_slice(extra);
         Server::start(&args)
     }
