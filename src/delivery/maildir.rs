@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD};
@@ -37,7 +38,8 @@ pub struct Owner {
 pub struct Maildir {
     pub owner: Owner,
     tmp: OwnedFd,
-    new: OwnedFd,
+    /// Shared with the syncer, which may fsync it from another thread.
+    new: Arc<OwnedFd>,
 }
 
 /// Opens `name` in `parent` as a directory that must belong to `owner`, creating it (0700)
@@ -121,7 +123,11 @@ impl Maildir {
         let new = open_dir(&md, "new", owner)?;
         // cur/ is not written by a delivery agent, but a Maildir needs it (maildir(5)).
         open_dir(&md, "cur", owner)?;
-        Ok(Maildir { owner, tmp, new })
+        Ok(Maildir {
+            owner,
+            tmp,
+            new: Arc::new(new),
+        })
     }
 
     /// Creates `tmp/<name>`: O_CREAT|O_EXCL (never reuses or follows anything already
@@ -178,6 +184,11 @@ impl Maildir {
             unlinkat(&self.new, name, UnlinkatFlags::NoRemoveDir)
         });
         let _ = fsync(&self.new);
+    }
+
+    /// The new/ directory's descriptor, to be made durable by the syncer.
+    pub fn new_fd(&self) -> Arc<OwnedFd> {
+        self.new.clone()
     }
 
     /// Identifies the new/ directory (device, inode), so a batch fsyncs each one once.

@@ -20,6 +20,7 @@ pub mod maildir;
 pub mod privileges;
 pub mod protocol;
 pub mod store;
+pub mod syncer;
 
 use std::fmt;
 use std::os::fd::OwnedFd;

@@ -10,15 +10,29 @@
 //! It must not be used from more than one thread: fsuid is per thread and inboxd's event loop
 //! is single-threaded.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use nix::errno::Errno;
 use nix::unistd::{
     geteuid, getresgid, getresuid, setfsgid, setfsuid, setgroups, setresgid, setresuid, setuid,
     Gid, Uid, User,
 };
 
+/// geteuid's answer, remembered (0: not asked yet, 1: root, 2: not root): it is asked before
+/// every file operation, and only [`drop_to`] changes it.
+static PRIVILEGED: AtomicU8 = AtomicU8::new(0);
+
 /// Whether this process can take other users' identities.
 pub fn privileged() -> bool {
-    geteuid().is_root()
+    match PRIVILEGED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let root = geteuid().is_root();
+            PRIVILEGED.store(if root { 1 } else { 2 }, Ordering::Relaxed);
+            root
+        }
+    }
 }
 
 /// Called once at start-up as root: drop root's supplementary groups for good, so no file
@@ -62,6 +76,7 @@ pub fn drop_to(user: &str) -> Result<(), String> {
     if !all_user || setuid(Uid::from_raw(0)).is_ok() {
         return Err("dropping root privileges did not hold".to_string());
     }
+    PRIVILEGED.store(2, Ordering::Relaxed);
     Ok(())
 }
 

@@ -12,12 +12,14 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::warn;
 use nix::sys::stat::fstat;
 
 use super::maildir::{Maildir, Owner};
+use super::syncer::{Policy, Syncer, Target};
 use super::{escape_host, privileges, DeliveryError, Layout};
 use crate::recipient::{is_account_name, lookup_account};
 
@@ -27,12 +29,31 @@ pub type Delivered = Vec<(String, String)>;
 /// The copies of a transaction already renamed into new/: (index, name in new/).
 type Published = Vec<(usize, String)>;
 
+/// How long an opened Maildir (account looked up, path walked and checked) is reused for
+/// further deliveries to the same account. Within it, a Maildir that was moved away still
+/// gets mail at its new place; one that was removed makes the delivery fail (4xx) and is
+/// opened afresh. A burst of mail to one account costs one NSS lookup and one walk.
+const MAILDIR_TTL: Duration = Duration::from_secs(2);
+/// Opened Maildirs kept at most (two descriptors each).
+const MAILDIR_CACHE: usize = 256;
+
+/// A new/ directory's identity: (st_dev, st_ino), when its fstat worked.
+type DirKey = Option<(u64, u64)>;
+
+/// An opened Maildir and the identity of its new/ directory.
+struct Opened {
+    maildir: Arc<Maildir>,
+    new_key: DirKey,
+    at: Instant,
+}
+
 /// One account's copy in progress.
 struct Copy {
     account: String,
-    maildir: Maildir,
+    maildir: Arc<Maildir>,
+    new_key: DirKey,
     tmp_name: String,
-    file: File,
+    fd: Arc<OwnedFd>,
 }
 
 pub struct Store {
@@ -41,6 +62,8 @@ pub struct Store {
     layout: Layout,
     allow_root: bool,
     pending: HashMap<u64, Vec<Copy>>,
+    maildirs: HashMap<String, Opened>,
+    syncer: Syncer,
     counter: u64,
     pid: u32,
 }
@@ -57,7 +80,7 @@ fn rollback(id: u64, copies: Vec<Copy>, done: &Published, e: &DeliveryError) {
 
 fn discard(copies: Vec<Copy>) {
     for c in copies {
-        drop(c.file);
+        drop(c.fd);
         c.maildir.remove_tmp(&c.tmp_name);
     }
 }
@@ -77,6 +100,8 @@ impl Store {
             layout,
             allow_root,
             pending: HashMap::new(),
+            maildirs: HashMap::new(),
+            syncer: Syncer::new(Policy::Adaptive),
             counter: 0,
             pid: std::process::id(),
         }
@@ -98,6 +123,39 @@ impl Store {
         )
     }
 
+    /// The account's Maildir: reused if opened less than [`MAILDIR_TTL`] ago.
+    fn maildir(&mut self, account: &str) -> Result<(Arc<Maildir>, DirKey), DeliveryError> {
+        let now = Instant::now();
+        if let Some(o) = self.maildirs.get(account) {
+            if now.duration_since(o.at) < MAILDIR_TTL {
+                return Ok((o.maildir.clone(), o.new_key));
+            }
+        }
+        let maildir = Arc::new(self.open_maildir(account)?);
+        let new_key = maildir.new_dir_key();
+        if self.maildirs.len() >= MAILDIR_CACHE {
+            self.maildirs
+                .retain(|_, o| now.duration_since(o.at) < MAILDIR_TTL);
+            if self.maildirs.len() >= MAILDIR_CACHE {
+                self.maildirs.clear();
+            }
+        }
+        self.maildirs.insert(
+            account.to_string(),
+            Opened {
+                maildir: maildir.clone(),
+                new_key,
+                at: now,
+            },
+        );
+        Ok((maildir, new_key))
+    }
+
+    /// Forgets an opened Maildir after a failure in it: the next delivery walks afresh.
+    fn forget(&mut self, account: &str) {
+        self.maildirs.remove(account);
+    }
+
     fn open_maildir(&self, account: &str) -> Result<Maildir, DeliveryError> {
         if !is_account_name(account) {
             return Err(DeliveryError::Account(format!(
@@ -115,7 +173,9 @@ impl Store {
                 acct.name
             )));
         }
-        if acct.uid.is_root() && !self.allow_root {
+        // Only a privileged agent takes the account's identity; unprivileged, every copy is
+        // written as ourselves whatever the account's uid.
+        if acct.uid.is_root() && privileges::privileged() && !self.allow_root {
             return Err(DeliveryError::Unsafe(format!(
                 "{account} is uid 0 and delivery as root is not allowed"
             )));
@@ -152,14 +212,15 @@ impl Store {
                 continue;
             }
             let name = self.unique();
-            let r = self.open_maildir(account).and_then(|md| {
+            let r = self.maildir(account).and_then(|(md, key)| {
                 let file = md.create_tmp(&name)?;
-                Ok((md, file))
+                Ok((md, key, file))
             });
-            let (maildir, file) = match r {
+            let (maildir, new_key, file) = match r {
                 Ok(x) => x,
                 Err(e) => {
                     warn!("delivery to {account:?} cannot start: {e}");
+                    self.forget(account);
                     discard(copies);
                     return Err(e);
                 }
@@ -170,8 +231,9 @@ impl Store {
             copies.push(Copy {
                 account: account.clone(),
                 maildir,
+                new_key,
                 tmp_name: name,
-                file,
+                fd: Arc::new(OwnedFd::from(file)),
             });
             match writer {
                 Ok(w) => out.push(w),
@@ -200,29 +262,45 @@ impl Store {
     }
 
     /// Makes the copies of every transaction in `ids` durable and visible, together: first
-    /// every tmp file is fsynced, then each is renamed into new/ (named with its size), then
-    /// each new/ directory involved is fsynced once. Each transaction succeeds or fails as a
-    /// whole; a failed one leaves nothing behind. A delivered one reports, per copy, the
-    /// account and the file name in new/.
+    /// every tmp file is made durable (see `syncer`: one syncfs, or concurrent fsyncs), then
+    /// each is renamed into new/ (named with its size), then each new/ directory involved is
+    /// made durable once. Each transaction succeeds or fails as a whole; a failed one leaves
+    /// nothing behind. A delivered one reports, per copy, the account and the file name in
+    /// new/.
     pub fn commit(&mut self, ids: &[u64]) -> Vec<(u64, Result<Delivered, DeliveryError>)> {
         let mut results = Vec::with_capacity(ids.len());
-        let mut ready: Vec<(u64, Vec<Copy>)> = Vec::new();
-        // Phase 1: every file durable. Nothing is visible yet: a failure loses nothing.
+        let mut batch: Vec<(u64, Vec<Copy>)> = Vec::new();
         for &id in ids {
-            let Some(copies) = self.pending.remove(&id) else {
-                results.push((
+            match self.pending.remove(&id) {
+                Some(copies) => batch.push((id, copies)),
+                None => results.push((
                     id,
                     Err(DeliveryError::Io(format!("no open transaction {id}"))),
-                ));
-                continue;
-            };
-            match copies.iter().try_for_each(|c| {
-                c.file
-                    .sync_all()
-                    .map_err(|e| DeliveryError::from_io(e, &format!("fsync tmp/{}", c.tmp_name)))
-            }) {
-                Ok(()) => ready.push((id, copies)),
-                Err(e) => {
+                )),
+            }
+        }
+        // Phase 1: every file durable. Nothing is visible yet: a failure loses nothing.
+        let targets: Vec<Target> = batch
+            .iter()
+            .flat_map(|(_, copies)| copies.iter())
+            .map(|c| Target {
+                fd: c.fd.clone(),
+                dev: c.new_key.map(|k| k.0),
+            })
+            .collect();
+        let mut synced = self.syncer.sync(&targets).into_iter();
+        let mut ready: Vec<(u64, Vec<Copy>)> = Vec::new();
+        for (id, copies) in batch {
+            let mut failure = None;
+            for c in &copies {
+                if let Some(Err(e)) = synced.next() {
+                    failure
+                        .get_or_insert(DeliveryError::io(e, format!("fsync tmp/{}", c.tmp_name)));
+                }
+            }
+            match failure {
+                None => ready.push((id, copies)),
+                Some(e) => {
                     warn!("transaction {id}: nothing delivered: {e}");
                     discard(copies);
                     results.push((id, Err(e)));
@@ -236,7 +314,7 @@ impl Store {
             let mut done: Vec<(usize, String)> = Vec::new();
             let mut failure = None;
             for (i, c) in copies.iter().enumerate() {
-                let size = match fstat(c.file.as_fd()) {
+                let size = match fstat(c.fd.as_fd()) {
                     Ok(st) => st.st_size,
                     Err(e) => {
                         failure = Some(DeliveryError::io(e, "stat of the tmp file"));
@@ -245,6 +323,7 @@ impl Store {
                 };
                 let new_name = format!("{},S={size}", c.tmp_name);
                 if let Err(e) = c.maildir.publish(&c.tmp_name, &new_name) {
+                    self.maildirs.remove(&c.account);
                     failure = Some(e);
                     break;
                 }
@@ -259,33 +338,43 @@ impl Store {
                 }
             }
         }
-        // Phase 3: each new/ directory involved fsynced once, *after* every rename into it,
-        // so no answer goes out before its directory entry is durable.
-        let mut failed_dirs: Vec<Option<(u64, u64)>> = Vec::new();
-        let mut synced: Vec<(u64, u64)> = Vec::new();
-        let mut dir_error: Option<String> = None;
+        // Phase 3: each new/ directory involved made durable once, *after* every rename into
+        // it, so no answer goes out before its directory entry is durable. A directory whose
+        // identity is unknown is synced on its own.
+        let mut dirs: Vec<(DirKey, Arc<Maildir>)> = Vec::new();
         for (_, copies, _) in &published {
             for c in copies {
-                let key = c.maildir.new_dir_key();
-                if key.is_some_and(|k| synced.contains(&k)) {
-                    continue;
-                }
-                match c.maildir.sync_new() {
-                    Ok(()) => synced.extend(key),
-                    Err(e) => {
-                        dir_error = Some(e.to_string());
-                        failed_dirs.push(key);
-                    }
+                if c.new_key.is_none() || !dirs.iter().any(|(k, _)| *k == c.new_key) {
+                    dirs.push((c.new_key, c.maildir.clone()));
                 }
             }
         }
+        let dir_targets: Vec<Target> = dirs
+            .iter()
+            .map(|(k, md)| Target {
+                fd: md.new_fd(),
+                dev: k.map(|k| k.0),
+            })
+            .collect();
+        let dir_results = self.syncer.sync(&dir_targets);
+        let failed_dir = |md: &Arc<Maildir>, key: DirKey| -> Option<String> {
+            dirs.iter()
+                .zip(&dir_results)
+                .find(|((k, m), _)| {
+                    if key.is_some() {
+                        *k == key
+                    } else {
+                        Arc::ptr_eq(m, md)
+                    }
+                })
+                .and_then(|(_, r)| r.as_ref().err().map(|e| format!("fsync of new/: {e}")))
+        };
         for (id, copies, done) in published {
-            let failed = copies.iter().any(|c| {
-                let key = c.maildir.new_dir_key();
-                key.is_none_or(|k| !synced.contains(&k)) && !failed_dirs.is_empty()
-            });
-            if failed {
-                let e = DeliveryError::Io(dir_error.clone().unwrap_or_default());
+            let failed = copies
+                .iter()
+                .find_map(|c| failed_dir(&c.maildir, c.new_key));
+            if let Some(why) = failed {
+                let e = DeliveryError::Io(why);
                 rollback(id, copies, &done, &e);
                 results.push((id, Err(e)));
                 continue;

@@ -66,7 +66,28 @@ impl DataDecoder {
     /// Returns how many bytes were consumed and whether the end of data was reached; bytes after
     /// the terminating `.CRLF` are left unconsumed (they are pipelined commands).
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
-        for (i, &b) in input.iter().enumerate() {
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::Mid {
+                // Inside a line, everything up to the next CR or LF is plain text: copied in
+                // one go rather than byte by byte (the bulk of any message).
+                let rest = &input[i..];
+                let run = rest
+                    .iter()
+                    .position(|&b| b == b'\r' || b == b'\n')
+                    .unwrap_or(rest.len());
+                if run > 0 {
+                    self.line_len += run;
+                    if self.line_len > MAX_TEXT_LINE {
+                        self.flag(DataFault::LineTooLong);
+                    }
+                    out.extend_from_slice(&rest[..run]);
+                    i += run;
+                    continue;
+                }
+            }
+            let b = input[i];
+            i += 1;
             self.line_len += 1;
             if self.line_len > MAX_TEXT_LINE {
                 self.flag(DataFault::LineTooLong);
@@ -92,7 +113,7 @@ impl DataDecoder {
                             fault: self.fault,
                             ..DataDecoder::new()
                         };
-                        return (i + 1, true);
+                        return (i, true);
                     }
                     _ => {
                         // ".\r" then something else: the CR was bare; the dot was stuffing.
