@@ -109,7 +109,7 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
 fn begin(sock: &OwnedFd, store: &mut Store, id: u64, accounts: &[String]) -> Result<(), Errno> {
     let e = match store.open(id, accounts) {
         Ok(files) => {
-            let fds = Store::into_fds(files);
+            let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
             let r = Response::Opened {
                 id,
                 count: fds.len() as u16,

@@ -78,6 +78,7 @@ impl Maildir {
     /// The Maildir at `home/Maildir`. The home must belong to the recipient (qmail-getpw's
     /// rule): root never writes into a directory another user controls.
     pub fn open_in_home(home: &Path, owner: Owner) -> Result<Maildir, DeliveryError> {
+        super::privileges::as_root();
         let home_fd = openat(AT_FDCWD, home, DIR_FLAGS, Mode::empty())
             .map_err(|e| DeliveryError::open(e, &home.display().to_string()))?;
         check_owner(&home_fd, owner, &format!("home {}", home.display()))?;
@@ -95,6 +96,7 @@ impl Maildir {
         account: &str,
         owner: Owner,
     ) -> Result<Maildir, DeliveryError> {
+        super::privileges::as_root();
         let md = match openat(root, account, DIR_FLAGS, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => {

@@ -5,6 +5,8 @@
 //! so the kernel checks permissions exactly as for the user and new files belong to the user.
 //! Changing fsuid away from 0 also clears the filesystem capabilities (CAP_DAC_OVERRIDE,
 //! CAP_FOWNER, ...) from the effective set, so root's overrides do not apply while it lasts.
+//! A user's identity is kept until another is needed or [`as_root`] is called: anything done
+//! meanwhile runs with fewer rights than root's, never more.
 //! Unprivileged, inboxd writes as itself and this module changes nothing.
 //! The receiver gives up root entirely with [`drop_to`] once it has bound its listeners.
 //! It must not be used from more than one thread: fsuid is per thread and inboxd's event loop
@@ -80,26 +82,45 @@ pub fn drop_to(user: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `f` with the filesystem identity `uid`/`gid` (when privileged), and restores root's
-/// afterwards, whatever `f` returns.
+thread_local! {
+    /// The filesystem identity this thread has taken, if not root's. It is kept after
+    /// [`as_user`] returns, so a burst of deliveries to one account switches once (each
+    /// switch is four system calls and a new set of credentials); [`as_root`] goes back.
+    /// Keeping a user's identity can only take rights away, never add any.
+    static TAKEN: std::cell::Cell<Option<(u32, u32)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the filesystem identity `uid`/`gid` (when privileged). The identity stays
+/// until another is asked for or [`as_root`] is called.
 pub fn as_user<T>(uid: Uid, gid: Gid, f: impl FnOnce() -> T) -> Result<T, Errno> {
     if !privileged() {
         return Ok(f());
     }
-    // setfsuid/setfsgid report the previous value, never an error; calling them again with
-    // the same value shows whether the change took effect.
-    setfsgid(gid);
-    setfsuid(uid);
-    if setfsuid(uid) != uid || setfsgid(gid) != gid {
-        restore();
-        return Err(Errno::EPERM);
+    let want = (uid.as_raw(), gid.as_raw());
+    if TAKEN.get() != Some(want) {
+        // setfsuid/setfsgid report the previous value, never an error; calling them again
+        // with the same value shows whether the change took effect.
+        setfsgid(gid);
+        setfsuid(uid);
+        if setfsuid(uid) != uid || setfsgid(gid) != gid {
+            restore();
+            return Err(Errno::EPERM);
+        }
+        TAKEN.set(Some(want));
     }
-    let r = f();
-    restore();
-    Ok(r)
+    Ok(f())
+}
+
+/// Goes back to root's filesystem identity, for what only root may do: walking to a home
+/// directory another user may not enter, creating a `--maildir-root` entry, NSS lookups.
+pub fn as_root() {
+    if privileged() && TAKEN.get().is_some() {
+        restore();
+    }
 }
 
 fn restore() {
     setfsuid(Uid::from_raw(0));
     setfsgid(Gid::from_raw(0));
+    TAKEN.set(None);
 }

@@ -10,7 +10,6 @@
 //! a failure at any step removes every copy of that transaction.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -157,6 +156,8 @@ impl Store {
     }
 
     fn open_maildir(&self, account: &str) -> Result<Maildir, DeliveryError> {
+        // NSS may talk to a daemon over a socket: as root, not as the last recipient.
+        privileges::as_root();
         if !is_account_name(account) {
             return Err(DeliveryError::Account(format!(
                 "{account:?} is not an account name"
@@ -199,7 +200,11 @@ impl Store {
 
     /// Creates `tmp/<unique>` for each account (each once) and returns a descriptor of each,
     /// in order, for the writer. On any failure nothing is left behind.
-    pub fn open(&mut self, id: u64, accounts: &[String]) -> Result<Vec<File>, DeliveryError> {
+    pub fn open(
+        &mut self,
+        id: u64,
+        accounts: &[String],
+    ) -> Result<Vec<Arc<OwnedFd>>, DeliveryError> {
         if self.pending.contains_key(&id) {
             return Err(DeliveryError::Io(format!(
                 "transaction {id} is already open"
@@ -225,23 +230,15 @@ impl Store {
                     return Err(e);
                 }
             };
-            let writer = file
-                .try_clone()
-                .map_err(|e| DeliveryError::from_io(e, "dup"));
+            let fd = Arc::new(OwnedFd::from(file));
+            out.push(fd.clone());
             copies.push(Copy {
                 account: account.clone(),
                 maildir,
                 new_key,
                 tmp_name: name,
-                fd: Arc::new(OwnedFd::from(file)),
+                fd,
             });
-            match writer {
-                Ok(w) => out.push(w),
-                Err(e) => {
-                    discard(copies);
-                    return Err(e);
-                }
-            }
         }
         self.pending.insert(id, copies);
         Ok(out)
@@ -386,10 +383,5 @@ impl Store {
             results.push((id, Ok(delivered)));
         }
         results
-    }
-
-    /// Descriptors for sending: the writer's copies as plain descriptors.
-    pub fn into_fds(files: Vec<File>) -> Vec<OwnedFd> {
-        files.into_iter().map(OwnedFd::from).collect()
     }
 }
