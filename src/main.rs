@@ -135,6 +135,7 @@ fn agent_main(args: &[String]) -> ExitCode {
         },
     };
     if let Err(e) = privileges::drop_supplementary_groups()
+        .and_then(|()| privileges::keep_only_delivery_capabilities())
         .and_then(|()| inboxd::delivery::agent::ignore_stop_signals())
     {
         eprintln!("inboxd delivery agent: setting up: {e}");

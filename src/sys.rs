@@ -1,8 +1,9 @@
-//! The only `unsafe` code in inboxd, kept small and commented: two calls nix does not wrap
+//! The only `unsafe` code in inboxd, kept small and commented: three calls nix does not wrap
 //! safely.
 //!
 //! - [`canonical_name`]: getaddrinfo(3) with AI_CANONNAME, for the default hostname.
 //! - [`adopt_fds`]: taking ownership of descriptors received with SCM_RIGHTS.
+//! - [`capset`]: capset(2), to give up capabilities the delivery agent does not need.
 //!
 //! It must not grow: anything that can be done with a safe API is done elsewhere.
 
@@ -49,6 +50,49 @@ pub fn adopt_fds(raw: Vec<RawFd>) -> Vec<OwnedFd> {
         // that owner is dropped.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect()
+}
+
+/// capset(2): makes `keep` (a mask of capability numbers) the whole permitted and effective
+/// sets of this thread (inheritable: none). nix has no wrapper for it.
+pub fn capset(keep: u64) -> Result<(), nix::errno::Errno> {
+    // The kernel's struct __user_cap_header_struct and, for version 3, two
+    // __user_cap_data_struct (capabilities 0-31, then 32-63).
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: keep as u32,
+            permitted: keep as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (keep >> 32) as u32,
+            permitted: (keep >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: both pointers point to live, correctly laid out #[repr(C)] values for the whole
+    // call (version 3 reads exactly two data structs); capset only reads them.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,24 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
     assert!(capeff.ends_with("0000000000000000"), "{capeff}");
     let agent = agent_of(&server);
     assert_eq!(proc_uids(agent), vec![0; 4], "agent uids");
+    // The agent keeps CAP_CHOWN, CAP_DAC_READ_SEARCH, CAP_SETGID and CAP_SETUID only (it
+    // may still be starting: "listening" is logged by the receiver).
+    let field = |name: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field("NoNewPrivs:") != "1" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("CapPrm:"), "00000000000000c5");
+    assert_eq!(field("CapEff:"), "00000000000000c5");
+    assert_eq!(field("CapInh:"), "0000000000000000");
     // And mail still arrives, owned by its recipient.
     let tok = token();
     assert!(server
@@ -85,6 +103,41 @@ fn a_killed_agent_costs_clients_in_flight_a_4xx_and_inboxd_exits_75() {
     };
     assert_eq!(status.code(), Some(75));
     assert!(messages_with(&dir.path().join("nobody"), &tok).is_empty());
+}
+
+/// Started by an ordinary user, inboxd runs the same two processes and the same code path,
+/// with no privilege at all: every copy is written as that user.
+#[test]
+fn an_unprivileged_run_needs_no_root() {
+    if skip_unless_root("an_unprivileged_run_needs_no_root") {
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let dir = TempDir::new("unprivileged");
+    nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let server = Server::start_as(
+        nobody.uid.as_raw(),
+        nobody.gid.as_raw(),
+        &[
+            "--maildir-root",
+            dir.path().to_str().unwrap(),
+            "--aliases",
+            "/dev/null",
+        ],
+    );
+    let uid = nobody.uid.as_raw();
+    assert_eq!(proc_uids(server.child.id()), vec![uid; 4], "receiver");
+    assert_eq!(proc_uids(agent_of(&server)), vec![uid; 4], "agent");
+    let tok = token();
+    assert!(server
+        .deliver(&["root"], &message(&tok))
+        .starts_with("250 "));
+    let md = dir.path().join("root");
+    assert_eq!(messages_with(&md, &tok).len(), 1);
+    for f in std::fs::read_dir(md.join("new")).unwrap() {
+        let meta = f.unwrap().metadata().unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
+    }
 }
 
 /// Continues a stopped process however the test ends.

@@ -55,6 +55,10 @@ fn rfc821_appendix_f_with_system_accounts() {
         nix::unistd::User::from_name("Green").unwrap().is_none(),
         "Green must not exist"
     );
+    // Brown's home is private (0700, the default of many distributions): the agent, which
+    // keeps only CAP_DAC_READ_SEARCH of root's file overrides, must still walk into it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&brown_home, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (server, _aliases) = start_system();
     let tok = token();
     let mut c = server.connect();
@@ -85,6 +89,7 @@ fn rfc821_appendix_f_with_system_accounts() {
             );
         }
         assert_eq!(std::fs::metadata(&md).unwrap().uid(), uid);
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 }
 

@@ -90,6 +90,24 @@ thread_local! {
     static TAKEN: std::cell::Cell<Option<(u32, u32)>> = const { std::cell::Cell::new(None) };
 }
 
+/// The capabilities the delivery agent keeps, as bit numbers (linux/capability.h):
+/// CAP_CHOWN (handing a new `--maildir-root` entry to its account), CAP_DAC_READ_SEARCH
+/// (walking to a home directory only its owner may enter), CAP_SETGID and CAP_SETUID
+/// (taking a recipient's filesystem identity).
+const AGENT_CAPABILITIES: [u32; 4] = [0, 2, 6, 7];
+
+/// Started as root, the delivery agent gives up every other capability (it can no longer
+/// override file permissions, kill, trace, mount, use raw sockets, ...) and sets
+/// no_new_privs. Does nothing when not running as root.
+pub fn keep_only_delivery_capabilities() -> Result<(), Errno> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mask = AGENT_CAPABILITIES.iter().fold(0u64, |m, c| m | 1 << c);
+    crate::sys::capset(mask)?;
+    nix::sys::prctl::set_no_new_privs()
+}
+
 /// Runs `f` with the filesystem identity `uid`/`gid` (when privileged). The identity stays
 /// until another is asked for or [`as_root`] is called.
 pub fn as_user<T>(uid: Uid, gid: Gid, f: impl FnOnce() -> T) -> Result<T, Errno> {

@@ -38,6 +38,14 @@ impl Server {
         Server::start(&args)
     }
 
+    /// Like [`Server::start`], run as `uid`/`gid` from the start (never root).
+    pub fn start_as(uid: u32, gid: u32, args: &[&str]) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_inboxd"));
+        cmd.uid(uid).gid(gid);
+        Server::spawn(cmd, args)
+    }
+
     /// Like [`Server::start`], with at most `nofile` open descriptors (RLIMIT_NOFILE).
     pub fn start_with_fd_limit(nofile: u32, args: &[&str]) -> Server {
         let mut cmd = Command::new("sh");
