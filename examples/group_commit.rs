@@ -65,7 +65,7 @@ fn main() {
         println!(
             "group_commit strategy={strategy} batch={batch} files={files} other={other} \
              files_per_s={rate:.0} commit_p50_ms={p50:.2} commit_p99_ms={p99:.2} commit_max_ms={max:.1} \
-             other={other_rate}"
+             other_rate={other_rate}"
         );
         // Move the delivered files away without deleting them.
         let stamp = format!("{strategy}-{}", std::process::id());
