@@ -12,3 +12,4 @@ pub mod recipient;
 pub mod server;
 pub mod smtp;
 pub mod sys;
+pub mod systemd;

@@ -29,6 +29,10 @@ fn main() -> ExitCode {
     if args.first().map(String::as_str) == Some("--delivery-agent") {
         return agent_main(&args[1..]);
     }
+    // Before anything opens a descriptor: the sockets systemd may have passed (3, 4, ...),
+    // and its notification socket. Both are taken out of the environment.
+    let passed = inboxd::systemd::listen_fds();
+    let notifier = inboxd::systemd::Notifier::from_env();
     // The resolver is only asked when --hostname is absent.
     let config = match cli::parse(&args, inboxd::hostname::fqdn) {
         Ok(Cli::Run(c)) => c,
@@ -53,7 +57,14 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .init();
-    match run(&config) {
+    let passed = match passed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("inboxd: socket activation: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match run(&config, passed, notifier) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, msg)) => {
             // Standard error is also where the log goes: one line is enough.
@@ -65,9 +76,9 @@ fn main() -> ExitCode {
 
 /// The addresses inboxd listens on, for address literals. A wildcard listener
 /// (`0.0.0.0`, `::`) stands for every address of the host's interfaces.
-fn listening_addresses(config: &Config) -> Vec<IpAddr> {
+fn listening_addresses(bound: &[std::net::SocketAddr]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
-    for a in &config.listen {
+    for a in bound {
         let ip = a.ip();
         if ip.is_unspecified() {
             if let Ok(ifs) = nix::ifaddrs::getifaddrs() {
@@ -158,12 +169,27 @@ fn agent_main(args: &[String]) -> ExitCode {
     }
 }
 
-fn run(config: &Config) -> Result<(), (u8, String)> {
+fn run(
+    config: &Config,
+    passed: Vec<std::net::TcpListener>,
+    notifier: inboxd::systemd::Notifier,
+) -> Result<(), (u8, String)> {
     let mut listeners = Vec::new();
-    for addr in &config.listen {
-        listeners
-            .push(listener::bind_listener(*addr).map_err(|e| (EX_UNAVAILABLE, e.to_string()))?);
+    if passed.is_empty() {
+        for addr in &config.listen {
+            listeners
+                .push(listener::bind_listener(*addr).map_err(|e| (EX_UNAVAILABLE, e.to_string()))?);
+        }
+    } else {
+        // Socket activation: the service manager's sockets replace --listen.
+        for l in passed {
+            listeners.push(mio::net::TcpListener::from_std(l));
+        }
     }
+    let bound: Vec<std::net::SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     privileges::drop_supplementary_groups()
         .map_err(|e| (EX_OSERR, format!("dropping supplementary groups: {e}")))?;
     let aliases = match Aliases::load(&config.aliases) {
@@ -189,7 +215,7 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
     let session_config = SessionConfig {
         hostname: config.hostname.clone(),
         local_domains: config.domains.clone(),
-        local_addresses: listening_addresses(config),
+        local_addresses: listening_addresses(&bound),
         max_message_size: config.max_message_size,
         max_recipients: config.max_recipients,
         command_timeout: config.timeout,
@@ -221,6 +247,11 @@ fn run(config: &Config) -> Result<(), (u8, String)> {
         },
         aliases.len()
     );
+    notifier.notify(&format!(
+        "READY=1\nSTATUS=accepting mail on {:?}",
+        server.local_addrs()
+    ));
+    server.set_notifier(notifier);
     let result = server.run();
     // The agent sees its socket close and exits once it has cleaned up.
     drop(server);

@@ -1,8 +1,9 @@
-//! The only `unsafe` code in inboxd, kept small and commented: three calls nix does not wrap
+//! The only `unsafe` code in inboxd, kept small and commented: four things nix does not wrap
 //! safely.
 //!
 //! - [`canonical_name`]: getaddrinfo(3) with AI_CANONNAME, for the default hostname.
 //! - [`adopt_fds`]: taking ownership of descriptors received with SCM_RIGHTS.
+//! - [`adopt_passed_fds`]: taking ownership of the sockets systemd passed (socket activation).
 //! - [`capset`]: capset(2), to give up capabilities the delivery agent does not need.
 //!
 //! It must not grow: anything that can be done with a safe API is done elsewhere.
@@ -48,6 +49,20 @@ pub fn adopt_fds(raw: Vec<RawFd>) -> Vec<OwnedFd> {
         // SAFETY: the kernel created these descriptors for us during recvmsg; nothing else
         // in the process knows them, so each gets exactly one owner here and is closed when
         // that owner is dropped.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+/// Takes ownership of the descriptors the service manager passed, `first..first + n`
+/// (sd_listen_fds(3)); a number that is not an open descriptor is skipped. Must be called
+/// once, first thing, before inboxd opens any descriptor of its own.
+pub fn adopt_passed_fds(first: RawFd, n: RawFd) -> Vec<OwnedFd> {
+    (first..first.saturating_add(n))
+        // SAFETY: F_GETFD only asks whether the number is an open descriptor. If it is, the
+        // service manager passed it to this process (the caller checked LISTEN_PID) and
+        // nothing in inboxd has opened or adopted a descriptor yet, so it gets exactly one
+        // owner here, closed when that owner is dropped.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1)
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect()
 }

@@ -30,6 +30,7 @@ use crate::delivery::client::{AgentClient, AgentGone};
 use crate::recipient::{Aliases, Resolution, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Reply, Session, SessionConfig};
+use crate::systemd::Notifier;
 use connection::{Connection, ReadStep, READ_CHUNK};
 use timers::Timers;
 
@@ -75,6 +76,8 @@ pub struct Server {
     agent_write_interest: bool,
     /// A read buffer for new connections' first read (the loop has its own).
     spare_buf: Option<Vec<u8>>,
+    /// Tells the service manager about stops and reloads.
+    notifier: Option<Notifier>,
 }
 
 #[derive(Debug)]
@@ -162,6 +165,7 @@ impl Server {
             agent_gone: None,
             agent_write_interest: false,
             spare_buf: None,
+            notifier: None,
         })
     }
 
@@ -171,6 +175,17 @@ impl Server {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// The service manager to tell about stops and reloads (sd_notify).
+    pub fn set_notifier(&mut self, n: Notifier) {
+        self.notifier = Some(n);
+    }
+
+    fn notify(&self, state: &str) {
+        if let Some(n) = &self.notifier {
+            n.notify(state);
+        }
     }
 
     /// Runs until SIGTERM or SIGINT, and then until the last connection is gone.
@@ -247,7 +262,14 @@ impl Server {
         while let Ok(Some(info)) = self.signals.read_signal() {
             let sig = Signal::try_from(info.ssi_signo as i32).ok();
             match sig {
-                Some(Signal::SIGHUP) => self.reload_aliases(),
+                Some(Signal::SIGHUP) => {
+                    self.notify("RELOADING=1\nSTATUS=reloading the aliases");
+                    self.reload_aliases();
+                    self.notify(&format!(
+                        "READY=1\nSTATUS=accepting mail; {} connection(s)",
+                        self.conns.len()
+                    ));
+                }
                 _ => {
                     if !self.stopping {
                         info!("signal {sig:?}: shutting down");
@@ -289,6 +311,10 @@ impl Server {
 
     fn stop(&mut self) {
         self.stopping = true;
+        self.notify(&format!(
+            "STOPPING=1\nSTATUS=stopping: {} connection(s) get 421",
+            self.conns.len()
+        ));
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(l);
         }
@@ -623,6 +649,7 @@ impl Server {
     fn agent_failed(&mut self, AgentGone(why): AgentGone) {
         if self.agent_gone.is_none() {
             error!("{why}: stopping (a service manager restarts inboxd)");
+            self.notify(&format!("STATUS=delivery agent gone ({why}); stopping"));
             self.agent_gone = Some(why);
             let fd = self.delivery.raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));

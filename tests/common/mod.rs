@@ -57,7 +57,7 @@ impl Server {
         Server::spawn(cmd, args)
     }
 
-    fn spawn(mut cmd: Command, args: &[&str]) -> Server {
+    pub fn spawn(mut cmd: Command, args: &[&str]) -> Server {
         ensure_receiver_user();
         let mut child = cmd
             .args([
