@@ -9,6 +9,7 @@ pub mod config;
 pub mod delivery;
 pub mod hostname;
 pub mod recipient;
+pub mod sendmail;
 pub mod server;
 pub mod smtp;
 pub mod sys;

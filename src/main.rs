@@ -25,6 +25,15 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Called as sendmail, mailq or newaliases (symbolic links to inboxd).
+    let called = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    if let Some(status) = inboxd::sendmail::main_for(&called, &args) {
+        return ExitCode::from(status);
+    }
     raise_fd_limit();
     if args.first().map(String::as_str) == Some("--delivery-agent") {
         return agent_main(&args[1..]);

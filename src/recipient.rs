@@ -103,6 +103,8 @@ enum Target {
 #[derive(Debug, Default, Clone)]
 pub struct Aliases {
     map: HashMap<String, Vec<Target>>,
+    /// What was wrong in the file (each also logged as a warning), for newaliases.
+    problems: Vec<String>,
 }
 
 impl Aliases {
@@ -133,9 +135,14 @@ impl Aliases {
             }
         }
         let mut map = HashMap::new();
+        let mut problems = Vec::new();
+        let mut problem = |p: String| {
+            warn!("{p}");
+            problems.push(p);
+        };
         for (n, line) in logical {
             let Some((key, rest)) = line.split_once(':') else {
-                warn!("{origin}:{n}: no ':' in alias line, ignored");
+                problem(format!("{origin}:{n}: no ':' in alias line, ignored"));
                 continue;
             };
             let key = key.trim().trim_matches('"');
@@ -146,18 +153,23 @@ impl Aliases {
             for t in rest.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                 let t = t.trim_matches('"');
                 if t.starts_with('|') || t.starts_with('/') || t.starts_with(":include:") {
-                    warn!("{origin}:{n}: alias {key}: target {t:?} refused (inboxd never runs programs or writes files named in aliases)");
+                    problem(format!("{origin}:{n}: alias {key}: target {t:?} refused (inboxd never runs programs or writes files named in aliases)"));
                 } else if let Some(acct) = t.strip_prefix('\\') {
                     targets.push(Target::Account(acct.to_string()));
                 } else if t.contains('@') {
-                    warn!("{origin}:{n}: alias {key}: remote target {t:?} refused (inboxd never relays)");
+                    problem(format!("{origin}:{n}: alias {key}: remote target {t:?} refused (inboxd never relays)"));
                 } else {
                     targets.push(Target::Name(t.to_string()));
                 }
             }
             map.insert(key.to_string(), targets);
         }
-        Aliases { map }
+        Aliases { map, problems }
+    }
+
+    /// What was wrong in the file, one line each.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,619 @@
+//! The local MTA interface programs expect: `sendmail`, `mailq` and `newaliases`, as the
+//! same binary called by those names (symbolic links to inboxd).
+//!
+//! `sendmail` reads one message on standard input and hands it to the local inboxd over
+//! loopback SMTP: no setuid binary, no queue. It never delivers anything itself; the server
+//! decides everything and the caller learns the outcome as a sysexits(3) status. `mailq`
+//! says there is no queue; `newaliases` checks the aliases file and asks the running inboxd
+//! to reload it. This module must not touch Maildirs or credentials.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::recipient::Aliases;
+
+pub const EX_OK: u8 = 0;
+pub const EX_USAGE: u8 = 64;
+pub const EX_DATAERR: u8 = 65;
+pub const EX_NOUSER: u8 = 67;
+pub const EX_UNAVAILABLE: u8 = 69;
+pub const EX_IOERR: u8 = 74;
+pub const EX_TEMPFAIL: u8 = 75;
+pub const EX_PROTOCOL: u8 = 76;
+
+/// Where `sendmail` finds inboxd: `INBOXD_SMTP` (HOST:PORT), default the local port 25.
+const DEFAULT_SERVER: &str = "127.0.0.1:25";
+/// Largest message read from standard input (inboxd's own default limit).
+const MAX_INPUT: usize = 35 << 20;
+
+/// Dispatches on the name the program was called by; `None` when it is not one of these.
+pub fn main_for(name: &str, args: &[String]) -> Option<u8> {
+    match name {
+        "sendmail" => Some(sendmail(args)),
+        "mailq" => Some(mailq()),
+        "newaliases" => Some(newaliases()),
+        _ => None,
+    }
+}
+
+fn mailq() -> u8 {
+    println!(
+        "inboxd has no mail queue: every message is delivered or refused while its sender waits."
+    );
+    EX_OK
+}
+
+/// What the command line asked for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    pub from: Option<String>,
+    pub full_name: Option<String>,
+    /// -t: recipients from To:, Cc: and Bcc:.
+    pub from_headers: bool,
+    /// -i / -oi: a line with a single dot does not end the message.
+    pub ignore_dots: bool,
+    pub recipients: Vec<String>,
+    /// -bp / -bi / -q: mailq, newaliases, queue run.
+    pub mode: Mode,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Send,
+    Mailq,
+    Newaliases,
+    QueueRun,
+}
+
+/// sendmail(8)'s command line, as far as a final-delivery MTA needs it. Options that only
+/// tune a queue or delivery mode (-oX..., -odX, -v, -bm, -N, -R, -V, -B, -C, -L) are accepted
+/// and ignored, so existing callers (cron, mail(1), mutt) work unchanged.
+pub fn parse_args(args: &[String]) -> Result<Request, String> {
+    let mut r = Request::default();
+    let mut it = args.iter().peekable();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            r.recipients.extend(it.by_ref().cloned());
+            break;
+        }
+        if !a.starts_with('-') || a == "-" {
+            r.recipients.push(a.clone());
+            continue;
+        }
+        let flag = &a[1..];
+        // Options that take a value, attached (-fuser) or separate (-f user).
+        let mut value = |attached: &str| -> Result<String, String> {
+            if !attached.is_empty() {
+                return Ok(attached.to_string());
+            }
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("option -{} needs a value", &flag[..1]))
+        };
+        match flag.chars().next() {
+            Some('f') | Some('r') => r.from = Some(value(&flag[1..])?),
+            Some('F') => r.full_name = Some(value(&flag[1..])?),
+            Some('N') | Some('R') | Some('V') | Some('B') | Some('C') | Some('L') | Some('X') => {
+                value(&flag[1..])?;
+            }
+            Some('t') if flag == "t" => r.from_headers = true,
+            Some('i') if flag == "i" => r.ignore_dots = true,
+            Some('o') => {
+                if flag == "oi" {
+                    r.ignore_dots = true;
+                }
+            }
+            Some('b') => match flag {
+                "bp" => r.mode = Mode::Mailq,
+                "bi" => r.mode = Mode::Newaliases,
+                "bm" => {}
+                _ => return Err(format!("-{flag} is not supported")),
+            },
+            Some('q') => r.mode = Mode::QueueRun,
+            Some('v') | Some('e') | Some('m') | Some('U') => {}
+            _ => return Err(format!("unknown option {a}")),
+        }
+    }
+    Ok(r)
+}
+
+fn sendmail(args: &[String]) -> u8 {
+    let req = match parse_args(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            eprintln!("usage: sendmail [-t] [-i|-oi] [-f sender] [-F name] [recipient ...]");
+            return EX_USAGE;
+        }
+    };
+    match req.mode {
+        Mode::Mailq => return mailq(),
+        Mode::Newaliases => return newaliases(),
+        Mode::QueueRun => return EX_OK,
+        Mode::Send => {}
+    }
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin()
+        .take(MAX_INPUT as u64 + 1)
+        .read_to_end(&mut input)
+    {
+        eprintln!("sendmail: reading the message: {e}");
+        return EX_IOERR;
+    }
+    if input.len() > MAX_INPUT {
+        eprintln!("sendmail: message larger than {MAX_INPUT} octets");
+        return EX_DATAERR;
+    }
+    let login = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten();
+    let hostname = crate::hostname::fqdn();
+    let sender = req.from.clone().unwrap_or_else(|| {
+        let user = login.as_ref().map_or("nobody", |u| u.name.as_str());
+        format!("{user}@{hostname}")
+    });
+    let full_name = req.full_name.clone().or_else(|| {
+        login
+            .as_ref()
+            .and_then(|u| u.gecos.to_str().ok())
+            .and_then(|g| g.split(',').next())
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+    });
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let msg = Message::prepare(
+        &input,
+        &req,
+        &sender,
+        full_name.as_deref(),
+        now.as_secs() as i64,
+        &format!(
+            "{}.{}.{}@{hostname}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id()
+        ),
+    );
+    let recipients = msg.recipients;
+    if recipients.is_empty() {
+        eprintln!("sendmail: no recipients");
+        return EX_USAGE;
+    }
+    let server = std::env::var("INBOXD_SMTP").unwrap_or_else(|_| DEFAULT_SERVER.to_string());
+    match submit(&server, &hostname, &sender, &recipients, &msg.data) {
+        Ok(status) => status,
+        Err((status, why)) => {
+            eprintln!("sendmail: {why}");
+            status
+        }
+    }
+}
+
+/// The message ready to send: CRLF lines, trace-free headers completed, recipients known.
+pub struct Message {
+    pub data: Vec<u8>,
+    pub recipients: Vec<String>,
+}
+
+impl Message {
+    /// Cuts the input at a lone "." line (unless -i), makes every line end in CRLF, adds
+    /// From:, Date: and Message-ID: when missing, and with -t takes the recipients from To:,
+    /// Cc: and Bcc: (removing Bcc:) in addition to the command line's.
+    pub fn prepare(
+        input: &[u8],
+        req: &Request,
+        sender: &str,
+        full_name: Option<&str>,
+        unix_time: i64,
+        message_id: &str,
+    ) -> Message {
+        let text = String::from_utf8_lossy(input);
+        let mut lines: Vec<&str> = Vec::new();
+        for line in text.split('\n') {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if !req.ignore_dots && line == "." {
+                break;
+            }
+            lines.push(line);
+        }
+        if lines.last() == Some(&"") {
+            lines.pop();
+        }
+        let split = lines
+            .iter()
+            .position(|l| l.is_empty())
+            .unwrap_or(lines.len());
+        let (head, body) = lines.split_at(split);
+        // Unfold the header into fields (a field and its continuation lines).
+        let mut fields: Vec<Vec<&str>> = Vec::new();
+        for l in head {
+            if l.starts_with([' ', '\t']) {
+                if let Some(f) = fields.last_mut() {
+                    f.push(l);
+                    continue;
+                }
+            }
+            fields.push(vec![l]);
+        }
+        let name_of = |f: &Vec<&str>| -> String {
+            f[0].split(':')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        };
+        let mut recipients: Vec<String> = req.recipients.clone();
+        if req.from_headers {
+            for f in &fields {
+                if matches!(name_of(f).as_str(), "to" | "cc" | "bcc") {
+                    let value = f.join(" ");
+                    let value = value.split_once(':').map_or("", |(_, v)| v);
+                    recipients.extend(addresses(value));
+                }
+            }
+            fields.retain(|f| name_of(f) != "bcc");
+        }
+        let mut out = Vec::new();
+        let has = |n: &str| fields.iter().any(|f| name_of(f) == n);
+        if !has("from") {
+            match full_name {
+                Some(name) => out.push(format!("From: {} <{sender}>", quote_phrase(name))),
+                None => out.push(format!("From: {sender}")),
+            }
+        }
+        if !has("date") {
+            out.push(format!(
+                "Date: {}",
+                crate::smtp::trace::rfc5322_date(unix_time)
+            ));
+        }
+        if !has("message-id") {
+            out.push(format!("Message-ID: <{message_id}>"));
+        }
+        let mut data = Vec::new();
+        for l in out
+            .iter()
+            .map(String::as_str)
+            .chain(fields.iter().flatten().copied())
+        {
+            data.extend_from_slice(l.as_bytes());
+            data.extend_from_slice(b"\r\n");
+        }
+        for l in body {
+            data.extend_from_slice(l.as_bytes());
+            data.extend_from_slice(b"\r\n");
+        }
+        let mut seen = Vec::new();
+        recipients.retain(|r| {
+            let new = !seen.contains(r);
+            seen.push(r.clone());
+            new
+        });
+        Message { data, recipients }
+    }
+}
+
+/// RFC 5322 phrase: quoted unless it is plain atoms and spaces.
+fn quote_phrase(name: &str) -> String {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || " !#$%&'*+-/=?^_`{|}~".contains(c))
+    {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// The addresses of an address-list header value: `a@b, Name <c@d>, "x, y" <e@f>`.
+pub fn addresses(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut angle) = (false, false);
+    let mut items = Vec::new();
+    for c in value.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !quoted && !angle => {
+                items.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    items.push(cur);
+    for item in items {
+        let item = item.trim();
+        let addr = match (item.rfind('<'), item.rfind('>')) {
+            (Some(a), Some(b)) if a < b => item[a + 1..b].trim().to_string(),
+            _ => item.split_whitespace().next().unwrap_or("").to_string(),
+        };
+        if !addr.is_empty() && !addr.contains([' ', '"', '<', '>']) {
+            out.push(addr);
+        }
+    }
+    out
+}
+
+/// One SMTP reply: code and text.
+fn reply(r: &mut impl BufRead) -> Result<(u16, String), String> {
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("reading from the server: {e}")),
+        }
+        let code: u16 = line
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("malformed reply from the server: {:?}", line.trim_end()))?;
+        text.push_str(line.trim_end());
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok((code, text));
+        }
+        text.push(' ');
+    }
+}
+
+/// Talks SMTP to inboxd. Ok(status) when the conversation ended normally (EX_OK, or
+/// EX_NOUSER when some recipients were refused and the others got the message).
+fn submit(
+    server: &str,
+    hostname: &str,
+    sender: &str,
+    recipients: &[String],
+    data: &[u8],
+) -> Result<u8, (u8, String)> {
+    let stream = TcpStream::connect(server).map_err(|e| {
+        (
+            EX_TEMPFAIL,
+            format!("cannot reach the mail server at {server}: {e}; nothing was sent"),
+        )
+    })?;
+    let timeout = Some(Duration::from_secs(600));
+    let _ = stream.set_read_timeout(timeout);
+    let _ = stream.set_write_timeout(timeout);
+    let mut w = stream
+        .try_clone()
+        .map_err(|e| (EX_TEMPFAIL, format!("socket: {e}")))?;
+    let mut r = BufReader::new(stream);
+    let io = |e: std::io::Error| (EX_TEMPFAIL, format!("writing to the server: {e}"));
+    let proto = |e: String| (EX_TEMPFAIL, e);
+    let expect =
+        |r: &mut BufReader<TcpStream>, what: &str| -> Result<(u16, String), (u8, String)> {
+            let (code, text) = reply(r).map_err(proto)?;
+            if code >= 400 {
+                let status = if code >= 500 {
+                    EX_UNAVAILABLE
+                } else {
+                    EX_TEMPFAIL
+                };
+                return Err((status, format!("{what}: {text}")));
+            }
+            Ok((code, text))
+        };
+    expect(&mut r, "greeting")?;
+    w.write_all(format!("EHLO {hostname}\r\n").as_bytes())
+        .map_err(io)?;
+    expect(&mut r, "EHLO")?;
+    w.write_all(format!("MAIL FROM:<{sender}>\r\n").as_bytes())
+        .map_err(io)?;
+    expect(&mut r, "MAIL FROM")?;
+    let mut accepted = 0;
+    let mut refused = 0;
+    let mut temporary = 0;
+    for rcpt in recipients {
+        // An address without a domain is a local account: the literal of the address we
+        // connected to is always a local domain for inboxd, whatever its --domain list.
+        let addr = if rcpt.contains('@') {
+            rcpt.clone()
+        } else {
+            let ip = w
+                .peer_addr()
+                .map(|a| a.ip())
+                .map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
+            match ip {
+                std::net::IpAddr::V4(v4) => format!("{rcpt}@[{v4}]"),
+                std::net::IpAddr::V6(v6) => format!("{rcpt}@[IPv6:{v6}]"),
+            }
+        };
+        w.write_all(format!("RCPT TO:<{addr}>\r\n").as_bytes())
+            .map_err(io)?;
+        let (code, text) = reply(&mut r).map_err(proto)?;
+        match code {
+            200..=299 => accepted += 1,
+            400..=499 => {
+                eprintln!("sendmail: {rcpt}: {text}");
+                temporary += 1;
+            }
+            _ => {
+                eprintln!("sendmail: {rcpt}: {text}");
+                refused += 1;
+            }
+        }
+    }
+    if accepted == 0 {
+        let _ = w.write_all(b"QUIT\r\n");
+        let status = if temporary > 0 {
+            EX_TEMPFAIL
+        } else {
+            EX_NOUSER
+        };
+        return Err((
+            status,
+            "no recipient accepted the message; nothing was sent".into(),
+        ));
+    }
+    w.write_all(b"DATA\r\n").map_err(io)?;
+    expect(&mut r, "DATA")?;
+    let mut out = Vec::with_capacity(data.len() + 64);
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b".\r\n");
+    w.write_all(&out).map_err(io)?;
+    let (code, text) = reply(&mut r).map_err(proto)?;
+    let _ = w.write_all(b"QUIT\r\n");
+    match code {
+        200..=299 if refused + temporary == 0 => Ok(EX_OK),
+        200..=299 => Ok(if temporary > 0 {
+            EX_TEMPFAIL
+        } else {
+            EX_NOUSER
+        }),
+        400..=499 => Err((EX_TEMPFAIL, format!("message not accepted: {text}"))),
+        500..=599 => Err((EX_DATAERR, format!("message refused: {text}"))),
+        _ => Err((EX_PROTOCOL, format!("unexpected reply: {text}"))),
+    }
+}
+
+/// Checks the aliases file, prints what is wrong in it, and asks every running inboxd to
+/// reload it (SIGHUP, as root). Non-zero when the file has problems or cannot be read.
+fn newaliases() -> u8 {
+    // INBOXD_ALIASES names another file, for a server started with --aliases.
+    let path = std::env::var_os("INBOXD_ALIASES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::config::DEFAULT_ALIASES.into());
+    let path = path.as_path();
+    let aliases = match Aliases::load(path) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("newaliases: {}: {e}", path.display());
+            return EX_IOERR;
+        }
+    };
+    for p in aliases.problems() {
+        println!("newaliases: {p}");
+    }
+    println!("newaliases: {}: {} aliases", path.display(), aliases.len());
+    let mut told = 0;
+    for pid in running_servers() {
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        ) {
+            Ok(()) => told += 1,
+            Err(e) => eprintln!("newaliases: cannot tell inboxd (pid {pid}) to reload: {e}"),
+        }
+    }
+    if told > 0 {
+        println!("newaliases: asked {told} running inboxd to reload");
+    } else {
+        println!("newaliases: no running inboxd to reload");
+    }
+    if aliases.problems().is_empty() {
+        EX_OK
+    } else {
+        EX_DATAERR
+    }
+}
+
+/// The pids of running inboxd receivers (not their delivery agents).
+fn running_servers() -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(e.path().join("comm")) else {
+            continue;
+        };
+        if comm.trim() != "inboxd" {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if cmdline.split(|&b| b == 0).any(|a| a == b"--delivery-agent") {
+            continue;
+        }
+        out.push(pid);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn command_lines_of_common_callers() {
+        // cron: sendmail -FCronDaemon -i -B8BITMIME -oem root
+        let r = parse_args(&args("-FCronDaemon -i -B8BITMIME -oem root")).unwrap();
+        assert_eq!(r.full_name.as_deref(), Some("CronDaemon"));
+        assert!(r.ignore_dots);
+        assert_eq!(r.recipients, vec!["root"]);
+        // mutt: sendmail -oem -oi -- alice@example.org
+        let r = parse_args(&args("-oem -oi -- alice@example.org")).unwrap();
+        assert!(r.ignore_dots);
+        assert_eq!(r.recipients, vec!["alice@example.org"]);
+        let r = parse_args(&args("-t -f bob@example.org")).unwrap();
+        assert!(r.from_headers);
+        assert_eq!(r.from.as_deref(), Some("bob@example.org"));
+        assert_eq!(parse_args(&args("-bp")).unwrap().mode, Mode::Mailq);
+        assert_eq!(parse_args(&args("-bi")).unwrap().mode, Mode::Newaliases);
+        assert!(parse_args(&args("-bs")).is_err());
+        assert!(parse_args(&args("-Z")).is_err());
+        assert!(parse_args(&args("-f")).is_err());
+    }
+
+    #[test]
+    fn headers_recipients_and_dots() {
+        let req = Request {
+            from_headers: true,
+            recipients: vec!["carol".into()],
+            ..Default::default()
+        };
+        let input = b"To: Alice <alice@example.org>, bob\nCc: \"Doe, J\" <j@example.org>\nBcc: hidden@example.org\nSubject: hi\n\nline\n.\nnot sent\n";
+        let m = Message::prepare(input, &req, "root@host", Some("Root User"), 0, "id@host");
+        let text = String::from_utf8(m.data).unwrap();
+        assert_eq!(
+            m.recipients,
+            vec![
+                "carol",
+                "alice@example.org",
+                "bob",
+                "j@example.org",
+                "hidden@example.org"
+            ]
+        );
+        assert!(!text.contains("Bcc"), "{text}");
+        assert!(text.starts_with("From: Root User <root@host>\r\nDate: Thu, 1 Jan 1970"));
+        assert!(text.contains("Message-ID: <id@host>\r\n"));
+        assert!(text.ends_with("Subject: hi\r\n\r\nline\r\n"), "{text}");
+        // -i: the lone dot is data.
+        let req = Request {
+            ignore_dots: true,
+            recipients: vec!["alice".into()],
+            ..Default::default()
+        };
+        let m = Message::prepare(b"From: x@y\n\n.\nmore\n", &req, "s@h", None, 0, "i@h");
+        let text = String::from_utf8(m.data).unwrap();
+        assert!(text.ends_with("From: x@y\r\n\r\n.\r\nmore\r\n"), "{text}");
+    }
+
+    #[test]
+    fn address_lists() {
+        assert_eq!(
+            addresses(" a@b, Name <c@d>, \"x, y\" <e@f>,, g "),
+            vec!["a@b", "c@d", "e@f", "g"]
+        );
+    }
+}

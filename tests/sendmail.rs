@@ -1,0 +1,176 @@
+//! The sendmail(8) interface: inboxd called as `sendmail`, `mailq` and `newaliases` (a
+//! symbolic link), handing messages to a running inboxd over loopback SMTP.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A directory with `sendmail`, `mailq` and `newaliases` linked to inboxd.
+fn links() -> (TempDir, PathBuf) {
+    let dir = TempDir::new("sendmail-links");
+    for name in ["sendmail", "mailq", "newaliases"] {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_inboxd"), dir.path().join(name)).unwrap();
+    }
+    let p = dir.path().to_path_buf();
+    (dir, p)
+}
+
+/// Runs `bin args` with `input` on stdin; (status, stdout, stderr).
+fn run(bin: &Path, port: u16, args: &[&str], input: &str) -> (i32, String, String) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("INBOXD_SMTP", format!("127.0.0.1:{port}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_message_from_cron_reaches_the_person_root_is_aliased_to() {
+    let dir = TempDir::new("sendmail-cron");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "root: nobody\n").unwrap();
+    let mail = dir.path().join("mail");
+    let server = Server::start(&[
+        "--maildir-root",
+        mail.to_str().unwrap(),
+        "--aliases",
+        aliases.to_str().unwrap(),
+    ]);
+    let (_l, bin) = links();
+    let tok = token();
+    // What cron runs (Debian's cron 3.0).
+    let (status, _, err) = run(
+        &bin.join("sendmail"),
+        server.port,
+        &["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+        &format!(
+            "To: root\nSubject: Cron <root@host> run-parts {tok}\n\nline one\n.\nline three\n"
+        ),
+    );
+    assert_eq!(status, 0, "{err}");
+    let found = messages_with(&mail.join("nobody"), &tok);
+    assert_eq!(found.len(), 1);
+    let text = String::from_utf8_lossy(&found[0]);
+    assert!(text.contains("From: CronDaemon <"), "{text}");
+    assert!(text.contains("\nDate: "), "{text}");
+    assert!(text.contains("\nMessage-ID: <"), "{text}");
+    // -i: the lone dot was data, and came through unstuffed.
+    assert!(text.ends_with("line one\n.\nline three\n"), "{text}");
+}
+
+#[test]
+fn dash_t_takes_recipients_from_the_header_and_drops_bcc() {
+    let dir = TempDir::new("sendmail-t");
+    let server = Server::start_in(dir.path(), &[]);
+    let (_l, bin) = links();
+    let tok = token();
+    let (status, _, err) = run(
+        &bin.join("sendmail"),
+        server.port,
+        &["-t", "-f", "sender@client.example"],
+        &format!("From: Sender <sender@client.example>\nTo: root\nBcc: nobody@localhost\nSubject: {tok}\n\nhello\n"),
+    );
+    assert_eq!(status, 0, "{err}");
+    for account in ["root", "nobody"] {
+        let found = messages_with(&dir.path().join(account), &tok);
+        assert_eq!(found.len(), 1, "{account}");
+        let text = String::from_utf8_lossy(&found[0]);
+        assert!(!text.contains("Bcc"), "{text}");
+        assert!(
+            text.starts_with("Return-Path: <sender@client.example>\n"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn exit_statuses_follow_sysexits() {
+    let dir = TempDir::new("sendmail-status");
+    let server = Server::start_in(dir.path(), &[]);
+    let (_l, bin) = links();
+    let sendmail = bin.join("sendmail");
+    // Unknown user: EX_NOUSER, and nothing was sent.
+    let (status, _, err) = run(&sendmail, server.port, &["nosuchuser"], "Subject: x\n\nx\n");
+    assert_eq!(status, 67, "{err}");
+    // One good and one unknown recipient: the good one gets it, the status says EX_NOUSER.
+    let tok = token();
+    let (status, _, _) = run(
+        &sendmail,
+        server.port,
+        &["root", "nosuchuser"],
+        &format!("Subject: {tok}\n\nx\n"),
+    );
+    assert_eq!(status, 67);
+    assert_eq!(messages_with(&dir.path().join("root"), &tok).len(), 1);
+    // Nothing listening: EX_TEMPFAIL (there is no queue to keep the message in).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (status, _, err) = run(&sendmail, port, &["root"], "Subject: x\n\nx\n");
+    assert_eq!(status, 75, "{err}");
+    assert!(err.contains("nothing was sent"), "{err}");
+    // Bad usage: EX_USAGE.
+    let (status, _, _) = run(&sendmail, server.port, &["-bs"], "");
+    assert_eq!(status, 64);
+    // mailq: no queue.
+    let (status, out, _) = run(&bin.join("mailq"), server.port, &[], "");
+    assert_eq!(status, 0);
+    assert!(out.contains("no mail queue"), "{out}");
+}
+
+#[test]
+fn newaliases_reports_problems_and_tells_inboxd_to_reload() {
+    let dir = TempDir::new("newaliases");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "staff: root\n").unwrap();
+    let mail = dir.path().join("mail");
+    let server = Server::start(&[
+        "--maildir-root",
+        mail.to_str().unwrap(),
+        "--aliases",
+        aliases.to_str().unwrap(),
+        "--allow-root-delivery",
+    ]);
+    std::fs::write(
+        &aliases,
+        "staff: root\nops: |/bin/sh\nfriend: x@remote.example\n",
+    )
+    .unwrap();
+    let (_l, bin) = links();
+    let out = Command::new(bin.join("newaliases"))
+        .env("INBOXD_ALIASES", &aliases)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(65), "{stdout}");
+    assert!(
+        stdout.contains("ops: target \"|/bin/sh\" refused"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("remote target \"x@remote.example\" refused"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("3 aliases"), "{stdout}");
+    if is_root() {
+        assert!(server.wait_log("reloaded, 3 aliases"));
+    }
+}
