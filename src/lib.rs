@@ -4,6 +4,7 @@
 //! `delivery`). `smtp` is the protocol without I/O; `recipient` looks up users; `delivery`
 //! writes Maildirs (and `delivery::privileges` is the only code that changes credentials).
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod delivery;

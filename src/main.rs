@@ -38,6 +38,9 @@ fn main() -> ExitCode {
     if args.first().map(String::as_str) == Some("--delivery-agent") {
         return agent_main(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("check") {
+        return check_main(&args[1..]);
+    }
     // Before anything opens a descriptor: the sockets systemd may have passed (3, 4, ...),
     // and its notification socket. Both are taken out of the environment.
     let passed = inboxd::systemd::listen_fds();
@@ -80,6 +83,36 @@ fn main() -> ExitCode {
             eprintln!("inboxd: {msg}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// `inboxd check [options]`: the doctor (see `check`), with the options inboxd would run with.
+fn check_main(args: &[String]) -> ExitCode {
+    let config = match cli::parse(args, inboxd::hostname::fqdn) {
+        Ok(Cli::Run(c)) => c,
+        Ok(Cli::Help(text)) => {
+            println!("usage: inboxd check [options as for inboxd]\n\n{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Cli::Version) => {
+            println!("inboxd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            println!("problem: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let report = inboxd::check::run(&config);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.problems == 0 {
+        println!("no problems found");
+        ExitCode::SUCCESS
+    } else {
+        println!("{} problem(s) found", report.problems);
+        ExitCode::from(1)
     }
 }
 

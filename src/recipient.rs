@@ -167,6 +167,31 @@ impl Aliases {
         Aliases { map, problems }
     }
 
+    /// Every alias and its usable targets as written (`\\name` for an account target), sorted.
+    pub fn entries(&self) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = self
+            .map
+            .iter()
+            .map(|(k, ts)| {
+                let ts = ts
+                    .iter()
+                    .map(|t| match t {
+                        Target::Name(n) => n.clone(),
+                        Target::Account(a) => format!("\\{a}"),
+                    })
+                    .collect();
+                (k.clone(), ts)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether `name` is an alias.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
     /// What was wrong in the file, one line each.
     pub fn problems(&self) -> &[String] {
         &self.problems

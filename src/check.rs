@@ -1,0 +1,300 @@
+//! `inboxd check`: a doctor that reports, one plain line each, what a sysadmin would
+//! otherwise find the hard way: unusable options, aliases that reach nobody (root and
+//! postmaster above all), accounts whose Maildir is not theirs, is a symlink or can be
+//! written by others, and listen addresses already taken.
+//!
+//! Owns only looking: it opens, stats and binds (and at once closes) but never creates,
+//! changes or delivers anything. Lines start with `problem:` (inboxd will refuse or fail
+//! something), `note:` (worth knowing, not wrong) or `ok:`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::recipient::{lookup_account, Aliases, Resolution, Resolver, POSTMASTER};
+
+/// Accounts below this uid are system accounts: their Maildirs are not checked (root apart).
+const FIRST_USER_UID: u32 = 1000;
+
+#[derive(Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub problems: usize,
+}
+
+impl Report {
+    fn problem(&mut self, s: String) {
+        self.problems += 1;
+        self.lines.push(format!("problem: {s}"));
+    }
+    fn note(&mut self, s: String) {
+        self.lines.push(format!("note: {s}"));
+    }
+    fn ok(&mut self, s: String) {
+        self.lines.push(format!("ok: {s}"));
+    }
+}
+
+/// Runs every check for `config` as inboxd would run with it (as the current user).
+pub fn run(config: &Config) -> Report {
+    let mut r = Report::default();
+    let privileged = nix::unistd::geteuid().is_root();
+    check_user(config, privileged, &mut r);
+    check_maildir_root(config, &mut r);
+    let aliases = check_aliases_file(config, &mut r);
+    check_aliases(config, privileged, &aliases, &mut r);
+    check_listen(config, &mut r);
+    check_accounts(config, &mut r);
+    if !config.hostname.contains('.') {
+        r.note(format!(
+            "hostname {:?} is not fully qualified; give one with --hostname",
+            config.hostname
+        ));
+    }
+    r
+}
+
+fn check_user(config: &Config, privileged: bool, r: &mut Report) {
+    if !privileged {
+        r.note(
+            "not run as root: inboxd would run unprivileged, writing every copy as this user"
+                .into(),
+        );
+        return;
+    }
+    match nix::unistd::User::from_name(&config.user) {
+        Ok(Some(u)) if u.uid.is_root() => {
+            r.problem(format!("--user {}: is uid 0; the receiver must not run as root", config.user))
+        }
+        Ok(Some(_)) => r.ok(format!("user {} exists for the receiver", config.user)),
+        Ok(None) => r.problem(format!(
+            "no user {:?} for the receiver: useradd --system --no-create-home --shell /usr/sbin/nologin {}",
+            config.user, config.user
+        )),
+        Err(e) => r.problem(format!("looking up the user {:?}: {e}", config.user)),
+    }
+}
+
+fn check_maildir_root(config: &Config, r: &mut Report) {
+    let Some(root) = &config.maildir_root else {
+        return;
+    };
+    match std::fs::symlink_metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.note(format!(
+            "--maildir-root {}: missing; inboxd creates it",
+            root.display()
+        )),
+        Err(e) => r.problem(format!("--maildir-root {}: {e}", root.display())),
+        Ok(m) if !m.is_dir() => r.problem(format!(
+            "--maildir-root {}: not a directory (a symlink is not followed)",
+            root.display()
+        )),
+        Ok(m) => {
+            let me = nix::unistd::geteuid().as_raw();
+            if m.uid() != me || m.mode() & 0o022 != 0 {
+                r.problem(format!(
+                    "--maildir-root {}: belongs to uid {} with mode {:o}; it must belong to uid {me} and not be writable by group or others",
+                    root.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                ));
+            } else {
+                r.ok(format!("--maildir-root {}", root.display()));
+            }
+        }
+    }
+}
+
+fn check_aliases_file(config: &Config, r: &mut Report) -> Aliases {
+    match Aliases::load(&config.aliases) {
+        Ok(a) => {
+            for p in a.problems() {
+                r.problem(p.clone());
+            }
+            r.ok(format!("{}: {} aliases", config.aliases.display(), a.len()));
+            a
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.note(format!("{}: missing; no aliases", config.aliases.display()));
+            Aliases::default()
+        }
+        Err(e) => {
+            r.problem(format!("{}: {e}", config.aliases.display()));
+            Aliases::default()
+        }
+    }
+}
+
+fn check_aliases(config: &Config, privileged: bool, aliases: &Aliases, r: &mut Report) {
+    let refuse_uid0 = privileged && !config.allow_root_delivery;
+    let resolver = Resolver::new(aliases.clone(), config.lowercase_fallback, refuse_uid0);
+    for (key, targets) in aliases.entries() {
+        for t in targets {
+            let name = t.strip_prefix('\\').unwrap_or(&t);
+            let alias = !t.starts_with('\\') && aliases.contains(name);
+            if !alias {
+                match lookup_account(name) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => r.problem(format!(
+                        "alias {key}: target {t:?} is neither an alias nor an account"
+                    )),
+                    Err(e) => r.problem(format!("alias {key}: {e}")),
+                }
+            }
+        }
+        if let Ok(Resolution::Uid0Refused) = resolver.resolve(&key) {
+            r.problem(format!(
+                "alias {key} reaches only root, whose mail is refused (alias root to a person, or --allow-root-delivery)"
+            ));
+        }
+    }
+    for name in ["root", POSTMASTER] {
+        match resolver.resolve(name) {
+            Ok(Resolution::Accounts(a)) => r.ok(format!("{name} reaches {}", a.join(", "))),
+            Ok(Resolution::Uid0Refused) => r.problem(format!(
+                "{name} reaches only root, whose mail inboxd refuses: add \"root: <a person's account>\" to {}",
+                config.aliases.display()
+            )),
+            Ok(Resolution::Unknown) => r.problem(format!("{name} reaches no account")),
+            Err(e) => r.problem(format!("{name}: {e}")),
+        }
+    }
+}
+
+fn check_listen(config: &Config, r: &mut Report) {
+    for addr in &config.listen {
+        match crate::server::listener::bind_listener(*addr) {
+            Ok(l) => {
+                drop(l);
+                r.ok(format!("{addr} can be bound"));
+            }
+            Err(e) => r.problem(e.to_string()),
+        }
+    }
+}
+
+/// The accounts of /etc/passwd with a uid of at least 1000, and root: (name, uid, home).
+fn local_accounts() -> Vec<(String, u32, PathBuf)> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let Ok(uid) = f[2].parse::<u32>() else {
+            continue;
+        };
+        if (uid == 0 || (FIRST_USER_UID..65534).contains(&uid)) && !f[6].ends_with("nologin") {
+            out.push((f[0].to_string(), uid, PathBuf::from(f[5])));
+        }
+    }
+    out
+}
+
+fn check_accounts(config: &Config, r: &mut Report) {
+    for (name, uid, home) in local_accounts() {
+        if uid == 0 && !config.allow_root_delivery {
+            continue;
+        }
+        let maildir = match &config.maildir_root {
+            Some(root) => root.join(&name),
+            None => {
+                match std::fs::symlink_metadata(&home) {
+                    Ok(m) if m.is_dir() && m.uid() == uid => {}
+                    Ok(m) if m.is_dir() => {
+                        r.problem(format!(
+                            "{name}: home {} belongs to uid {}, not to {name}: mail to {name} gets 450",
+                            home.display(),
+                            m.uid()
+                        ));
+                        continue;
+                    }
+                    Ok(_) => {
+                        r.problem(format!(
+                            "{name}: home {} is not a directory: mail to {name} gets 4xx",
+                            home.display()
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        r.problem(format!(
+                            "{name}: home {}: {e}: mail to {name} gets 4xx",
+                            home.display()
+                        ));
+                        continue;
+                    }
+                }
+                home.join("Maildir")
+            }
+        };
+        check_maildir(&name, uid, &maildir, r);
+    }
+}
+
+fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
+    let mut bad = false;
+    for (i, dir) in [
+        md.to_path_buf(),
+        md.join("tmp"),
+        md.join("new"),
+        md.join("cur"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if i == 0 {
+                    r.note(format!(
+                        "{name}: {} missing; created at the first delivery",
+                        md.display()
+                    ));
+                    return;
+                }
+                r.note(format!(
+                    "{name}: {} missing; created at the first delivery",
+                    dir.display()
+                ));
+            }
+            Err(e) => {
+                r.problem(format!("{name}: {}: {e}", dir.display()));
+                bad = true;
+            }
+            Ok(m) if m.file_type().is_symlink() => {
+                r.problem(format!(
+                    "{name}: {} is a symlink, never followed: mail to {name} gets 450",
+                    dir.display()
+                ));
+                bad = true;
+            }
+            Ok(m) if !m.is_dir() => {
+                r.problem(format!(
+                    "{name}: {} is not a directory: mail to {name} gets 4xx",
+                    dir.display()
+                ));
+                bad = true;
+            }
+            Ok(m) if m.uid() != uid => {
+                r.problem(format!(
+                    "{name}: {} belongs to uid {}, not to {name}: mail to {name} gets 450",
+                    dir.display(),
+                    m.uid()
+                ));
+                bad = true;
+            }
+            Ok(m) if m.mode() & 0o022 != 0 => {
+                r.problem(format!(
+                    "{name}: {} has mode {:o}: others can add, remove or replace mail (chmod 700)",
+                    dir.display(),
+                    m.mode() & 0o7777
+                ));
+                bad = true;
+            }
+            Ok(_) => {}
+        }
+    }
+    if !bad {
+        r.ok(format!("{name}: {}", md.display()));
+    }
+}

@@ -1,0 +1,121 @@
+//! `inboxd check`, the doctor: one line per finding, non-zero status on problems.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn check(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_inboxd"))
+        .arg("check")
+        .args(["--hostname", "mx.test", "-d", "localhost"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// An account for the Maildir checks, created with useradd if missing (as root).
+fn ensure_user(name: &str) -> nix::unistd::User {
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let st = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", name])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    nix::unistd::User::from_name(name).unwrap().unwrap()
+}
+
+#[test]
+fn a_clean_configuration_has_no_problems() {
+    let dir = TempDir::new("check-clean");
+    let aliases = dir.path().join("aliases");
+    let someone = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    let person = if is_root() {
+        "nobody".to_string()
+    } else {
+        someone
+    };
+    std::fs::write(&aliases, format!("root: {person}\nstaff: root, {person}\n")).unwrap();
+    let mail = dir.path().join("mail");
+    std::fs::create_dir(&mail).unwrap();
+    let (status, out) = check(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--aliases",
+        aliases.to_str().unwrap(),
+        "--maildir-root",
+        mail.to_str().unwrap(),
+    ]);
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains(&format!("ok: postmaster reaches {person}")),
+        "{out}"
+    );
+    assert!(out.ends_with("no problems found\n"), "{out}");
+}
+
+#[test]
+fn problems_are_reported_one_line_each() {
+    if !is_root() {
+        eprintln!("problems_are_reported_one_line_each: skipped, needs root");
+        return;
+    }
+    let dir = TempDir::new("check-problems");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(
+        &aliases,
+        "ops: ghostaccount\nevil: |/bin/sh\nboss: root\nno colon here\n",
+    )
+    .unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let mail = dir.path().join("mail");
+    std::fs::create_dir(&mail).unwrap();
+    let open = ensure_user("inboxdchk1");
+    ensure_user("inboxdchk2");
+    ensure_user("inboxdchk3");
+    // Writable by everybody; a symlink; somebody else's.
+    std::fs::create_dir(mail.join("inboxdchk1")).unwrap();
+    nix::unistd::chown(&mail.join("inboxdchk1"), Some(open.uid), Some(open.gid)).unwrap();
+    std::fs::set_permissions(
+        mail.join("inboxdchk1"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/tmp", mail.join("inboxdchk2")).unwrap();
+    std::fs::create_dir(mail.join("inboxdchk3")).unwrap();
+    let (status, out) = check(&[
+        "--listen",
+        &taken_addr,
+        "--aliases",
+        aliases.to_str().unwrap(),
+        "--maildir-root",
+        mail.to_str().unwrap(),
+    ]);
+    assert_eq!(status, 1, "{out}");
+    for needle in [
+        "problem: alias ops: target \"ghostaccount\" is neither an alias nor an account",
+        "target \"|/bin/sh\" refused",
+        "no ':' in alias line",
+        "problem: alias boss reaches only root",
+        "problem: postmaster reaches only root, whose mail inboxd refuses",
+        &format!("problem: cannot listen on {taken_addr}"),
+        "has mode 777: others can add, remove or replace mail",
+        "inboxdchk2 is a symlink, never followed",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    assert!(
+        out.contains("problem: inboxdchk3: ") && out.contains("belongs to uid 0"),
+        "{out}"
+    );
+    assert!(out.contains("problem(s) found"), "{out}");
+}
