@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod hostname;
+pub mod logging;
 pub mod recipient;
 pub mod sendmail;
 pub mod server;

@@ -66,9 +66,7 @@ fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp_millis()
-        .init();
+    inboxd::logging::init(level);
     let passed = match passed {
         Ok(p) => p,
         Err(e) => {
@@ -157,7 +155,7 @@ fn raise_fd_limit() {
 /// socket to the receiver as standard input: the delivery agent (an internal interface,
 /// started by inboxd itself; see `delivery::agent`).
 fn agent_main(args: &[String]) -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    inboxd::logging::init("info");
     let mut hostname = None;
     let mut root = None;
     let mut allow_root = false;

@@ -1,15 +1,16 @@
-//! The only `unsafe` code in inboxd, kept small and commented: four things nix does not wrap
-//! safely.
+//! The only `unsafe` code in inboxd, kept small and commented: system calls nix does not
+//! wrap (safely).
 //!
 //! - [`canonical_name`]: getaddrinfo(3) with AI_CANONNAME, for the default hostname.
 //! - [`adopt_fds`]: taking ownership of descriptors received with SCM_RIGHTS.
 //! - [`adopt_passed_fds`]: taking ownership of the sockets systemd passed (socket activation).
-//! - [`capset`]: capset(2), to give up capabilities the delivery agent does not need.
+//! - [`capset`], [`capget`]: to give up capabilities the delivery agent does not need.
+//! - [`wait_for_writeback`]: sync_file_range(2), to learn a file's own writeback error.
 //!
 //! It must not grow: anything that can be done with a safe API is done elsewhere.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::libc;
 
@@ -67,34 +68,59 @@ pub fn adopt_passed_fds(first: RawFd, n: RawFd) -> Vec<OwnedFd> {
         .collect()
 }
 
+// The kernel's struct __user_cap_header_struct and, for version 3, two
+// __user_cap_data_struct (capabilities 0-31, then 32-63).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+#[repr(C)]
+#[derive(Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// capget(2): the permitted set of this thread, as a mask of capability numbers.
+pub fn capget() -> Result<u64, nix::errno::Errno> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(), CapData::default()];
+    // SAFETY: both pointers point to live, correctly laid out #[repr(C)] values for the whole
+    // call; version 3 writes exactly two data structs.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if r == 0 {
+        Ok(u64::from(data[0].permitted) | u64::from(data[1].permitted) << 32)
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
+
 /// capset(2): makes `keep` (a mask of capability numbers) the whole permitted and effective
-/// sets of this thread (inheritable: none). nix has no wrapper for it.
+/// sets of this thread (inheritable: none). It can only keep what is permitted already.
 pub fn capset(keep: u64) -> Result<(), nix::errno::Errno> {
-    // The kernel's struct __user_cap_header_struct and, for version 3, two
-    // __user_cap_data_struct (capabilities 0-31, then 32-63).
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let header = Header {
+    let header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
     let data = [
-        Data {
+        CapData {
             effective: keep as u32,
             permitted: keep as u32,
             inheritable: 0,
         },
-        Data {
+        CapData {
             effective: (keep >> 32) as u32,
             permitted: (keep >> 32) as u32,
             inheritable: 0,
@@ -102,7 +128,26 @@ pub fn capset(keep: u64) -> Result<(), nix::errno::Errno> {
     ];
     // SAFETY: both pointers point to live, correctly laid out #[repr(C)] values for the whole
     // call (version 3 reads exactly two data structs); capset only reads them.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
+
+/// sync_file_range(fd, 0, 0, WAIT_BEFORE | WRITE | WAIT_AFTER): waits for the writeback of
+/// the whole file and reports an error from it that this open file description has not seen
+/// yet (errseq), without flushing the device cache. After a syncfs, this is how each file
+/// learns whether its own data reached the disk: syncfs reports an error only once, to
+/// whichever caller comes first.
+pub fn wait_for_writeback(fd: BorrowedFd<'_>) -> Result<(), nix::errno::Errno> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a plain system call on a descriptor the caller keeps open for the call; it
+    // touches no memory of ours.
+    let r = unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, flags) };
     if r == 0 {
         Ok(())
     } else {

@@ -109,3 +109,66 @@ fn recipients_behind_a_noop_flood_are_all_answered() {
     assert!(c.reply().starts_with("250 2.0.0 Reset"));
     writer.join().unwrap();
 }
+
+/// A client whose last data and FIN arrive together (TCP_CORK, then shutdown), and one that
+/// sends urgent data: a read returns short with more to come and no new readiness event, so
+/// the server must read on until EAGAIN (found in review; with reads stopped after a short
+/// one, the FIN case waited for the idle timeout). python3 sends what std cannot (TCP_CORK,
+/// MSG_OOB).
+#[test]
+fn data_with_fin_and_urgent_data_do_not_stall_a_session() {
+    const CLIENT: &str = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+def replies(s, want_eof):
+    s.settimeout(5)
+    got = b""
+    t0 = time.time()
+    while True:
+        try:
+            b = s.recv(4096)
+        except socket.timeout:
+            return got, False, time.time() - t0
+        if not b:
+            return got, True, time.time() - t0
+        got += b
+        if not want_eof and got.count(b"\r\n") >= 3:
+            return got, False, time.time() - t0
+s = socket.create_connection(("127.0.0.1", port))
+s.recv(1000)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+s.sendall(b"NOOP\r\n")
+s.shutdown(socket.SHUT_WR)
+got, eof, took = replies(s, True)
+print("fin", got.count(b"\r\n"), eof, round(took, 2))
+s = socket.create_connection(("127.0.0.1", port))
+s.recv(1000)
+s.sendall(b"NOOP\r\n")
+time.sleep(0.05)
+s.send(b"X", socket.MSG_OOB)
+s.sendall(b"NOOP\r\nQUIT\r\n")
+got, eof, took = replies(s, False)
+print("oob", got.count(b"\r\n"), round(took, 2))
+"#;
+    let dir = TempDir::new("finoob");
+    let server = Server::start_in(dir.path(), &[]);
+    let out = std::process::Command::new("python3")
+        .args(["-c", CLIENT, &server.port.to_string()])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (After the greeting) 250 for NOOP, then the server closes at once.
+    let fin: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(&fin[..3], ["fin", "1", "True"], "{text}");
+    assert!(fin[3].parse::<f64>().unwrap() < 2.0, "{text}");
+    // (After the greeting) NOOP, NOOP, QUIT: three replies.
+    let oob: Vec<&str> = lines[1].split(' ').collect();
+    assert_eq!(&oob[..2], ["oob", "3"], "{text}");
+}

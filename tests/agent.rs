@@ -88,10 +88,17 @@ fn begin_write_commit_delivers_and_batches_commits() {
     agent.send(&Request::Commit { id: 2 });
     let mut done = vec![agent.recv().0, agent.recv().0];
     done.sort_by_key(|r| r.id());
-    assert_eq!(
-        done,
-        vec![Response::Done { id: 1 }, Response::Done { id: 2 }]
-    );
+    let names: Vec<(u64, Vec<String>)> = done
+        .into_iter()
+        .map(|r| match r {
+            Response::Done { id, names } => (id, names),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(names.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2]);
+    // Each Done names its copy's file in new/, with its size.
+    assert!(names[0].1[0].ends_with(",S=6"), "{names:?}");
+    assert!(names[1].1[0].ends_with(",S=8"), "{names:?}");
     let md = dir.path().join("nobody");
     let files = new_files(&md);
     assert_eq!(files.len(), 2);
@@ -234,7 +241,7 @@ fn stop_signals_do_not_end_the_agent() {
     // Still there, and the transaction still commits.
     write_all(fds.into_iter().next().unwrap(), b"after signals\n");
     agent.send(&Request::Commit { id: 1 });
-    assert_eq!(agent.recv().0, Response::Done { id: 1 });
+    assert!(matches!(agent.recv().0, Response::Done { id: 1, .. }));
     assert_eq!(new_files(&dir.path().join("nobody")).len(), 1);
     assert!(agent.close());
 }

@@ -82,13 +82,18 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
             for (id, r) in store.commit(&commits) {
                 let resp = match r {
                     Ok(copies) => {
-                        for (account, name) in copies {
-                            info!("agent transaction {id}: delivered to {account} as new/{name}");
+                        // The receiver logs each delivery, with its session; here only
+                        // with -v.
+                        for (account, name) in &copies {
+                            debug!("event=stored agent_tx={id} account={account} file=new/{name}");
                         }
-                        Response::Done { id }
+                        Response::Done {
+                            id,
+                            names: copies.into_iter().map(|(_, name)| name).collect(),
+                        }
                     }
                     Err(e) => {
-                        error!("delivery agent: transaction {id} failed: {e}");
+                        error!("event=agent_failed agent_tx={id} error={:?}", e.to_string());
                         Response::failed(id, &e)
                     }
                 };

@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 use log::{error, info, warn};
 
@@ -20,6 +21,10 @@ use super::protocol::{Request, Response};
 use super::DeliveryError;
 use crate::smtp::trace::Trace;
 use crate::smtp::{DeliveryOutcome, Reply, Transaction};
+
+/// Requests waiting for room on the agent's socket at most (found in review: with the agent
+/// stalled, connect-DATA-close loops grew the queue without bound).
+const OUTBOX_LIMIT: usize = 65_536;
 
 /// Mail data held per transaction while its descriptors are on their way (one round trip to
 /// the agent); beyond it the server stops reading from that client.
@@ -40,6 +45,10 @@ enum State {
 struct InFlight {
     conn: u64,
     tx_id: String,
+    /// The accounts of the copies, in the agent's order (for the log).
+    accounts: Vec<String>,
+    /// When the commit was asked for (the log's timing).
+    commit_at: Option<Instant>,
     heads: Vec<Vec<u8>>,
     files: Vec<File>,
     held: Vec<u8>,
@@ -60,10 +69,13 @@ pub struct AgentClient {
     outcomes: VecDeque<(u64, DeliveryOutcome)>,
     /// Connections whose held data was written: they may read again.
     resumed: Vec<u64>,
-    /// Requests the socket had no room for, in order. The event loop never blocks on the
-    /// agent: they go out when the socket is writable again ([`AgentClient::flush`]). Bounded
-    /// by the connections: each has at most a Begin and a Commit or Abort outstanding.
-    outbox: VecDeque<Vec<u8>>,
+    /// Requests the socket had no room for, in order, with their transaction ids. The event
+    /// loop never blocks on the agent: they go out when the socket is writable again
+    /// ([`AgentClient::flush`]). An Abort whose Begin still waits here removes that Begin
+    /// instead of joining it, so what waits belongs to live transactions (or to Begins the
+    /// agent already has), and at most [`OUTBOX_LIMIT`] requests wait: beyond, a new
+    /// transaction gets 451.
+    outbox: VecDeque<(u64, Vec<u8>)>,
     /// A send failed: the agent is gone; reported by the next `flush` or `on_readable`.
     broken: Option<String>,
     /// The agent is gone and that was reported: nothing is sent any more.
@@ -104,6 +116,28 @@ impl AgentClient {
         if self.gone || self.broken.is_some() {
             return Err(DeliveryError::Io("delivery agent gone".into()));
         }
+        if let Request::Abort { id } = r {
+            // Its Begin never left (and so nothing after it did): forget both. A Commit is
+            // only sent once the Begin was answered, so a queued Begin is all there is.
+            let begin = Request::Begin {
+                id: *id,
+                accounts: Vec::new(),
+            }
+            .encode()[0];
+            if let Some(i) = self
+                .outbox
+                .iter()
+                .position(|(q, m)| q == id && m.first() == Some(&begin))
+            {
+                self.outbox.remove(i);
+                return Ok(());
+            }
+        }
+        if matches!(r, Request::Begin { .. }) && self.outbox.len() >= OUTBOX_LIMIT {
+            return Err(DeliveryError::Io(
+                "too many requests wait for the delivery agent".into(),
+            ));
+        }
         let msg = r.encode();
         if self.outbox.is_empty() {
             match channel::try_send(self.sock.as_fd(), &msg) {
@@ -116,7 +150,7 @@ impl AgentClient {
                 }
             }
         }
-        self.outbox.push_back(msg);
+        self.outbox.push_back((r.id(), msg));
         Ok(())
     }
 
@@ -131,7 +165,7 @@ impl AgentClient {
         if let Some(why) = self.broken.take() {
             return Err(self.fail_all(&why));
         }
-        while let Some(msg) = self.outbox.front() {
+        while let Some((_, msg)) = self.outbox.front() {
             match channel::try_send(self.sock.as_fd(), msg) {
                 Ok(true) => {
                     self.outbox.pop_front();
@@ -153,6 +187,7 @@ impl AgentClient {
             .iter()
             .map(|a| trace.for_account(a, &self.hostname))
             .collect();
+        let accounts_for_log = accounts.clone();
         let error = self.send(&Request::Begin { id, accounts }).err();
         // No answer can come for a Begin that was not sent: the end of data fails at once.
         let state = if error.is_some() {
@@ -166,6 +201,8 @@ impl AgentClient {
             InFlight {
                 conn,
                 tx_id: tx_id.to_string(),
+                accounts: accounts_for_log,
+                commit_at: None,
                 heads,
                 files: Vec::new(),
                 held: Vec::new(),
@@ -238,7 +275,13 @@ impl AgentClient {
             return;
         };
         if let Some(e) = t.error.take() {
-            warn!("transaction {}: nothing delivered: {e}", t.tx_id);
+            warn!(
+                "event=not_delivered session={:x} tx={} status={} error={:?}",
+                t.conn,
+                t.tx_id,
+                e.reply().code,
+                e.to_string()
+            );
             let conn = t.conn;
             self.by_conn.remove(&conn);
             self.inflight.remove(&id);
@@ -249,6 +292,7 @@ impl AgentClient {
         // Our descriptors are not needed any more: the agent fsyncs its own.
         t.files.clear();
         t.state = State::Committing;
+        t.commit_at = Some(Instant::now());
         if let Err(e) = self.send(&Request::Commit { id }) {
             if let Some(t) = self.inflight.remove(&id) {
                 self.by_conn.remove(&t.conn);
@@ -310,7 +354,13 @@ impl AgentClient {
                 let e = DeliveryError::from_wire(class, detail);
                 if t.state == State::Committing {
                     let conn = t.conn;
-                    error!("transaction {}: delivery failed: {e}", t.tx_id);
+                    error!(
+                        "event=not_delivered session={:x} tx={} status={} error={:?}",
+                        conn,
+                        t.tx_id,
+                        e.reply().code,
+                        e.to_string()
+                    );
                     self.inflight.remove(&id);
                     self.by_conn.remove(&conn);
                     self.outcomes.push_back((conn, Err(e.reply())));
@@ -321,12 +371,24 @@ impl AgentClient {
                     self.opened(id);
                 }
             }
-            Response::Done { .. } => {
+            Response::Done { names, .. } => {
                 let conn = t.conn;
-                info!(
-                    "transaction {}: delivered (agent transaction {id})",
-                    t.tx_id
-                );
+                let ms = t
+                    .commit_at
+                    .map_or(0.0, |at| at.elapsed().as_secs_f64() * 1000.0);
+                // One line per copy; the name and size come from the agent (maildir(5)
+                // names end in ",S=<size>"); only printable ASCII reaches the log.
+                for (account, name) in t.accounts.iter().zip(&names) {
+                    let name: String = name
+                        .chars()
+                        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                        .collect();
+                    let size = name.rsplit_once(",S=").map_or("?", |(_, s)| s);
+                    info!(
+                        "event=delivered session={conn:x} tx={} account={account} file=new/{name} size={size} status=250 commit_ms={ms:.1}",
+                        t.tx_id
+                    );
+                }
                 self.inflight.remove(&id);
                 self.by_conn.remove(&conn);
                 self.outcomes.push_back((conn, Ok(())));

@@ -103,8 +103,18 @@ pub fn keep_only_delivery_capabilities() -> Result<(), Errno> {
     if !privileged() {
         return Ok(());
     }
-    let mask = AGENT_CAPABILITIES.iter().fold(0u64, |m, c| m | 1 << c);
-    crate::sys::capset(mask)?;
+    let wanted = AGENT_CAPABILITIES.iter().fold(0u64, |m, c| m | 1 << c);
+    // capset can only keep what is permitted already: where the service manager or a
+    // container took some away (Docker has no CAP_DAC_READ_SEARCH), keep what is left.
+    let permitted = crate::sys::capget()?;
+    let missing = wanted & !permitted;
+    if missing != 0 {
+        log::warn!(
+            "delivery agent: capabilities {missing:#x} are not available (bounding set); \
+             without CAP_DAC_READ_SEARCH, homes only their owner may enter cannot get mail"
+        );
+    }
+    crate::sys::capset(wanted & permitted)?;
     nix::sys::prctl::set_no_new_privs()
 }
 

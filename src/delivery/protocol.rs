@@ -9,7 +9,7 @@
 //! response := kind:u8 id:u64le body
 //!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
 //!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`
-//!   Done   (3) body := -
+//!   Done   (3) body := n:u16le n * (len:u8 file-name)     name in new/ per account, in order
 //! ```
 //!
 //! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts). It
@@ -42,8 +42,11 @@ pub enum Response {
         class: u8,
         detail: String,
     },
+    /// Every copy is durable and visible: its file name in new/, per account of the Begin,
+    /// in order (for the receiver's log).
     Done {
         id: u64,
+        names: Vec<String>,
     },
 }
 
@@ -152,9 +155,9 @@ impl Request {
 impl Response {
     pub fn id(&self) -> u64 {
         match self {
-            Response::Opened { id, .. } | Response::Failed { id, .. } | Response::Done { id } => {
-                *id
-            }
+            Response::Opened { id, .. }
+            | Response::Failed { id, .. }
+            | Response::Done { id, .. } => *id,
         }
     }
 
@@ -185,7 +188,20 @@ impl Response {
                 v.extend_from_slice(&detail.as_bytes()[..end]);
                 v
             }
-            Response::Done { id } => head(3, *id),
+            Response::Done { id, names } => {
+                let mut v = head(3, *id);
+                let names = &names[..names.len().min(MAX_ACCOUNTS)];
+                v.extend_from_slice(&(names.len() as u16).to_le_bytes());
+                for n in names {
+                    let mut end = n.len().min(255);
+                    while !n.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    v.push(end as u8);
+                    v.extend_from_slice(&n.as_bytes()[..end]);
+                }
+                v
+            }
         }
     }
 
@@ -204,7 +220,19 @@ impl Response {
                 let detail = String::from_utf8_lossy(r.take(len)?).into_owned();
                 Response::Failed { id, class, detail }
             }
-            3 => Response::Done { id },
+            3 => {
+                let n = r.u16()? as usize;
+                if n > MAX_ACCOUNTS {
+                    return Err(DecodeError);
+                }
+                let mut names = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u8()? as usize;
+                    let name = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError)?;
+                    names.push(name.to_string());
+                }
+                Response::Done { id, names }
+            }
             _ => return Err(DecodeError),
         };
         r.end()?;
@@ -239,7 +267,10 @@ mod tests {
                 class: 4,
                 detail: "new is a symlink".into(),
             },
-            Response::Done { id: 3 },
+            Response::Done {
+                id: 3,
+                names: vec!["1.M2P3Q4.mx,S=5".into(), "6.M7P8Q9.mx,S=10".into()],
+            },
         ] {
             assert_eq!(Response::decode(&r.encode()), Ok(r));
         }

@@ -353,7 +353,7 @@ impl Store {
                 dev: k.map(|k| k.0),
             })
             .collect();
-        let dir_results = self.syncer.sync(&dir_targets);
+        let dir_results = self.syncer.sync_dirs(&dir_targets);
         let failed_dir = |md: &Arc<Maildir>, key: DirKey| -> Option<String> {
             dirs.iter()
                 .zip(&dir_results)

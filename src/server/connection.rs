@@ -26,9 +26,10 @@ pub struct Connection {
     out_pos: usize,
     /// The client closed its sending side (or reading failed).
     pub eof: bool,
-    /// The last read returned less than asked for: the socket was empty then, and with
-    /// edge-triggered readiness new data brings a new event, which clears this. Saves the
-    /// read(2) that would only say EAGAIN.
+    /// The last read said EAGAIN: with edge-triggered readiness, new data (or EOF) brings a
+    /// new event, which clears this. A short read does not count: data and FIN arriving
+    /// together, or urgent data, make a read return short with more to read and no new
+    /// event to come (found in review, reproduced with TCP_CORK and MSG_OOB).
     pub drained: bool,
     /// Writing failed: nothing more can reach the client.
     write_failed: bool,
@@ -79,7 +80,6 @@ impl Connection {
                 ReadStep::Data
             }
             Ok(n) => {
-                self.drained = n < buf.len();
                 self.session.receive(&buf[..n], now);
                 ReadStep::Data
             }

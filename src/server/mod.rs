@@ -392,7 +392,7 @@ impl Server {
         };
         let _ = socket.set_nodelay(true);
         let session = Session::new(self.session_config.clone(), peer, now);
-        info!("conn={id:x} connect from {addr}");
+        info!("event=connect session={id:x} peer={addr}");
         let conn = Connection::new(id, token, socket, session, addr.to_string());
         self.conns.insert(token, conn);
         // The first read uses the server's spare buffer: a fresh 64 KiB buffer per
@@ -416,7 +416,7 @@ impl Server {
             c.timer_at = None;
             if c.closing_since.is_some_and(|t| now >= t + CLOSE_GRACE) {
                 info!(
-                    "conn={:x} client did not take its last reply; dropped",
+                    "event=drop session={:x} reason=\"client did not take its last reply\"",
                     c.id
                 );
                 let c = self.conns.remove(&token);
@@ -428,7 +428,7 @@ impl Server {
                 // the client gets a 4xx instead of waiting for ever. Should the commit still
                 // complete, the client's retry makes a duplicate, never a loss.
                 warn!(
-                    "conn={:x} no answer from the delivery agent in {AGENT_TIMEOUT:?}",
+                    "event=agent_timeout session={:x} waited={AGENT_TIMEOUT:?}",
                     c.id
                 );
                 c.waiting_since = None;
@@ -519,23 +519,35 @@ impl Server {
             Event::RecipientToCheck { local_part } => {
                 let verdict = match self.resolver.resolve(&local_part) {
                     Ok(Resolution::Accounts(accounts)) => {
-                        info!("conn={:x} rcpt {local_part:?} -> {accounts:?}", c.id);
+                        info!(
+                            "event=rcpt session={:x} rcpt={local_part:?} result=accepted accounts={}",
+                            c.id,
+                            accounts.join(",")
+                        );
                         RcptVerdict::Accept(accounts)
                     }
                     Ok(Resolution::Unknown) => {
-                        info!("conn={:x} rcpt {local_part:?}: no such user", c.id);
+                        info!(
+                            "event=rcpt session={:x} rcpt={local_part:?} result=unknown",
+                            c.id
+                        );
                         RcptVerdict::NoSuchUser
                     }
                     Ok(Resolution::Uid0Refused) => {
                         warn!(
-                            "conn={:x} rcpt {local_part:?}: reaches only uid 0; refused \
-                             (alias it to a person, or --allow-root-delivery)",
+                            "event=rcpt session={:x} rcpt={local_part:?} result=refused \
+                             reason=\"reaches only uid 0 (alias it to a person, or \
+                             --allow-root-delivery)\"",
                             c.id
                         );
                         RcptVerdict::Uid0Refused
                     }
                     Err(e) => {
-                        warn!("conn={:x} rcpt {local_part:?}: {e}", c.id);
+                        warn!(
+                            "event=rcpt session={:x} rcpt={local_part:?} result=tempfail error={:?}",
+                            c.id,
+                            e.to_string()
+                        );
                         RcptVerdict::TemporaryFailure
                     }
                 };
@@ -548,23 +560,23 @@ impl Server {
                     .map_or(0, |d| d.as_secs() as i64);
                 let trace = Trace::new(&tx, &self.session_config.hostname, &id, unix);
                 info!(
-                    "conn={:x} tx={id} from=<{}> rcpts={}",
+                    "event=transaction session={:x} tx={id} from={:?} rcpts={}",
                     c.id,
-                    tx.reverse_path,
+                    format!("<{}>", tx.reverse_path),
                     tx.recipients.len()
                 );
                 self.delivery.begin(c.id, &tx, &trace, &id);
             }
             Event::MailData(chunk) => self.delivery.write(c.id, &chunk),
             Event::DataAborted => {
-                debug!("conn={:x} data aborted", c.id);
+                debug!("event=data_aborted session={:x}", c.id);
                 self.delivery.abort(c.id);
             }
             Event::EndOfData(_) => {
                 self.delivery.finish(c.id);
                 self.take_outcomes(c);
             }
-            Event::Close => debug!("conn={:x} session closing", c.id),
+            Event::Close => debug!("event=closing session={:x}", c.id),
         }
     }
 
@@ -574,7 +586,11 @@ impl Server {
     fn take_outcomes(&mut self, current: &mut Connection) {
         while let Some((id, outcome)) = self.delivery.poll_outcome() {
             if let Err(r) = &outcome {
-                info!("conn={id:x} delivery refused: {r}");
+                info!(
+                    "event=reply session={id:x} status={} reply={:?}",
+                    r.code,
+                    String::from_utf8_lossy(&r.to_bytes()).trim_end()
+                );
             }
             if id == current.id {
                 current.session.delivery_outcome(outcome);
@@ -588,7 +604,11 @@ impl Server {
     fn deliver_parked(&mut self, buf: &mut [u8]) {
         while let Some((id, outcome)) = self.delivery.poll_outcome() {
             if let Err(r) = &outcome {
-                info!("conn={id:x} delivery refused: {r}");
+                info!(
+                    "event=reply session={id:x} status={} reply={:?}",
+                    r.code,
+                    String::from_utf8_lossy(&r.to_bytes()).trim_end()
+                );
             }
             self.parked.push((id, outcome));
         }
@@ -666,7 +686,7 @@ impl Server {
         self.delivery.abort(c.id);
         // No EPOLL_CTL_DEL: closing the socket (its only descriptor) removes it from the
         // epoll set, one system call fewer per connection.
-        info!("conn={:x} closed", c.id);
+        info!("event=close session={:x}", c.id);
         drop(c);
         if self.at_capacity && self.conns.len() < self.max_connections {
             self.at_capacity = false;

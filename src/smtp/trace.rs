@@ -96,7 +96,7 @@ pub fn rfc5322_date(unix_time: i64) -> String {
 
 /// Days since 1970-01-01 to (year, month 1-12, day 1-31), proleptic Gregorian calendar
 /// (the well-known era-based conversion).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
