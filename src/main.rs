@@ -45,21 +45,9 @@ fn main() -> ExitCode {
     // and its notification socket. Both are taken out of the environment.
     let passed = inboxd::systemd::listen_fds();
     let notifier = inboxd::systemd::Notifier::from_env();
-    // The resolver is only asked when --hostname is absent.
-    let config = match cli::parse(&args, inboxd::hostname::fqdn) {
-        Ok(Cli::Run(c)) => c,
-        Ok(Cli::Help(text)) => {
-            println!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Cli::Version) => {
-            println!("inboxd {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("inboxd: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+    let config = match parse_config(&args, "", |e| eprintln!("inboxd: {e}")) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let level = match config.verbose {
         0 => "info",
@@ -84,22 +72,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// `inboxd check [options]`: the doctor (see `check`), with the options inboxd would run with.
-fn check_main(args: &[String]) -> ExitCode {
-    let config = match cli::parse(args, inboxd::hostname::fqdn) {
-        Ok(Cli::Run(c)) => c,
+/// The options, or the exit: after --help (printed after `help_head`), --version, or a
+/// usage error (reported by `report`, status 64).
+fn parse_config(
+    args: &[String],
+    help_head: &str,
+    report: impl Fn(&cli::CliError),
+) -> Result<Config, ExitCode> {
+    // The resolver is only asked when --hostname is absent.
+    match cli::parse(args, inboxd::hostname::fqdn) {
+        Ok(Cli::Run(c)) => Ok(*c),
         Ok(Cli::Help(text)) => {
-            println!("usage: inboxd check [options as for inboxd]\n\n{text}");
-            return ExitCode::SUCCESS;
+            println!("{help_head}{text}");
+            Err(ExitCode::SUCCESS)
         }
         Ok(Cli::Version) => {
             println!("inboxd {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
+            Err(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("problem: {e}");
-            return ExitCode::from(EX_USAGE);
+            report(&e);
+            Err(ExitCode::from(EX_USAGE))
         }
+    }
+}
+
+/// `inboxd check [options]`: the doctor (see `check`), with the options inboxd would run with.
+fn check_main(args: &[String]) -> ExitCode {
+    let head = "usage: inboxd check [options as for inboxd]\n\n";
+    let config = match parse_config(args, head, |e| println!("problem: {e}")) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let report = inboxd::check::run(&config);
     for line in &report.lines {

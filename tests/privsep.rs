@@ -140,6 +140,16 @@ fn an_unprivileged_run_needs_no_root() {
     }
 }
 
+/// Stops `pid` (SIGSTOP) until the returned guard is dropped.
+fn stop(pid: u32) -> Continue {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    Continue(pid)
+}
+
 /// Continues a stopped process however the test ends.
 struct Continue(u32);
 
@@ -161,13 +171,7 @@ fn a_stalled_agent_does_not_stall_the_receiver() {
     const CLIENTS: usize = 700;
     let dir = TempDir::new("agentstall");
     let server = Server::start_in(dir.path(), &[]);
-    let agent = agent_of(&server);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
-    let guard = Continue(agent);
+    let guard = stop(agent_of(&server));
     let tok = token();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -217,16 +221,7 @@ fn the_agent_starts_without_cap_dac_read_search() {
         "--",
         env!("CARGO_BIN_EXE_inboxd"),
     ]);
-    let server = Server::spawn(
-        cmd,
-        &[
-            "--maildir-root",
-            dir.path().to_str().unwrap(),
-            "--aliases",
-            "/dev/null",
-            "--allow-root-delivery",
-        ],
-    );
+    let server = Server::spawn_in(cmd, dir.path(), &[]);
     let tok = token();
     assert!(server
         .deliver(&["nobody"], &message(&tok))
@@ -254,23 +249,8 @@ fn hung_up_transactions_do_not_pile_up_for_a_stalled_agent() {
     // RUST_LOG reaches the agent too (it logs each Abort at debug level).
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_inboxd"));
     cmd.env("RUST_LOG", "debug");
-    let server = Server::spawn(
-        cmd,
-        &[
-            "--maildir-root",
-            dir.path().to_str().unwrap(),
-            "--aliases",
-            "/dev/null",
-            "--allow-root-delivery",
-        ],
-    );
-    let agent = agent_of(&server);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
-    let guard = Continue(agent);
+    let server = Server::spawn_in(cmd, dir.path(), &[]);
+    let guard = stop(agent_of(&server));
     for _ in 0..CYCLES {
         let mut c = server.connect();
         c.send(b"HELO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<nobody@localhost>\r\nDATA\r\n");

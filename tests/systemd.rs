@@ -38,16 +38,7 @@ fn notifications_over(sock: UnixDatagram, value: &str) {
     let dir = TempDir::new("notify");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inboxd"));
     cmd.env("NOTIFY_SOCKET", value);
-    let server = Server::spawn(
-        cmd,
-        &[
-            "--maildir-root",
-            dir.path().to_str().unwrap(),
-            "--aliases",
-            "/dev/null",
-            "--allow-root-delivery",
-        ],
-    );
+    let server = Server::spawn_in(cmd, dir.path(), &[]);
     let ready = wait_for(&sock, "READY=1");
     assert!(ready.contains("STATUS=accepting mail on"), "{ready}");
     let agent = proc_children(server.child.id());
@@ -108,16 +99,7 @@ fn a_socket_passed_by_the_service_manager_is_used() {
     cmd.args(["-c", ACTIVATE, env!("CARGO_BIN_EXE_inboxd")]);
     // Server::spawn adds --listen 127.0.0.1:0: the passed socket replaces it, and the port
     // inboxd reports is the passed socket's.
-    let server = Server::spawn(
-        cmd,
-        &[
-            "--maildir-root",
-            dir.path().to_str().unwrap(),
-            "--aliases",
-            "/dev/null",
-            "--allow-root-delivery",
-        ],
-    );
+    let server = Server::spawn_in(cmd, dir.path(), &[]);
     let tok = token();
     assert!(server
         .deliver(&["root"], &message(&tok))
@@ -148,16 +130,7 @@ fn listen_fds_for_another_process_are_ignored() {
     let dir = TempDir::new("notours");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inboxd"));
     cmd.env("LISTEN_FDS", "1").env("LISTEN_PID", "1");
-    let server = Server::spawn(
-        cmd,
-        &[
-            "--maildir-root",
-            dir.path().to_str().unwrap(),
-            "--aliases",
-            "/dev/null",
-            "--allow-root-delivery",
-        ],
-    );
+    let server = Server::spawn_in(cmd, dir.path(), &[]);
     let mut c = server.connect();
     assert!(c.cmd("NOOP").starts_with("250 "));
 }

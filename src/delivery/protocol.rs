@@ -84,6 +84,21 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
+    /// `n:u16le n * (len:u8 utf-8)`, at most [`MAX_ACCOUNTS`] of them.
+    fn names(&mut self) -> Result<Vec<String>, DecodeError> {
+        let n = self.u16()? as usize;
+        if n > MAX_ACCOUNTS {
+            return Err(DecodeError);
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.u8()? as usize;
+            let name = std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError)?;
+            out.push(name.to_string());
+        }
+        Ok(out)
+    }
+
     fn end(&self) -> Result<(), DecodeError> {
         if self.b.is_empty() {
             Ok(())
@@ -131,15 +146,9 @@ impl Request {
         let id = r.u64()?;
         let req = match kind {
             1 => {
-                let n = r.u16()? as usize;
-                if n == 0 || n > MAX_ACCOUNTS {
+                let accounts = r.names()?;
+                if accounts.is_empty() {
                     return Err(DecodeError);
-                }
-                let mut accounts = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let len = r.u8()? as usize;
-                    let name = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError)?;
-                    accounts.push(name.to_string());
                 }
                 Request::Begin { id, accounts }
             }
@@ -220,19 +229,10 @@ impl Response {
                 let detail = String::from_utf8_lossy(r.take(len)?).into_owned();
                 Response::Failed { id, class, detail }
             }
-            3 => {
-                let n = r.u16()? as usize;
-                if n > MAX_ACCOUNTS {
-                    return Err(DecodeError);
-                }
-                let mut names = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let len = r.u8()? as usize;
-                    let name = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError)?;
-                    names.push(name.to_string());
-                }
-                Response::Done { id, names }
-            }
+            3 => Response::Done {
+                id,
+                names: r.names()?,
+            },
             _ => return Err(DecodeError),
         };
         r.end()?;

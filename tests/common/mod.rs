@@ -26,6 +26,12 @@ impl Server {
     /// deliver to the one account every host has, root: run as root, that needs
     /// `--allow-root-delivery` (the default refusal has its own tests).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        Server::spawn_in(Command::new(env!("CARGO_BIN_EXE_inboxd")), dir, extra)
+    }
+
+    /// Like [`Server::start_in`], started by `cmd` (a wrapper, or inboxd with its own
+    /// environment).
+    pub fn spawn_in(cmd: Command, dir: &Path, extra: &[&str]) -> Server {
         let root = dir.to_str().expect("utf-8 path");
         let mut args = vec![
             "--maildir-root",
@@ -35,7 +41,7 @@ impl Server {
             "--allow-root-delivery",
         ];
         args.extend_from_slice(extra);
-        Server::start(&args)
+        Server::spawn(cmd, &args)
     }
 
     /// Like [`Server::start`], run as `uid`/`gid` from the start (never root).
