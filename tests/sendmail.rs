@@ -45,15 +45,8 @@ fn run(bin: &Path, port: u16, args: &[&str], input: &str) -> (i32, String, Strin
 #[test]
 fn a_message_from_cron_reaches_the_person_root_is_aliased_to() {
     let dir = TempDir::new("sendmail-cron");
-    let aliases = dir.path().join("aliases");
-    std::fs::write(&aliases, "root: nobody\n").unwrap();
+    let (server, _) = Server::start_with_aliases(dir.path(), "root: nobody\n", &[]);
     let mail = dir.path().join("mail");
-    let server = Server::start(&[
-        "--maildir-root",
-        mail.to_str().unwrap(),
-        "--aliases",
-        aliases.to_str().unwrap(),
-    ]);
     let (_l, bin) = links();
     let tok = token();
     // What cron runs (Debian's cron 3.0).
@@ -139,16 +132,8 @@ fn exit_statuses_follow_sysexits() {
 #[test]
 fn newaliases_reports_problems_and_tells_inboxd_to_reload() {
     let dir = TempDir::new("newaliases");
-    let aliases = dir.path().join("aliases");
-    std::fs::write(&aliases, "staff: root\n").unwrap();
-    let mail = dir.path().join("mail");
-    let server = Server::start(&[
-        "--maildir-root",
-        mail.to_str().unwrap(),
-        "--aliases",
-        aliases.to_str().unwrap(),
-        "--allow-root-delivery",
-    ]);
+    let (server, aliases) =
+        Server::start_with_aliases(dir.path(), "staff: root\n", &["--allow-root-delivery"]);
     std::fs::write(
         &aliases,
         "staff: root\nops: |/bin/sh\nfriend: x@remote.example\n",

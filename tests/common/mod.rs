@@ -29,6 +29,22 @@ impl Server {
         Server::spawn_in(Command::new(env!("CARGO_BIN_EXE_inboxd")), dir, extra)
     }
 
+    /// inboxd delivering into `dir/mail/ACCOUNT/`, with `aliases` written to `dir/aliases`
+    /// (and read from there on SIGHUP). Returns the server and the aliases file's path.
+    pub fn start_with_aliases(dir: &Path, aliases: &str, extra: &[&str]) -> (Server, PathBuf) {
+        let file = dir.join("aliases");
+        std::fs::write(&file, aliases).expect("write aliases");
+        let mail = dir.join("mail");
+        let mut args = vec![
+            "--maildir-root",
+            mail.to_str().expect("utf-8 path"),
+            "--aliases",
+            file.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        (Server::start(&args), file)
+    }
+
     /// Like [`Server::start_in`], started by `cmd` (a wrapper, or inboxd with its own
     /// environment).
     pub fn spawn_in(cmd: Command, dir: &Path, extra: &[&str]) -> Server {
