@@ -183,3 +183,39 @@ fn ipv6_listener_and_literals_of_every_listening_address() {
     assert!(c.cmd("RCPT TO:<root@[127.0.0.2]>").starts_with("550 5.7.1"));
     assert!(c.cmd("RCPT TO:<root@[IPv6:::2]>").starts_with("550 5.7.1"));
 }
+
+/// maildir(5): files left in tmp/ for 36 hours (a delivery cut short by a crash) are removed
+/// when the Maildir is next opened; younger ones, and everything else, are left alone.
+#[test]
+fn tmp_files_older_than_36_hours_are_cleaned() {
+    let dir = TempDir::new("tmpclean");
+    let md = dir.path().join("root");
+    for d in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(md.join(d)).unwrap();
+    }
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 3600);
+    let old = md.join("tmp").join("1.M1P1Q1.crashed");
+    let young = md.join("tmp").join("2.M2P2Q2.recent");
+    for f in [&old, &young] {
+        std::fs::write(f, "partial").unwrap();
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(long_ago)
+                .set_modified(long_ago),
+        )
+        .unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let tok = token();
+    assert!(server
+        .deliver(&["root"], &message(&tok))
+        .starts_with("250 "));
+    assert!(!old.exists(), "a 40-hour-old tmp file is still there");
+    assert!(young.exists(), "a fresh tmp file was removed");
+    assert_eq!(messages_with(&md, &tok).len(), 1);
+    assert!(server.wait_log("event=tmp_cleaned account=root files=1"));
+}

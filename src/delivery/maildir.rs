@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD};
-use nix::sys::stat::{fstat, mkdirat, Mode};
+use nix::libc as libc_mode;
+use nix::sys::stat::{fstat, fstatat, mkdirat, Mode};
 use nix::unistd::{fchown, fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use super::privileges::as_user;
@@ -186,6 +187,45 @@ impl Maildir {
             unlinkat(&self.new, name, UnlinkatFlags::NoRemoveDir)
         });
         let _ = fsync(&self.new);
+    }
+
+    /// Removes files in tmp/ neither read nor written (atime, mtime) for `age` or longer: what a
+    /// delivery that never finished (an agent killed mid-transaction, a crash) left there.
+    /// maildir(5) says 36 hours. Only regular files directly in tmp/ are considered, and it
+    /// runs as the recipient. Returns how many were removed; errors stop it quietly (it is
+    /// housekeeping, never a reason to refuse mail).
+    pub fn clean_tmp(&self, age: std::time::Duration, now_unix: i64) -> usize {
+        let limit = now_unix - age.as_secs() as i64;
+        let work = || -> Result<usize, Errno> {
+            let mut dir = nix::dir::Dir::openat(&self.tmp, ".", DIR_FLAGS, Mode::empty())?;
+            let mut old = Vec::new();
+            for entry in dir.iter() {
+                let entry = entry?;
+                let name = entry.file_name().to_owned();
+                if name.as_bytes().starts_with(b".") {
+                    continue;
+                }
+                let Ok(st) = fstatat(&self.tmp, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                else {
+                    continue;
+                };
+                let touched = st.st_atime.max(st.st_mtime);
+                if st.st_mode & libc_mode::S_IFMT == libc_mode::S_IFREG && touched < limit {
+                    old.push(name);
+                }
+            }
+            let mut removed = 0;
+            for name in old {
+                if unlinkat(&self.tmp, name.as_c_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        };
+        as_user(self.owner.uid, self.owner.gid, work)
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0)
     }
 
     /// The new/ directory's descriptor, to be made durable by the syncer.

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::warn;
+use log::{info, warn};
 use nix::sys::stat::fstat;
 
 use super::maildir::{Maildir, Owner};
@@ -39,6 +39,11 @@ const MAILDIR_CACHE: usize = 256;
 /// A new/ directory's identity: (st_dev, st_ino), when its fstat worked.
 type DirKey = Option<(u64, u64)>;
 
+/// maildir(5): files left in tmp/ for 36 hours are removed.
+const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+/// How often one Maildir's tmp/ is looked at for such files.
+const TMP_CLEAN_EVERY: Duration = Duration::from_secs(3600);
+
 /// An opened Maildir and the identity of its new/ directory.
 struct Opened {
     maildir: Arc<Maildir>,
@@ -62,6 +67,8 @@ pub struct Store {
     allow_root: bool,
     pending: HashMap<u64, Vec<Copy>>,
     maildirs: HashMap<String, Opened>,
+    /// When each account's tmp/ was last cleaned.
+    cleaned: HashMap<String, Instant>,
     syncer: Syncer,
     counter: u64,
     pid: u32,
@@ -100,6 +107,7 @@ impl Store {
             allow_root,
             pending: HashMap::new(),
             maildirs: HashMap::new(),
+            cleaned: HashMap::new(),
             syncer: Syncer::new(Policy::Adaptive),
             counter: 0,
             pid: std::process::id(),
@@ -132,6 +140,23 @@ impl Store {
         }
         let maildir = Arc::new(self.open_maildir(account)?);
         let new_key = maildir.new_dir_key();
+        if self
+            .cleaned
+            .get(account)
+            .is_none_or(|at| now.duration_since(*at) >= TMP_CLEAN_EVERY)
+        {
+            if self.cleaned.len() >= 4096 {
+                self.cleaned.clear();
+            }
+            self.cleaned.insert(account.to_string(), now);
+            let unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let n = maildir.clean_tmp(TMP_MAX_AGE, unix);
+            if n > 0 {
+                info!("event=tmp_cleaned account={account} files={n} older_than=36h");
+            }
+        }
         if self.maildirs.len() >= MAILDIR_CACHE {
             self.maildirs
                 .retain(|_, o| now.duration_since(o.at) < MAILDIR_TTL);
