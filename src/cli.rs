@@ -76,6 +76,14 @@ fn options() -> Options {
     );
     o.optopt(
         "",
+        "max-connections-per-ip",
+        &format!(
+            "concurrent connections from one client address; more get 421 (default {DEFAULT_MAX_PER_IP})"
+        ),
+        "N",
+    );
+    o.optopt(
+        "",
         "max-errors",
         &format!("bad commands before a session is ended with 421 (default {DEFAULT_MAX_ERRORS})"),
         "N",
@@ -203,6 +211,13 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
     if max_connections == 0 {
         return Err(CliError::Usage("--max-connections: at least 1".into()));
     }
+    let max_connections_per_ip =
+        number::<usize>(&m, "max-connections-per-ip")?.unwrap_or(DEFAULT_MAX_PER_IP);
+    if max_connections_per_ip == 0 {
+        return Err(CliError::Usage(
+            "--max-connections-per-ip: at least 1".into(),
+        ));
+    }
     let max_errors = number::<u32>(&m, "max-errors")?.unwrap_or(DEFAULT_MAX_ERRORS);
     if max_errors == 0 {
         return Err(CliError::Usage("--max-errors: at least 1".into()));
@@ -235,6 +250,7 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
         max_message_size,
         max_recipients,
         max_connections,
+        max_connections_per_ip,
         max_errors,
         timeout,
         lowercase_fallback: !m.opt_present("no-lowercase-fallback"),

@@ -13,6 +13,9 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
 pub const MIN_MAX_RECIPIENTS: usize = 100;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// Concurrent connections from one client address: a tenth of the global cap, room for a busy
+/// relaying host (and the conformance suite's 50 concurrent sessions).
+pub const DEFAULT_MAX_PER_IP: usize = 100;
 /// RFC 5321 4.5.3.2.7: at least 5 minutes.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// One day: long enough for anything, short enough that deadlines cannot overflow.
@@ -35,6 +38,8 @@ pub struct Config {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// `--max-connections-per-ip`: concurrent connections from one client address.
+    pub max_connections_per_ip: usize,
     pub max_errors: u32,
     pub timeout: Duration,
     pub lowercase_fallback: bool,

@@ -271,7 +271,7 @@ fn run(
         session_config,
         resolver,
         delivery,
-        config.max_connections,
+        (config.max_connections, config.max_connections_per_ip),
         config.aliases.clone(),
     )
     .map_err(|e| (EX_OSERR, e.to_string()))?;

@@ -170,7 +170,7 @@ impl Drop for Continue {
 fn a_stalled_agent_does_not_stall_the_receiver() {
     const CLIENTS: usize = 700;
     let dir = TempDir::new("agentstall");
-    let server = Server::start_in(dir.path(), &[]);
+    let server = Server::start_in(dir.path(), &["--max-connections-per-ip", "1000"]);
     let guard = stop(agent_of(&server));
     let tok = token();
     let mut clients = Vec::new();

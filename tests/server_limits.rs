@@ -104,3 +104,23 @@ fn aliases_are_local_only_and_reloaded_on_sighup() {
     assert_eq!(messages_with(&mail.join("root"), &tok).len(), 0);
     assert_eq!(messages_with(&mail.join("nobody"), &tok).len(), 1);
 }
+
+/// One client address gets at most --max-connections-per-ip connections: the next gets
+/// 421 4.7.0 at once and is closed; when one ends, the address may connect again.
+#[test]
+fn connections_per_client_address_are_limited() {
+    let dir = TempDir::new("perip");
+    let server = Server::start_in(dir.path(), &["--max-connections-per-ip", "2"]);
+    let c1 = server.connect();
+    let mut c2 = server.connect();
+    let mut c3 = Client::connect_only(server.port);
+    let r = c3.reply();
+    assert!(r.starts_with("421 4.7.0 "), "{r}");
+    assert!(c3.closed());
+    assert!(c2.cmd("NOOP").starts_with("250 "));
+    drop(c1);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c4 = server.connect();
+    assert!(c4.cmd("NOOP").starts_with("250 "));
+    assert!(server.wait_log("event=refused peer=127.0.0.1:"));
+}

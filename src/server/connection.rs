@@ -22,6 +22,8 @@ pub struct Connection {
     pub socket: TcpStream,
     pub session: Session,
     pub peer: String,
+    /// The client's address, for the per-address connection count.
+    pub ip: std::net::IpAddr,
     out: Vec<u8>,
     out_pos: usize,
     /// The client closed its sending side (or reading failed).
@@ -49,13 +51,20 @@ pub enum ReadStep {
 }
 
 impl Connection {
-    pub fn new(id: u64, token: Token, socket: TcpStream, session: Session, peer: String) -> Self {
+    pub fn new(
+        id: u64,
+        token: Token,
+        socket: TcpStream,
+        session: Session,
+        peer: std::net::SocketAddr,
+    ) -> Self {
         Connection {
             id,
             token,
             socket,
             session,
-            peer,
+            peer: peer.to_string(),
+            ip: peer.ip(),
             out: Vec::new(),
             out_pos: 0,
             eof: false,

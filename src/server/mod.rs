@@ -59,6 +59,10 @@ pub struct Server {
     resolver: Resolver,
     delivery: AgentClient,
     max_connections: usize,
+    /// Connections from one client address at most (`--max-connections-per-ip`).
+    max_per_ip: usize,
+    /// Open connections per client address.
+    per_ip: HashMap<std::net::IpAddr, usize>,
     next_id: u64,
     /// Accepting is paused until then (resource exhaustion).
     accept_paused_until: Option<Instant>,
@@ -104,7 +108,7 @@ impl Server {
         session_config: SessionConfig,
         resolver: Resolver,
         delivery: AgentClient,
-        max_connections: usize,
+        (max_connections, max_per_ip): (usize, usize),
         aliases_path: PathBuf,
     ) -> Result<Server, ServerError> {
         let setup = |what: &str| {
@@ -155,6 +159,8 @@ impl Server {
             resolver,
             delivery,
             max_connections: max_connections.max(1),
+            max_per_ip: max_per_ip.max(1),
+            per_ip: HashMap::new(),
             next_id: 0,
             accept_paused_until: None,
             at_capacity: false,
@@ -346,6 +352,11 @@ impl Server {
                     return;
                 }
                 match self.listeners[i].accept() {
+                    Ok((socket, addr))
+                        if self.per_ip.get(&addr.ip()).copied().unwrap_or(0) >= self.max_per_ip =>
+                    {
+                        refuse_busy(socket, addr, self.max_per_ip)
+                    }
                     Ok((socket, addr)) => self.add_connection(socket, addr, now),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -393,7 +404,8 @@ impl Server {
         let _ = socket.set_nodelay(true);
         let session = Session::new(self.session_config.clone(), peer, now);
         info!("event=connect session={id:x} peer={addr}");
-        let conn = Connection::new(id, token, socket, session, addr.to_string());
+        *self.per_ip.entry(addr.ip()).or_insert(0) += 1;
+        let conn = Connection::new(id, token, socket, session, addr);
         self.conns.insert(token, conn);
         // The first read uses the server's spare buffer: a fresh 64 KiB buffer per
         // connection was zeroed for nothing.
@@ -684,6 +696,12 @@ impl Server {
         // Whatever was in progress is dropped: a transaction without its final reply was
         // never accepted.
         self.delivery.abort(c.id);
+        if let Some(n) = self.per_ip.get_mut(&c.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&c.ip);
+            }
+        }
         // No EPOLL_CTL_DEL: closing the socket (its only descriptor) removes it from the
         // epoll set, one system call fewer per connection.
         info!("event=close session={:x}", c.id);
@@ -693,4 +711,17 @@ impl Server {
             self.accept(Instant::now());
         }
     }
+}
+
+/// A client over its address's connection limit: one 421 (RFC 5321 3.8: a server may refuse
+/// at the greeting) written without waiting, and the connection closed.
+fn refuse_busy(mut socket: mio::net::TcpStream, addr: std::net::SocketAddr, limit: usize) {
+    use std::io::Write;
+    warn!("event=refused peer={addr} reason=\"more than {limit} connections from this address\"");
+    let reply = Reply::new(
+        421,
+        "4.7.0",
+        "Too many connections from your address, try again later",
+    );
+    let _ = socket.write_all(&reply.to_bytes());
 }
