@@ -33,6 +33,9 @@ pub struct Connection {
     /// together, or urgent data, make a read return short with more to read and no new
     /// event to come (found in review, reproduced with TCP_CORK and MSG_OOB).
     pub drained: bool,
+    /// Its session may go on with buffered input, but had its share of this turn: the next
+    /// turn (from the ready list) resumes it.
+    pub resume_pending: bool,
     /// Writing failed: nothing more can reach the client.
     write_failed: bool,
     interest: Option<Interest>,
@@ -69,6 +72,7 @@ impl Connection {
             out_pos: 0,
             eof: false,
             drained: false,
+            resume_pending: false,
             write_failed: false,
             interest: None,
             timer_at: None,

@@ -46,6 +46,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Reads (of up to 64 KiB) one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
+/// Times per turn a connection's session may go on with buffered input after its replies
+/// were written (each time at most OUTPUT_HIGH_WATER of replies): a client pipelining
+/// without end gets one step, then the others get theirs.
+const RESUMES_PER_TURN: usize = 1;
 
 pub struct Server {
     poll: Poll,
@@ -464,6 +468,7 @@ impl Server {
             return;
         };
         let mut reads = 0;
+        let mut resumes = 0;
         loop {
             let now = Instant::now();
             let mut progress = false;
@@ -484,11 +489,22 @@ impl Server {
                 progress = true;
                 self.handle_event(&mut c, ev);
             }
-            if c.flush() && !c.session.is_closed() && !c.session.is_waiting() {
+            let flushed = c.flush();
+            if (flushed || c.resume_pending) && !c.session.is_closed() && !c.session.is_waiting() {
                 // Replies were held back by the output limit: let the session go on with
-                // the input it has buffered (it may answer, or ask for a lookup).
-                c.session.receive(&[], now);
-                progress = true;
+                // the input it has buffered (it may answer, or ask for a lookup), once per
+                // turn; then it waits on the ready list behind the others.
+                if resumes < RESUMES_PER_TURN {
+                    resumes += 1;
+                    c.resume_pending = false;
+                    c.session.receive(&[], now);
+                    progress = true;
+                } else {
+                    c.resume_pending = true;
+                    if !self.ready.contains(&token) {
+                        self.ready.push_back(token);
+                    }
+                }
             }
             if c.done() || !progress {
                 break;

@@ -29,8 +29,13 @@ pub const MAX_ACCOUNTS: usize = 250;
 /// RFC 5321 6.3 suggests refusing mail with "more than 100 Received" fields as a loop.
 pub const MAX_RECEIVED: usize = 100;
 /// Replies waiting to be sent beyond this stop the processing of pipelined input until the
-/// server has written them, so a client that never reads cannot grow our memory.
-const OUTPUT_HIGH_WATER: usize = 64 * 1024;
+/// server has written them, so a client that never reads cannot grow our memory. It is also
+/// the most work one step does for one client (about 500 NOOPs): with 100 clients flooding
+/// NOOPs and never reading, 64 KiB let a newcomer wait 2.8 s for its NOOP reply
+/// (reliability/abuse-figures).
+const OUTPUT_HIGH_WATER: usize = 8 * 1024;
+/// Unprocessed input beyond this stops reading until the session has caught up.
+const INPUT_BACKLOG: usize = 64 * 1024;
 
 /// Settings a session needs. Domain names in `local_domains` are lower case.
 #[derive(Debug, Clone)]
@@ -207,10 +212,15 @@ impl Session {
             }
             self.input.extend_from_slice(bytes);
         }
+        let consumed_before = self.consumed;
         self.process();
-        if !bytes.is_empty() {
-            // After processing, so the timeout is the one of the phase the bytes led to
-            // (the 354 starts the DATA timeout, the final dot ends it).
+        // Only progress moves the deadline: in the command phase a complete command, in DATA
+        // any mail data taken. A client dripping a byte at a time into a command that never
+        // ends (slowloris) still meets the command timeout (RFC 5321 4.5.3.2.7: the time
+        // allowed for the next command, not between two bytes of it). After processing, so
+        // the timeout is the one of the phase the bytes led to (the 354 starts the DATA
+        // timeout, the final dot ends it).
+        if !bytes.is_empty() && self.consumed > consumed_before {
             self.touch(now);
         }
         if self.consumed == self.input.len() {
@@ -282,11 +292,14 @@ impl Session {
         }
     }
 
-    /// Whether the server should read more from the client now.
+    /// Whether the server should read more from the client now: not while replies or
+    /// unprocessed input pile up (a pipelining client is taken a step at a time, and its
+    /// backlog stays in the kernel's socket buffer, not in ours).
     pub fn wants_read(&self) -> bool {
         matches!(self.phase, Phase::Command | Phase::Data(_))
             && !self.peer_eof
             && self.output.len() < OUTPUT_HIGH_WATER
+            && self.input.len() - self.consumed < INPUT_BACKLOG
     }
 
     /// Whether events wait in [`Session::poll_event`].
@@ -813,6 +826,21 @@ mod tests {
             Some(Event::RecipientToCheck { .. })
         ));
         s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+    }
+
+    #[test]
+    fn a_command_dripped_byte_by_byte_still_times_out() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        for (i, b) in b"HELO slowly.example".iter().enumerate() {
+            s.receive(&[*b], t0 + Duration::from_secs(10 * i as u64 + 10));
+        }
+        s.handle_timeout(t0 + Duration::from_secs(300));
+        assert!(
+            text(&mut s).starts_with("421 4.4.2 "),
+            "a byte every 10 s kept it alive"
+        );
+        assert!(s.is_closed());
     }
 
     #[test]
