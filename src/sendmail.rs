@@ -183,6 +183,14 @@ fn sendmail(args: &[String]) -> u8 {
         eprintln!("sendmail: no recipients");
         return EX_USAGE;
     }
+    // Addresses go into SMTP command lines: nothing that could end or extend one.
+    if let Some(bad) = std::iter::once(&sender)
+        .chain(&recipients)
+        .find(|a| !plain_address(a))
+    {
+        eprintln!("sendmail: {bad:?} is not an address");
+        return EX_USAGE;
+    }
     let server = std::env::var("INBOXD_SMTP").unwrap_or_else(|_| DEFAULT_SERVER.to_string());
     match submit(&server, &hostname, &sender, &recipients, &msg.data) {
         Ok(status) => status,
@@ -295,6 +303,15 @@ impl Message {
         });
         Message { data, recipients }
     }
+}
+
+/// Visible ASCII without angle brackets, at most 256 octets: safe inside `<...>` on an SMTP
+/// command line (the server checks the syntax itself).
+pub fn plain_address(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= 256
+        && a.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>')
 }
 
 /// RFC 5322 phrase: quoted unless it is plain atoms and spaces.
@@ -607,6 +624,15 @@ mod tests {
         let m = Message::prepare(b"From: x@y\n\n.\nmore\n", &req, "s@h", None, 0, "i@h");
         let text = String::from_utf8(m.data).unwrap();
         assert!(text.ends_with("From: x@y\r\n\r\n.\r\nmore\r\n"), "{text}");
+    }
+
+    #[test]
+    fn addresses_cannot_carry_commands() {
+        assert!(plain_address("alice@example.org"));
+        assert!(plain_address("root"));
+        for bad in ["a\r\nRSET", "a b", "a>", "", "\u{e9}@x"] {
+            assert!(!plain_address(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -59,11 +59,6 @@ impl Notifier {
             }
         }
     }
-
-    /// Whether a service manager is listening.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
 }
 
 /// The listening TCP sockets systemd passed (socket activation), as non-blocking, close-on-

@@ -56,6 +56,13 @@ struct InFlight {
     state: State,
 }
 
+/// A request waiting for room on the agent's socket.
+struct Queued {
+    id: u64,
+    begin: bool,
+    msg: Vec<u8>,
+}
+
 /// The agent went away (or spoke nonsense): the server must stop.
 #[derive(Debug)]
 pub struct AgentGone(pub String);
@@ -75,7 +82,7 @@ pub struct AgentClient {
     /// instead of joining it, so what waits belongs to live transactions (or to Begins the
     /// agent already has), and at most [`OUTBOX_LIMIT`] requests wait: beyond, a new
     /// transaction gets 451.
-    outbox: VecDeque<(u64, Vec<u8>)>,
+    outbox: VecDeque<Queued>,
     /// A send failed: the agent is gone; reported by the next `flush` or `on_readable`.
     broken: Option<String>,
     /// The agent is gone and that was reported: nothing is sent any more.
@@ -119,16 +126,7 @@ impl AgentClient {
         if let Request::Abort { id } = r {
             // Its Begin never left (and so nothing after it did): forget both. A Commit is
             // only sent once the Begin was answered, so a queued Begin is all there is.
-            let begin = Request::Begin {
-                id: *id,
-                accounts: Vec::new(),
-            }
-            .encode()[0];
-            if let Some(i) = self
-                .outbox
-                .iter()
-                .position(|(q, m)| q == id && m.first() == Some(&begin))
-            {
+            if let Some(i) = self.outbox.iter().position(|q| q.id == *id && q.begin) {
                 self.outbox.remove(i);
                 return Ok(());
             }
@@ -150,7 +148,11 @@ impl AgentClient {
                 }
             }
         }
-        self.outbox.push_back((r.id(), msg));
+        self.outbox.push_back(Queued {
+            id: r.id(),
+            begin: matches!(r, Request::Begin { .. }),
+            msg,
+        });
         Ok(())
     }
 
@@ -165,8 +167,8 @@ impl AgentClient {
         if let Some(why) = self.broken.take() {
             return Err(self.fail_all(&why));
         }
-        while let Some((_, msg)) = self.outbox.front() {
-            match channel::try_send(self.sock.as_fd(), msg) {
+        while let Some(q) = self.outbox.front() {
+            match channel::try_send(self.sock.as_fd(), &q.msg) {
                 Ok(true) => {
                     self.outbox.pop_front();
                 }

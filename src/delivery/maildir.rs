@@ -169,11 +169,6 @@ impl Maildir {
         .map_err(|e| DeliveryError::io(e, format!("rename into new/{new_name}")))
     }
 
-    /// Makes the new/ directory entries durable (the step most MTAs skip).
-    pub fn sync_new(&self) -> Result<(), DeliveryError> {
-        fsync(&self.new).map_err(|e| DeliveryError::io(e, "fsync of new/"))
-    }
-
     /// Best-effort removal, for clean-up after a failure.
     pub fn remove_tmp(&self, name: &str) {
         let _ = as_user(self.owner.uid, self.owner.gid, || {

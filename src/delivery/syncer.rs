@@ -59,19 +59,11 @@ struct Pool {
 pub struct Syncer {
     policy: Policy,
     pool: Option<Pool>,
-    /// How many batches went each way, for the log.
-    pub syncfs_batches: u64,
-    pub fsync_batches: u64,
 }
 
 impl Syncer {
     pub fn new(policy: Policy) -> Syncer {
-        Syncer {
-            policy,
-            pool: None,
-            syncfs_batches: 0,
-            fsync_batches: 0,
-        }
+        Syncer { policy, pool: None }
     }
 
     /// Makes directories durable: always one fsync each (concurrently), never syncfs, whose
@@ -89,10 +81,8 @@ impl Syncer {
             return Vec::new();
         }
         if self.policy == Policy::Adaptive && targets.len() > 1 && little_dirty() {
-            self.syncfs_batches += 1;
             return by_syncfs(targets);
         }
-        self.fsync_batches += 1;
         if self.policy == Policy::SerialFsync || targets.len() == 1 {
             return targets.iter().map(|t| fsync(&t.fd)).collect();
         }
