@@ -86,7 +86,9 @@ fn no_argument(arg: &[u8], cmd: Command, verb: &str) -> Result<Command, Reply> {
 
 fn required_string(arg: &[u8], verb: &str) -> Result<String, Reply> {
     let arg = trim(arg);
-    if arg.is_empty() {
+    // RFC 5321 4.1.2: String is an Atom or a Quoted-string, printable US-ASCII and spaces; a
+    // control or 8-bit octet is a syntax error (found by fuzzing: they used to be accepted).
+    if arg.is_empty() || !arg.iter().all(|&b| (32..=126).contains(&b)) {
         return Err(Reply::new(501, "5.5.4", format!("Syntax: {verb} string")));
     }
     Ok(String::from_utf8_lossy(arg).into_owned())
@@ -255,6 +257,8 @@ mod tests {
         assert_eq!(code("RCPT TO:<>"), 501);
         assert_eq!(code("DATA now"), 501);
         assert_eq!(code("VRFY"), 501);
+        assert_eq!(code("VRFY a\x07b"), 501);
+        assert_eq!(code("EXPN \u{e9}"), 501);
         assert_eq!(code("RCPT TO:<\u{e9}@b>"), 553);
     }
 

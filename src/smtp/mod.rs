@@ -6,6 +6,8 @@
 
 pub mod command;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod path;
 pub mod reply;
 pub mod session;

@@ -147,6 +147,9 @@ struct DataState {
     decoder: DataDecoder,
     headers: HeaderScan,
     fault: Option<Reply>,
+    /// DataAborted was sent: a fault in the data, then a timeout or shutdown before its end,
+    /// must not abort twice (found by fuzzing).
+    aborted: bool,
 }
 
 #[derive(Debug)]
@@ -245,9 +248,7 @@ impl Session {
             return;
         }
         if self.deadline.is_some_and(|d| now >= d) {
-            if let Phase::Data(_) = self.phase {
-                self.events.push_back(Event::DataAborted);
-            }
+            self.abort_data();
             let text = format!(
                 "{} Timeout waiting for client input, closing",
                 self.config.hostname
@@ -262,9 +263,7 @@ impl Session {
         if matches!(self.phase, Phase::Closed) {
             return;
         }
-        if let Phase::Data(_) = self.phase {
-            self.events.push_back(Event::DataAborted);
-        }
+        self.abort_data();
         let text = format!("{} Service shutting down, closing", self.config.hostname);
         self.reply(Reply::new(421, "4.3.2", text));
         self.close();
@@ -300,6 +299,16 @@ impl Session {
             && !self.peer_eof
             && self.output.len() < OUTPUT_HIGH_WATER
             && self.input.len() - self.consumed < INPUT_BACKLOG
+    }
+
+    /// Unprocessed client input held by the session (bounded by the read back-pressure).
+    pub fn buffered_input(&self) -> usize {
+        self.input.len() - self.consumed
+    }
+
+    /// Reply bytes waiting to be taken.
+    pub fn output_len(&self) -> usize {
+        self.output.len()
     }
 
     /// Whether events wait in [`Session::poll_event`].
@@ -400,6 +409,16 @@ impl Session {
         self.deadline = Some(now + t);
     }
 
+    /// Tells the server, once, that the data being received will never be delivered.
+    fn abort_data(&mut self) {
+        if let Phase::Data(st) = &mut self.phase {
+            if !st.aborted {
+                st.aborted = true;
+                self.events.push_back(Event::DataAborted);
+            }
+        }
+    }
+
     fn reply(&mut self, r: Reply) {
         r.write_to(&mut self.output);
     }
@@ -426,9 +445,7 @@ impl Session {
                 self.config.hostname
             );
             self.reply(Reply::new(421, "4.7.0", text));
-            if let Phase::Data(_) = self.phase {
-                self.events.push_back(Event::DataAborted);
-            }
+            self.abort_data();
             self.close();
         } else {
             self.reply(r);
@@ -449,9 +466,7 @@ impl Session {
                 // The input is used up. If the client has closed its side, nothing more can
                 // come: an unfinished DATA is dropped, never delivered.
                 if self.peer_eof {
-                    if let Phase::Data(_) = self.phase {
-                        self.events.push_back(Event::DataAborted);
-                    }
+                    self.abort_data();
                     self.close();
                 }
                 return;
@@ -670,6 +685,7 @@ impl Session {
             decoder: DataDecoder::new(),
             headers: HeaderScan::new(),
             fault: None,
+            aborted: false,
         }));
         self.events.push_back(Event::DataStart(tx));
     }
@@ -727,7 +743,7 @@ impl Session {
             }
         }
         if newly_failed {
-            self.events.push_back(Event::DataAborted);
+            self.abort_data();
         }
         if !end {
             return false;

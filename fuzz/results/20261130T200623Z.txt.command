@@ -1,0 +1,1 @@
+    Finished `release` profile [optimized + debuginfo] target(s) in 0.03s
