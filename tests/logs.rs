@@ -110,3 +110,47 @@ fn under_the_journal_lines_carry_priorities() {
         .expect("started");
     assert!(line.starts_with("<6>inboxd "), "{line}");
 }
+
+/// Envelope values in log lines are quoted (Rust's `{:?}` escaping), so a space or a quote in
+/// a quoted local part cannot split a key=value line or forge another key; controls never get
+/// that far (the parser refuses them, `relay_and_escaping.txt`).
+#[test]
+fn envelope_values_are_quoted_in_logs() {
+    let dir = TempDir::new("logquote");
+    let server = Server::start_in(dir.path(), &[]);
+    let mut c = server.connect();
+    assert!(c.cmd("EHLO client.example").starts_with("250"));
+    let from = c.cmd(r#"MAIL FROM:<"x result=accepted \"y"@client.example>"#);
+    assert!(from.starts_with("250 "), "{from}");
+    let r = c.cmd(r#"RCPT TO:<"a b result=accepted \"c"@localhost>"#);
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    c.send(message(&token()).as_bytes());
+    assert!(c.cmd(".").starts_with("250 "));
+    assert!(c.cmd("QUIT").starts_with("221 "));
+    let lines = server.log_until("event=close ");
+    let unknown: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("event=rcpt ") && l.contains("result=unknown"))
+        .collect();
+    assert_eq!(unknown.len(), 1, "{lines:#?}");
+    assert!(
+        unknown[0].contains(r#"rcpt="a b result=accepted \"c" result=unknown"#),
+        "{}",
+        unknown[0]
+    );
+    let tx: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("event=transaction "))
+        .collect();
+    assert_eq!(tx.len(), 1, "{lines:#?}");
+    assert!(
+        tx[0].contains(r#"from="<\"x result=accepted \\\"y\"@client.example>""#),
+        "{}",
+        tx[0]
+    );
+    for l in &lines {
+        assert!(!l.chars().any(|c| c.is_control()), "raw control in {l:?}");
+    }
+}

@@ -242,3 +242,4 @@ transcript!(pipelining);
 transcript!(data);
 transcript!(loops);
 transcript!(errors);
+transcript!(relay_and_escaping);

@@ -159,6 +159,23 @@ impl Server {
         self.log.try_iter().collect()
     }
 
+    /// Every log line up to and including the first holding `needle` (waiting up to 10 s).
+    pub fn log_until(&self, needle: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let done = line.contains(needle);
+            out.push(line);
+            if done {
+                return out;
+            }
+        }
+        panic!("no log line with {needle:?} in {out:#?}");
+    }
+
     /// Waits up to 10 s for a log line containing `needle`.
     pub fn wait_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -399,4 +416,36 @@ pub fn proc_children(pid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Creates `name` (with a home directory) unless it exists; returns its home and uid.
+pub fn ensure_user(name: &str) -> (PathBuf, u32) {
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let st = Command::new("useradd")
+            .args(["-m", name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+    }
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    (u.dir, u.uid.as_raw())
+}
+
+/// inboxd as root delivering to ~account/Maildir, with root (and so postmaster) aliased to
+/// Jones: started as root, inboxd refuses to run while postmaster would reach uid 0.
+pub fn start_system() -> (Server, TempDir) {
+    ensure_user("Jones");
+    let dir = TempDir::new("sysaliases");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "root: Jones\n").unwrap();
+    let server = Server::start(&["--aliases", aliases.to_str().unwrap()]);
+    (server, dir)
+}
+
+pub fn skip_unless_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("{test}: skipped, needs root (creates accounts, writes as them)");
+        return true;
+    }
+    false
 }
