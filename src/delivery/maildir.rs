@@ -67,7 +67,7 @@ fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, Deliv
 fn check_owner(fd: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryError> {
     let st = fstat(fd).map_err(|e| DeliveryError::io(e, format!("stat {what}")))?;
     if st.st_uid != owner.uid.as_raw() {
-        return Err(DeliveryError::Unsafe(format!(
+        return Err(DeliveryError::Unavailable(format!(
             "{what} belongs to uid {}, not to the recipient (uid {})",
             st.st_uid, owner.uid
         )));
@@ -80,8 +80,14 @@ impl Maildir {
     /// rule): root never writes into a directory another user controls.
     pub fn open_in_home(home: &Path, owner: Owner) -> Result<Maildir, DeliveryError> {
         super::privileges::as_root();
-        let home_fd = openat(AT_FDCWD, home, DIR_FLAGS, Mode::empty())
-            .map_err(|e| DeliveryError::open(e, &home.display().to_string()))?;
+        let home_fd = openat(AT_FDCWD, home, DIR_FLAGS, Mode::empty()).map_err(|e| match e {
+            // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
+            // waits at the sender while the administrator creates it).
+            Errno::ENOENT => {
+                DeliveryError::Unavailable(format!("home {} does not exist", home.display()))
+            }
+            e => DeliveryError::open(e, &format!("home {}", home.display())),
+        })?;
         check_owner(&home_fd, owner, &format!("home {}", home.display()))?;
         as_user(owner.uid, owner.gid, || {
             let md = open_dir(&home_fd, "Maildir", owner)?;

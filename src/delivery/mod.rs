@@ -41,9 +41,11 @@ pub enum DeliveryError {
     Quota(String),
     /// Any other system error: 451 4.3.0, try later.
     Io(String),
-    /// The Maildir or home is a symlink, not a directory, or belongs to someone else:
-    /// 450 4.2.0 until the user or admin repairs it. Nothing is written.
-    Unsafe(String),
+    /// The mailbox cannot be used as it is: the home is missing or belongs to someone else,
+    /// the Maildir (or a directory in it) is a symlink or not a directory, or the recipient
+    /// may not write there (EACCES/EPERM). 450 4.2.0 until the user or admin repairs it: a
+    /// fixable fault, so the sender retries rather than bounces. Nothing is written.
+    Unavailable(String),
     /// The account vanished or its lookup failed between RCPT and delivery: 451 4.3.0.
     Account(String),
 }
@@ -53,7 +55,9 @@ impl DeliveryError {
         let msg = format!("{what}: {e}");
         match e {
             Errno::ENOSPC => DeliveryError::NoSpace(msg),
-            Errno::EDQUOT => DeliveryError::Quota(msg),
+            // Postfix's mbox_dsn classes EFBIG with EDQUOT: the mailbox is full (5.2.2).
+            Errno::EDQUOT | Errno::EFBIG => DeliveryError::Quota(msg),
+            Errno::EACCES | Errno::EPERM => DeliveryError::Unavailable(msg),
             _ => DeliveryError::Io(msg),
         }
     }
@@ -63,7 +67,7 @@ impl DeliveryError {
     pub fn open(e: Errno, what: &str) -> DeliveryError {
         match e {
             Errno::ELOOP | Errno::ENOTDIR => {
-                DeliveryError::Unsafe(format!("{what} is a symlink or not a directory"))
+                DeliveryError::Unavailable(format!("{what} is a symlink or not a directory"))
             }
             _ => DeliveryError::io(e, format!("open {what}")),
         }
@@ -82,7 +86,7 @@ impl DeliveryError {
             DeliveryError::NoSpace(m) => (1, m),
             DeliveryError::Quota(m) => (2, m),
             DeliveryError::Io(m) => (3, m),
-            DeliveryError::Unsafe(m) => (4, m),
+            DeliveryError::Unavailable(m) => (4, m),
             DeliveryError::Account(m) => (5, m),
         }
     }
@@ -92,7 +96,7 @@ impl DeliveryError {
         match class {
             1 => DeliveryError::NoSpace(detail),
             2 => DeliveryError::Quota(detail),
-            4 => DeliveryError::Unsafe(detail),
+            4 => DeliveryError::Unavailable(detail),
             5 => DeliveryError::Account(detail),
             _ => DeliveryError::Io(detail),
         }
@@ -107,7 +111,7 @@ impl DeliveryError {
             DeliveryError::Io(_) | DeliveryError::Account(_) => {
                 Reply::new(451, "4.3.0", "Local error in delivery, try again later")
             }
-            DeliveryError::Unsafe(_) => Reply::new(
+            DeliveryError::Unavailable(_) => Reply::new(
                 450,
                 "4.2.0",
                 "Recipient's mailbox is unavailable, try again later",
@@ -126,7 +130,7 @@ impl fmt::Display for DeliveryError {
             DeliveryError::NoSpace(m) => write!(f, "no space: {m}"),
             DeliveryError::Quota(m) => write!(f, "quota exceeded: {m}"),
             DeliveryError::Io(m) => write!(f, "I/O error: {m}"),
-            DeliveryError::Unsafe(m) => write!(f, "unsafe mailbox: {m}"),
+            DeliveryError::Unavailable(m) => write!(f, "mailbox unavailable: {m}"),
             DeliveryError::Account(m) => write!(f, "account: {m}"),
         }
     }
@@ -202,6 +206,8 @@ mod tests {
         assert_eq!(DeliveryError::io(Errno::ENOSPC, "x").reply().code, 452);
         assert_eq!(DeliveryError::io(Errno::EDQUOT, "x").reply().code, 552);
         assert_eq!(DeliveryError::io(Errno::EIO, "x").reply().code, 451);
+        assert_eq!(DeliveryError::io(Errno::EFBIG, "x").reply().code, 552);
+        assert_eq!(DeliveryError::io(Errno::EACCES, "x").reply().code, 450);
         assert_eq!(DeliveryError::open(Errno::ELOOP, "new").reply().code, 450);
     }
 }

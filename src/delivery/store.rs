@@ -202,7 +202,7 @@ impl Store {
         // Only a privileged agent takes the account's identity; unprivileged, every copy is
         // written as ourselves whatever the account's uid.
         if acct.uid.is_root() && privileges::privileged() && !self.allow_root {
-            return Err(DeliveryError::Unsafe(format!(
+            return Err(DeliveryError::Unavailable(format!(
                 "{account} is uid 0 and delivery as root is not allowed"
             )));
         }

@@ -1,0 +1,526 @@
+//! Full disks, quotas, broken homes and hostile users, against real system accounts (as root;
+//! run as any other user these tests say so and do nothing).
+//!
+//! Each case checks the reply, the log line that says why, and that nothing was written
+//! anywhere it should not be; it also prints one `fault-row` line, which
+//! `reliability/fault-matrix` collects into the README's table.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A throwaway account whose home is `home` (created empty, 0755, owned by the account,
+/// unless `create_home` is false). Its previous home, if any, is removed first.
+fn account(name: &str, home: &Path, create_home: bool) -> (u32, u32) {
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let st = Command::new("useradd")
+            .args(["-M", "-s", "/usr/sbin/nologin", "-d"])
+            .arg(home)
+            .arg(name)
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+    } else {
+        let out = Command::new("usermod")
+            .arg("-d")
+            .arg(home)
+            .arg(name)
+            .output()
+            .expect("usermod");
+        assert!(out.status.success(), "usermod {name}: {out:?}");
+    }
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(home);
+    let _ = std::fs::remove_file(home);
+    if create_home {
+        std::fs::create_dir_all(home).unwrap();
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(home, Some(u.uid), Some(u.gid)).unwrap();
+    }
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// Every path under `dir` (not following symlinks) with its type, size, owner and mode: what
+/// "nothing was written" is checked against.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, u64, u32, u32)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&d) else {
+            continue;
+        };
+        out.insert(
+            d.clone(),
+            (meta.mode(), meta.len(), meta.uid(), meta.nlink() as u32),
+        );
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// The first log line holding `needle`, waiting up to 10 s.
+fn log_line(server: &Server, needle: &str) -> String {
+    server.log_until(needle).pop().unwrap_or_default()
+}
+
+/// One row of the README's table: the case, the reply, and the log line's reason.
+fn row(case: &str, reply: &str, log: &str) {
+    let why = log.find("error=").map_or(log, |i| &log[i..]);
+    println!("fault-row | {case} | {} | {why} |", reply.trim_end());
+}
+
+/// Sends one message to `name` and expects it refused with `want`; the log line must say
+/// `why`, and `home` (and `also`, a place a link points to) must not change at all.
+fn refused(case: &str, name: &str, home: &Path, also: Option<&Path>, want: &str, why: &str) {
+    let before = (snapshot(home), also.map(snapshot));
+    let (server, _aliases) = start_system();
+    let end = server.deliver(&[name], &message(&token()));
+    assert!(end.starts_with(want), "{case}: {end}");
+    let log = log_line(&server, "event=not_delivered");
+    assert!(log.contains(why), "{case}: the log says why: {log}");
+    let after = (snapshot(home), also.map(snapshot));
+    assert_eq!(before, after, "{case}: something under the home changed");
+    row(case, &end, &log);
+}
+
+#[test]
+fn missing_home() {
+    if skip_unless_root("missing_home") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-nohome");
+    account("inboxd-nohome", &home, false);
+    refused(
+        "home missing",
+        "inboxd-nohome",
+        &home,
+        None,
+        "450 4.2.0",
+        "does not exist",
+    );
+    assert!(!home.exists(), "the home was created");
+}
+
+#[test]
+fn home_owned_by_someone_else() {
+    if skip_unless_root("home_owned_by_someone_else") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-foreign");
+    account("inboxd-foreign", &home, true);
+    nix::unistd::chown(&home, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    refused(
+        "home owned by root",
+        "inboxd-foreign",
+        &home,
+        None,
+        "450 4.2.0",
+        "belongs to uid 0",
+    );
+}
+
+#[test]
+fn home_not_writable_by_its_owner() {
+    if skip_unless_root("home_not_writable_by_its_owner") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-ro");
+    account("inboxd-ro", &home, true);
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o555)).unwrap();
+    refused(
+        "home not writable (0555, no Maildir)",
+        "inboxd-ro",
+        &home,
+        None,
+        "450 4.2.0",
+        "EACCES",
+    );
+}
+
+#[test]
+fn maildir_is_a_file() {
+    if skip_unless_root("maildir_is_a_file") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-mdfile");
+    let (uid, gid) = account("inboxd-mdfile", &home, true);
+    let md = home.join("Maildir");
+    std::fs::write(&md, "not a directory\n").unwrap();
+    std::os::unix::fs::chown(&md, Some(uid), Some(gid)).unwrap();
+    refused(
+        "Maildir is a regular file",
+        "inboxd-mdfile",
+        &home,
+        None,
+        "450 4.2.0",
+        "not a directory",
+    );
+}
+
+#[test]
+fn tmp_not_writable() {
+    if skip_unless_root("tmp_not_writable") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-rotmp");
+    let (uid, gid) = account("inboxd-rotmp", &home, true);
+    for d in ["Maildir", "Maildir/tmp", "Maildir/new", "Maildir/cur"] {
+        let p = home.join(d);
+        std::fs::create_dir(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+    }
+    std::fs::set_permissions(
+        home.join("Maildir/tmp"),
+        std::fs::Permissions::from_mode(0o500),
+    )
+    .unwrap();
+    refused(
+        "Maildir/tmp not writable (0500)",
+        "inboxd-rotmp",
+        &home,
+        None,
+        "450 4.2.0",
+        "EACCES",
+    );
+}
+
+/// A user makes ~/Maildir, or one of its directories, a symlink: to a directory root owns
+/// (where root could write and the user cannot), or to one of their own. inboxd never follows
+/// it: 4xx, and nothing is written at either end.
+#[test]
+fn symlinks_in_place_of_maildir_directories() {
+    if skip_unless_root("symlinks_in_place_of_maildir_directories") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-sym");
+    for (case, link, own_target) in [
+        (
+            "Maildir is a symlink to a root-owned directory",
+            "Maildir",
+            false,
+        ),
+        (
+            "Maildir is a symlink to the user's own directory",
+            "Maildir",
+            true,
+        ),
+        (
+            "Maildir/new is a symlink to a root-owned directory",
+            "Maildir/new",
+            false,
+        ),
+        (
+            "Maildir/tmp is a symlink to a root-owned directory",
+            "Maildir/tmp",
+            false,
+        ),
+    ] {
+        let (uid, gid) = account("inboxd-sym", &home, true);
+        let root_target = TempDir::new("symtarget");
+        let target = if own_target {
+            let t = home.join("elsewhere");
+            std::fs::create_dir(&t).unwrap();
+            std::os::unix::fs::chown(&t, Some(uid), Some(gid)).unwrap();
+            t
+        } else {
+            root_target.path().to_path_buf()
+        };
+        if link != "Maildir" {
+            for d in ["Maildir", "Maildir/tmp", "Maildir/new", "Maildir/cur"] {
+                if d != link {
+                    let p = home.join(d);
+                    std::fs::create_dir(&p).unwrap();
+                    std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+                }
+            }
+        }
+        std::os::unix::fs::symlink(&target, home.join(link)).unwrap();
+        refused(
+            case,
+            "inboxd-sym",
+            &home,
+            Some(&target),
+            "450 4.2.0",
+            "symlink",
+        );
+        assert!(list(&target).is_empty(), "{case}: written through the link");
+    }
+}
+
+/// Hard links a user cannot make but root can (protected_hardlinks stops the user; the test
+/// plants them as root to show the worst case): /etc/shadow linked into tmp/, new/ and cur/.
+/// Delivery goes on beside them and never writes, truncates or chowns what they point to; the
+/// 36-hour tmp/ clean-up removes only the user's own directory entry of an old file, and
+/// never follows an old symlink.
+#[test]
+fn hard_links_and_symlinks_planted_in_the_maildir() {
+    if skip_unless_root("hard_links_and_symlinks_planted_in_the_maildir") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-links");
+    let (uid, gid) = account("inboxd-links", &home, true);
+    let md = home.join("Maildir");
+    for d in ["", "tmp", "new", "cur"] {
+        let p = md.join(d);
+        std::fs::create_dir_all(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+    }
+    let shadow = Path::new("/etc/shadow");
+    let mut links = Vec::new();
+    for d in ["tmp", "new", "cur"] {
+        let l = md.join(d).join(format!("1.shadow.{d}"));
+        if std::fs::hard_link(shadow, &l).is_ok() {
+            links.push(l);
+        }
+    }
+    let shadow_before = (std::fs::read(shadow).unwrap(), snapshot(shadow));
+    // An old root-owned file (a stand-in for /etc/shadow, whose times the test must not
+    // change) hard-linked into tmp/, and an old symlink to /etc/passwd: both look abandoned.
+    let decoy_dir = TempDir::new("decoy");
+    let decoy = decoy_dir.path().join("secret");
+    std::fs::write(&decoy, "root only\n").unwrap();
+    std::fs::set_permissions(&decoy, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let decoy_link = md.join("tmp/2.decoy");
+    let same_fs = std::fs::hard_link(&decoy, &decoy_link).is_ok();
+    let old_link = md.join("tmp/3.passwd");
+    std::os::unix::fs::symlink("/etc/passwd", &old_link).unwrap();
+    let passwd_before = snapshot(Path::new("/etc/passwd"));
+    let st = Command::new("touch")
+        .args(["-h", "-d", "3 days ago"])
+        .arg(&decoy)
+        .arg(&old_link)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let decoy_before = snapshot(&decoy);
+
+    let (server, _aliases) = start_system();
+    let tok = token();
+    let end = server.deliver(&["inboxd-links"], &message(&tok));
+    assert!(end.starts_with("250 "), "{end}");
+    // Read new/ directly: the maildir crate refuses the planted names.
+    let delivered = list(&md.join("new"))
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(&tok)))
+        .count();
+    assert_eq!(delivered, 1);
+    drop(server);
+
+    // Compared without printing: the content is secret.
+    let shadow_after = (std::fs::read(shadow).unwrap(), snapshot(shadow));
+    for l in &links {
+        let _ = std::fs::remove_file(l);
+    }
+    assert!(shadow_after == shadow_before, "/etc/shadow changed");
+    assert_eq!(snapshot(Path::new("/etc/passwd")), passwd_before);
+    assert!(
+        old_link.symlink_metadata().is_ok(),
+        "an old symlink is left alone"
+    );
+    let decoy_after = snapshot(&decoy);
+    assert_eq!(std::fs::read(&decoy).unwrap(), b"root only\n");
+    if same_fs {
+        assert!(
+            decoy_link.symlink_metadata().is_err(),
+            "the abandoned link in tmp/ is cleaned up"
+        );
+        // The same file, one link fewer: unlinked, never truncated, chowned or chmodded.
+        let (mode, size, owner, links_before) = decoy_before[&decoy];
+        assert_eq!(decoy_after[&decoy], (mode, size, owner, links_before - 1));
+    }
+    println!(
+        "fault-row | hard links to /etc/shadow in tmp/, new/, cur/; old hard link and symlink in tmp/ | {} | /etc/shadow and /etc/passwd unchanged; only the old link's entry removed |",
+        end.trim_end()
+    );
+}
+
+/// Unmounts on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full filesystem mid-transaction (a 1 MiB tmpfs the test mounts, holding one user's home):
+/// that user's mail gets 452 4.3.1 and leaves nothing in tmp/ or new/; meanwhile another user
+/// on another filesystem gets mail, in a second session that is open at the same time; a
+/// transaction to both is refused whole; and once space is freed delivery works again.
+#[test]
+fn full_disk_mid_transaction() {
+    if skip_unless_root("full_disk_mid_transaction") {
+        return;
+    }
+    let dir = TempDir::new("enospc");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs");
+    let _mount = Mount(dir.path().to_path_buf());
+    let home = dir.path().join("full");
+    account("inboxd-full", &home, true);
+    let (jones_home, _) = ensure_user("Jones");
+    let (server, _aliases) = start_system();
+    let md = home.join("Maildir");
+    let first = token();
+    assert!(server
+        .deliver(&["inboxd-full"], &message(&first))
+        .starts_with("250 "));
+    // Start the big message and let its first part be written; then fill the filesystem,
+    // and deliver to Jones from another session while the big one is still open.
+    let mut big = server.connect();
+    assert!(big.cmd("EHLO client.example").starts_with("250"));
+    assert!(big.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
+    assert!(big
+        .cmd("RCPT TO:<inboxd-full@localhost>")
+        .starts_with("250 "));
+    assert!(big.cmd("DATA").starts_with("354 "));
+    let lines: String = (0..400).map(|_| "x".repeat(900) + "\r\n").collect();
+    big.send(format!("{}{}", message(&token()), &lines[..100 * 902]).as_bytes());
+    let tmp = md.join("tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while list(&tmp)
+        .first()
+        .is_none_or(|f| std::fs::metadata(f).map_or(0, |m| m.len()) < 90 * 902)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first part not written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let filler = dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![b'f'; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+    }
+    big.send(&lines.as_bytes()[100 * 902..]);
+    let other = token();
+    assert!(server
+        .deliver(&["Jones"], &message(&other))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&jones_home.join("Maildir"), &other).len(), 1);
+    let end = big.cmd(".");
+    assert!(end.starts_with("452 4.3.1"), "{end}");
+    let log = log_line(&server, "event=not_delivered");
+    assert!(log.contains("ENOSPC"), "{log}");
+    assert_eq!(new_files(&md).len(), 1, "only the first message is in new/");
+    assert!(list(&md.join("tmp")).is_empty(), "nothing left in tmp/");
+    // Both recipients in one transaction: refused whole, so Jones gets no copy either.
+    let both = token();
+    let mut c = server.connect();
+    assert!(c.cmd("EHLO client.example").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<inboxd-full@localhost>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<Jones@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    c.send(format!("{}{lines}", message(&both)).as_bytes());
+    let end_both = c.cmd(".");
+    assert!(end_both.starts_with("452 4.3.1"), "{end_both}");
+    assert!(messages_with(&jones_home.join("Maildir"), &both).is_empty());
+    assert!(list(&jones_home.join("Maildir/tmp")).is_empty());
+    // Space again: delivery works.
+    std::fs::remove_file(&filler).unwrap();
+    let again = token();
+    assert!(server
+        .deliver(&["inboxd-full"], &message(&again))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&md, &again).len(), 1);
+    row("filesystem full mid-DATA", &end, &log);
+    drop(server);
+}
+
+/// Ends the quotafs process (and so its mount) on drop.
+struct Fuse(std::process::Child, PathBuf);
+
+impl Drop for Fuse {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.1).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A user over quota: the write fails with EDQUOT and the client gets 552 5.2.2 (Postfix's
+/// mbox_dsn class for a full mailbox), with nothing left in tmp/ or new/; under the limit
+/// mail is delivered, and once the limit is raised delivery works again. This kernel has no
+/// CONFIG_QUOTA, so the quota is enforced by reliability/quotafs, a FUSE filesystem whose
+/// write(2) returns EDQUOT as a real quota would. Skipped (with a message) where FUSE or its
+/// Python binding is missing.
+#[test]
+fn over_quota() {
+    if skip_unless_root("over_quota") {
+        return;
+    }
+    let have = Command::new("python3")
+        .args(["-c", "import fuse"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have || !Path::new("/dev/fuse").exists() {
+        eprintln!("over_quota: skipped, needs /dev/fuse and python3-fusepy");
+        return;
+    }
+    let dir = TempDir::new("quota");
+    let (back, mnt, limits) = (
+        dir.path().join("back"),
+        dir.path().join("mnt"),
+        dir.path().join("limits"),
+    );
+    std::fs::create_dir(&back).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("reliability/quotafs");
+    let child = Command::new("python3")
+        .arg(script)
+        .args([&back, &mnt, &limits])
+        .spawn()
+        .expect("quotafs");
+    let fuse = Fuse(child, mnt.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .all(|l| !l.contains(mnt.to_str().unwrap()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "quotafs did not mount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let home = mnt.join("home");
+    let (uid, _) = account("inboxd-quota", &home, true);
+    std::fs::write(&limits, format!("{uid} 65536\n")).unwrap();
+    let (server, _aliases) = start_system();
+    let md = home.join("Maildir");
+    let small = token();
+    let first = server.deliver(&["inboxd-quota"], &message(&small));
+    assert!(first.starts_with("250 "), "{first}");
+    let lines: String = (0..200).map(|_| "q".repeat(900) + "\r\n").collect();
+    let end = server.deliver(&["inboxd-quota"], &format!("{}{lines}", message(&token())));
+    assert!(end.starts_with("552 5.2.2"), "{end}");
+    let log = log_line(&server, "event=not_delivered");
+    assert!(log.contains("EDQUOT"), "{log}");
+    assert_eq!(new_files(&md).len(), 1, "only the small message is in new/");
+    assert!(list(&md.join("tmp")).is_empty(), "nothing left in tmp/");
+    std::fs::write(&limits, format!("{uid} 1048576\n")).unwrap();
+    let again = token();
+    let ok = server.deliver(&["inboxd-quota"], &format!("{}{lines}", message(&again)));
+    assert!(ok.starts_with("250 "), "{ok}");
+    assert_eq!(messages_with(&md, &again).len(), 1);
+    row("user over quota (EDQUOT)", &end, &log);
+    drop(server);
+    drop(fuse);
+}
