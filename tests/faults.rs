@@ -127,6 +127,30 @@ fn home_owned_by_someone_else() {
     );
 }
 
+/// The home itself is a symlink (to a directory the account owns): refused like any other
+/// symlink on the way (the administrator points the passwd entry at the real directory).
+#[test]
+fn home_is_a_symlink() {
+    if skip_unless_root("home_is_a_symlink") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-homesym");
+    let real = PathBuf::from("/home/inboxd-homesym.real");
+    account("inboxd-homesym", &real, true);
+    account("inboxd-homesym", &home, false);
+    std::os::unix::fs::symlink(&real, &home).unwrap();
+    refused(
+        "home is a symlink to a directory the account owns",
+        "inboxd-homesym",
+        &home,
+        Some(&real),
+        "450 4.2.0",
+        "home /home/inboxd-homesym is a symlink, not a directory",
+    );
+    assert!(list(&real).is_empty(), "written through the home symlink");
+    let _ = std::fs::remove_file(&home);
+}
+
 #[test]
 fn home_not_writable_by_its_owner() {
     if skip_unless_root("home_not_writable_by_its_owner") {
@@ -161,7 +185,7 @@ fn maildir_is_a_file() {
         &home,
         None,
         "450 4.2.0",
-        "not a directory",
+        "Maildir is a regular file, not a directory",
     );
 }
 
@@ -249,7 +273,7 @@ fn symlinks_in_place_of_maildir_directories() {
             &home,
             Some(&target),
             "450 4.2.0",
-            "symlink",
+            "is a symlink, not a directory",
         );
         assert!(list(&target).is_empty(), "{case}: written through the link");
     }

@@ -56,12 +56,29 @@ fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, Deliv
             // The new entry must survive a crash before anything inside it is trusted.
             fsync(parent).map_err(|e| DeliveryError::io(e, "fsync of parent directory"))?;
             openat(parent, name, DIR_FLAGS, Mode::empty())
-                .map_err(|e| DeliveryError::open(e, name))?
+                .map_err(|e| open_error(e, parent, name))?
         }
-        Err(e) => return Err(DeliveryError::open(e, name)),
+        Err(e) => return Err(open_error(e, parent, name)),
     };
     check_owner(&fd, owner, name)?;
     Ok(fd)
+}
+
+/// [`DeliveryError::open`], told precisely what is in the way: opening a symlink or a file
+/// with O_NOFOLLOW|O_DIRECTORY gives ENOTDIR for both, and the log should say which.
+fn open_error<Fd: std::os::fd::AsFd>(e: Errno, parent: Fd, name: &str) -> DeliveryError {
+    if !matches!(e, Errno::ELOOP | Errno::ENOTDIR) {
+        return DeliveryError::open(e, name);
+    }
+    // The home is named by its full path; its last component is what was opened.
+    let entry = name.strip_prefix("home ").unwrap_or(name);
+    let kind = match fstatat(parent, entry, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if st.st_mode & libc_mode::S_IFMT == libc_mode::S_IFLNK => "a symlink",
+        Ok(st) if st.st_mode & libc_mode::S_IFMT == libc_mode::S_IFREG => "a regular file",
+        Ok(_) => "a special file",
+        Err(_) => return DeliveryError::open(e, name),
+    };
+    DeliveryError::Unavailable(format!("{name} is {kind}, not a directory"))
 }
 
 fn check_owner(fd: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryError> {
@@ -86,7 +103,7 @@ impl Maildir {
             Errno::ENOENT => {
                 DeliveryError::Unavailable(format!("home {} does not exist", home.display()))
             }
-            e => DeliveryError::open(e, &format!("home {}", home.display())),
+            e => open_error(e, AT_FDCWD, &format!("home {}", home.display())),
         })?;
         check_owner(&home_fd, owner, &format!("home {}", home.display()))?;
         as_user(owner.uid, owner.gid, || {
@@ -112,7 +129,7 @@ impl Maildir {
                     Err(e) => return Err(DeliveryError::io(e, format!("mkdir {account}"))),
                 }
                 let fd = openat(root, account, DIR_FLAGS, Mode::empty())
-                    .map_err(|e| DeliveryError::open(e, account))?;
+                    .map_err(|e| open_error(e, root, account))?;
                 if super::privileges::privileged() {
                     fchown(&fd, Some(owner.uid), Some(owner.gid))
                         .map_err(|e| DeliveryError::io(e, format!("chown {account}")))?;
@@ -120,7 +137,7 @@ impl Maildir {
                 fsync(root).map_err(|e| DeliveryError::io(e, "fsync of maildir root"))?;
                 fd
             }
-            Err(e) => return Err(DeliveryError::open(e, account)),
+            Err(e) => return Err(open_error(e, root, account)),
         };
         check_owner(&md, owner, account)?;
         as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
