@@ -201,10 +201,22 @@ fn check_accounts(config: &Config, r: &mut Report) {
             Some(root) => root.join(&name),
             None => {
                 match std::fs::symlink_metadata(&home) {
+                    Ok(m)
+                        if m.is_dir()
+                            && m.uid() == uid
+                            && m.mode() & 0o200 == 0
+                            && std::fs::symlink_metadata(home.join("Maildir")).is_err() =>
+                    {
+                        r.problem(format!(
+                            "{name}: home {} is not writable by {name} and has no Maildir: mail to {name} gets 450 4.2.0",
+                            home.display()
+                        ));
+                        continue;
+                    }
                     Ok(m) if m.is_dir() && m.uid() == uid => {}
                     Ok(m) if m.is_dir() => {
                         r.problem(format!(
-                            "{name}: home {} belongs to uid {}, not to {name}: mail to {name} gets 450",
+                            "{name}: home {} belongs to uid {}, not to {name}: mail to {name} gets 450 4.2.0",
                             home.display(),
                             m.uid()
                         ));
@@ -212,7 +224,14 @@ fn check_accounts(config: &Config, r: &mut Report) {
                     }
                     Ok(_) => {
                         r.problem(format!(
-                            "{name}: home {} is not a directory: mail to {name} gets 4xx",
+                            "{name}: home {} is a symlink or not a directory: mail to {name} gets 450 4.2.0",
+                            home.display()
+                        ));
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        r.problem(format!(
+                            "{name}: home {} does not exist: mail to {name} gets 450 4.2.0",
                             home.display()
                         ));
                         continue;
@@ -270,7 +289,7 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
             }
             Ok(m) if !m.is_dir() => {
                 r.problem(format!(
-                    "{name}: {} is not a directory: mail to {name} gets 4xx",
+                    "{name}: {} is not a directory: mail to {name} gets 450 4.2.0",
                     dir.display()
                 ));
                 bad = true;

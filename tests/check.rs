@@ -119,3 +119,43 @@ fn problems_are_reported_one_line_each() {
     );
     assert!(out.contains("problem(s) found"), "{out}");
 }
+
+/// In the home layout: a missing home, and a home its owner cannot write that has no
+/// Maildir yet, are problems, each with the reply such mail gets (tests/faults.rs shows it).
+#[test]
+fn broken_homes_are_problems() {
+    if !is_root() {
+        eprintln!("broken_homes_are_problems: skipped, needs root");
+        return;
+    }
+    let ro = ensure_user("inboxdchk4");
+    let _ = std::fs::remove_dir_all(ro.dir.join("Maildir"));
+    std::fs::set_permissions(&ro.dir, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    if nix::unistd::User::from_name("inboxdchk5")
+        .unwrap()
+        .is_none()
+    {
+        let st = Command::new("useradd")
+            .args(["-M", "-d", "/home/inboxdchk5-none", "inboxdchk5"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let dir = TempDir::new("check-homes");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "root: inboxdchk4\n").unwrap();
+    let (status, out) = check(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--aliases",
+        aliases.to_str().unwrap(),
+    ]);
+    std::fs::set_permissions(&ro.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    assert_eq!(status, 1, "{out}");
+    for needle in [
+        "problem: inboxdchk4: home /home/inboxdchk4 is not writable by inboxdchk4 and has no Maildir: mail to inboxdchk4 gets 450 4.2.0",
+        "problem: inboxdchk5: home /home/inboxdchk5-none does not exist: mail to inboxdchk5 gets 450 4.2.0",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+}
