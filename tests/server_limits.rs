@@ -124,3 +124,30 @@ fn connections_per_client_address_are_limited() {
     assert!(c4.cmd("NOOP").starts_with("250 "));
     assert!(server.wait_log("event=refused peer=127.0.0.1:"));
 }
+
+/// Under a file size limit (ulimit -f, systemd's LimitFSIZE=), a message too big for it gets
+/// 552 5.2.2 (EFBIG, like a full mailbox) instead of SIGXFSZ killing inboxd, nothing is left
+/// behind, and the next message is delivered.
+#[test]
+fn file_size_limit_gives_552_not_a_dead_server() {
+    let dir = TempDir::new("fsize");
+    let mut cmd = std::process::Command::new("sh");
+    // ulimit -f counts 1024-byte blocks: 64 KiB.
+    cmd.args([
+        "-c",
+        "ulimit -f 64 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_inboxd"),
+    ]);
+    let server = Server::spawn_in(cmd, dir.path(), &[]);
+    let lines: String = (0..200).map(|_| "z".repeat(900) + "\r\n").collect();
+    let end = server.deliver(&["root"], &format!("{}{lines}", message(&token())));
+    assert!(end.starts_with("552 5.2.2"), "{end}");
+    let md = dir.path().join("root");
+    assert!(new_files(&md).is_empty());
+    assert!(list(&md.join("tmp")).is_empty());
+    let tok = token();
+    assert!(server
+        .deliver(&["root"], &message(&tok))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&md, &tok).len(), 1);
+}

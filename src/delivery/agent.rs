@@ -23,7 +23,8 @@ use super::DeliveryError;
 /// Requests handled in one batch at most, so a flood cannot grow the agent without bound.
 const MAX_BATCH: usize = 256;
 
-/// Blocks the signals that stop the receiver; called at the agent's start.
+/// Blocks the signals that stop the receiver, and SIGXFSZ (a file size limit makes writes
+/// fail with EFBIG instead of killing the agent); called at the agent's start.
 pub fn ignore_stop_signals() -> Result<(), Errno> {
     let mut mask = SigSet::empty();
     for s in [
@@ -31,6 +32,7 @@ pub fn ignore_stop_signals() -> Result<(), Errno> {
         Signal::SIGINT,
         Signal::SIGTERM,
         Signal::SIGPIPE,
+        Signal::SIGXFSZ,
     ] {
         mask.add(s);
     }

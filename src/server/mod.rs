@@ -126,6 +126,13 @@ impl Server {
                 .register(l, Token(LISTENER_BASE - i), Interest::READABLE)
                 .map_err(setup("registering a listener"))?;
         }
+        // A file size limit (RLIMIT_FSIZE, systemd's LimitFSIZE=) must not kill the receiver
+        // in the middle of a write: with SIGXFSZ blocked, write(2) fails with EFBIG instead,
+        // and that transaction gets 552 5.2.2 like a full mailbox.
+        let mut xfsz = SigSet::empty();
+        xfsz.add(Signal::SIGXFSZ);
+        xfsz.thread_block()
+            .map_err(|e| ServerError::Setup("blocking SIGXFSZ".into(), e.into()))?;
         // SIGTERM/SIGINT/SIGHUP arrive through a signalfd, so the loop sees them as events.
         let mut mask = SigSet::empty();
         for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
