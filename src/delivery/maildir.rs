@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -51,34 +52,59 @@ fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, Deliv
         Err(Errno::ENOENT) => {
             match mkdirat(parent, name, Mode::S_IRWXU) {
                 Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(DeliveryError::io(e, format!("mkdir {name}"))),
+                Err(e) => return Err(DeliveryError::access(e, format!("mkdir {name}"))),
             }
             // The new entry must survive a crash before anything inside it is trusted.
             fsync(parent).map_err(|e| DeliveryError::io(e, "fsync of parent directory"))?;
             openat(parent, name, DIR_FLAGS, Mode::empty())
-                .map_err(|e| open_error(e, parent, name))?
+                .map_err(|e| open_error(e, parent, name, name))?
         }
-        Err(e) => return Err(open_error(e, parent, name)),
+        Err(e) => return Err(open_error(e, parent, name, name)),
     };
     check_owner(&fd, owner, name)?;
     Ok(fd)
 }
 
 /// [`DeliveryError::open`], told precisely what is in the way: opening a symlink or a file
-/// with O_NOFOLLOW|O_DIRECTORY gives ENOTDIR for both, and the log should say which.
-fn open_error<Fd: std::os::fd::AsFd>(e: Errno, parent: Fd, name: &str) -> DeliveryError {
+/// with O_NOFOLLOW|O_DIRECTORY gives ENOTDIR for both, and the log should say which. `entry`
+/// is what was opened relative to `parent`; `what` names it in the message.
+fn open_error<Fd: std::os::fd::AsFd, P: ?Sized + nix::NixPath>(
+    e: Errno,
+    parent: Fd,
+    entry: &P,
+    what: &str,
+) -> DeliveryError {
     if !matches!(e, Errno::ELOOP | Errno::ENOTDIR) {
-        return DeliveryError::open(e, name);
+        return DeliveryError::open(e, what);
     }
-    // The home is named by its full path; its last component is what was opened.
-    let entry = name.strip_prefix("home ").unwrap_or(name);
     let kind = match fstatat(parent, entry, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) if st.st_mode & libc_mode::S_IFMT == libc_mode::S_IFLNK => "a symlink",
-        Ok(st) if st.st_mode & libc_mode::S_IFMT == libc_mode::S_IFREG => "a regular file",
-        Ok(_) => "a special file",
-        Err(_) => return DeliveryError::open(e, name),
+        Ok(st) => match st.st_mode & libc_mode::S_IFMT {
+            libc_mode::S_IFLNK => "a symlink",
+            libc_mode::S_IFREG => "a regular file",
+            // Replaced by a directory since the open failed: say what the open said.
+            libc_mode::S_IFDIR => return DeliveryError::open(e, what),
+            _ => "a special file",
+        },
+        Err(_) => return DeliveryError::open(e, what),
     };
-    DeliveryError::Unavailable(format!("{name} is {kind}, not a directory"))
+    DeliveryError::Unavailable(format!("{what} is {kind}, not a directory"))
+}
+
+/// The home directory as it must be opened. O_NOFOLLOW applies to the last component only,
+/// and a trailing slash would make the kernel follow that one too: "/home/x/" is opened as
+/// "/home/x". The components before it are the administrator's (/home and the like) and are
+/// followed. A relative home (a broken passwd entry) would depend on our working directory.
+fn home_path(home: &Path) -> Result<&Path, DeliveryError> {
+    let bytes = home.as_os_str().as_bytes();
+    let end = bytes.iter().rposition(|&b| b != b'/').map_or(1, |i| i + 1);
+    let home = Path::new(std::ffi::OsStr::from_bytes(&bytes[..end.min(bytes.len())]));
+    if !home.is_absolute() {
+        return Err(DeliveryError::Unavailable(format!(
+            "home {} is not an absolute path",
+            home.display()
+        )));
+    }
+    Ok(home)
 }
 
 fn check_owner(fd: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryError> {
@@ -97,13 +123,13 @@ impl Maildir {
     /// rule): root never writes into a directory another user controls.
     pub fn open_in_home(home: &Path, owner: Owner) -> Result<Maildir, DeliveryError> {
         super::privileges::as_root();
+        let home = home_path(home)?;
+        let what = format!("home {}", home.display());
         let home_fd = openat(AT_FDCWD, home, DIR_FLAGS, Mode::empty()).map_err(|e| match e {
             // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
             // waits at the sender while the administrator creates it).
-            Errno::ENOENT => {
-                DeliveryError::Unavailable(format!("home {} does not exist", home.display()))
-            }
-            e => open_error(e, AT_FDCWD, &format!("home {}", home.display())),
+            Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),
+            e => open_error(e, AT_FDCWD, home, &what),
         })?;
         check_owner(&home_fd, owner, &format!("home {}", home.display()))?;
         as_user(owner.uid, owner.gid, || {
@@ -129,7 +155,7 @@ impl Maildir {
                     Err(e) => return Err(DeliveryError::io(e, format!("mkdir {account}"))),
                 }
                 let fd = openat(root, account, DIR_FLAGS, Mode::empty())
-                    .map_err(|e| open_error(e, root, account))?;
+                    .map_err(|e| open_error(e, root, account, account))?;
                 if super::privileges::privileged() {
                     fchown(&fd, Some(owner.uid), Some(owner.gid))
                         .map_err(|e| DeliveryError::io(e, format!("chown {account}")))?;
@@ -137,7 +163,7 @@ impl Maildir {
                 fsync(root).map_err(|e| DeliveryError::io(e, "fsync of maildir root"))?;
                 fd
             }
-            Err(e) => return Err(open_error(e, root, account)),
+            Err(e) => return Err(open_error(e, root, account, account)),
         };
         check_owner(&md, owner, account)?;
         as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
@@ -165,7 +191,7 @@ impl Maildir {
             openat(&self.tmp, name, flags, Mode::S_IRUSR | Mode::S_IWUSR)
         })
         .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
-        .map_err(|e| DeliveryError::io(e, format!("create tmp/{name}")))?;
+        .map_err(|e| DeliveryError::access(e, format!("create tmp/{name}")))?;
         Ok(File::from(fd))
     }
 
@@ -254,5 +280,21 @@ impl Maildir {
     /// Identifies the new/ directory (device, inode), so a batch fsyncs each one once.
     pub fn new_dir_key(&self) -> Option<(u64, u64)> {
         fstat(&self.new).ok().map(|st| (st.st_dev, st.st_ino))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_path_drops_trailing_slashes_and_refuses_relative_homes() {
+        let p = |s: &str| home_path(Path::new(s)).map(|p| p.to_str().unwrap().to_string());
+        assert_eq!(p("/home/x/").unwrap(), "/home/x");
+        assert_eq!(p("/home/x//").unwrap(), "/home/x");
+        assert_eq!(p("/home/x").unwrap(), "/home/x");
+        assert_eq!(p("/").unwrap(), "/");
+        assert!(p("home/x").is_err());
+        assert!(p("").is_err());
     }
 }

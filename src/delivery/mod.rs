@@ -57,8 +57,18 @@ impl DeliveryError {
             Errno::ENOSPC => DeliveryError::NoSpace(msg),
             // Postfix's mbox_dsn classes EFBIG with EDQUOT: the mailbox is full (5.2.2).
             Errno::EDQUOT | Errno::EFBIG => DeliveryError::Quota(msg),
-            Errno::EACCES | Errno::EPERM => DeliveryError::Unavailable(msg),
             _ => DeliveryError::Io(msg),
+        }
+    }
+
+    /// For operations done as the recipient inside their home or Maildir (mkdir, create,
+    /// open): EACCES/EPERM there mean the recipient may not write where their mail goes, a
+    /// fault of the mailbox (450), not of inboxd. Elsewhere (setfsuid, chown, link) an EPERM
+    /// is inboxd's own and stays a 451 through [`DeliveryError::io`].
+    pub fn access(e: Errno, what: impl fmt::Display) -> DeliveryError {
+        match e {
+            Errno::EACCES | Errno::EPERM => DeliveryError::Unavailable(format!("{what}: {e}")),
+            e => DeliveryError::io(e, what),
         }
     }
 
@@ -69,7 +79,7 @@ impl DeliveryError {
             Errno::ELOOP | Errno::ENOTDIR => {
                 DeliveryError::Unavailable(format!("{what} is a symlink or not a directory"))
             }
-            _ => DeliveryError::io(e, format!("open {what}")),
+            _ => DeliveryError::access(e, format!("open {what}")),
         }
     }
 
@@ -207,7 +217,9 @@ mod tests {
         assert_eq!(DeliveryError::io(Errno::EDQUOT, "x").reply().code, 552);
         assert_eq!(DeliveryError::io(Errno::EIO, "x").reply().code, 451);
         assert_eq!(DeliveryError::io(Errno::EFBIG, "x").reply().code, 552);
-        assert_eq!(DeliveryError::io(Errno::EACCES, "x").reply().code, 450);
+        assert_eq!(DeliveryError::io(Errno::EPERM, "x").reply().code, 451);
+        assert_eq!(DeliveryError::access(Errno::EACCES, "x").reply().code, 450);
+        assert_eq!(DeliveryError::access(Errno::ENOSPC, "x").reply().code, 452);
         assert_eq!(DeliveryError::open(Errno::ELOOP, "new").reply().code, 450);
     }
 }

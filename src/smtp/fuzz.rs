@@ -4,8 +4,8 @@
 //!
 //! Owns the invariants, so that the fuzzer (`fuzz/`, AFL++ through cargo-afl) and the
 //! regression tests (`tests/fuzz_regressions.rs`, which replay every saved input on each
-//! `cargo test`) check exactly the same things. Like the rest of `smtp`, it does no I/O and
-//! reads no clock: time is a counter the input drives.
+//! `cargo test`) check exactly the same things. Like the rest of `smtp`, it does no I/O; the
+//! session's time starts at an arbitrary instant and moves only as the input says.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
@@ -79,7 +79,8 @@ fn split_lines(bytes: &[u8]) -> Vec<&[u8]> {
 /// of one multi-line reply share the code, and an enhanced code (RFC 3463) matches its class.
 fn check_reply_line<'a>(line: &'a [u8], open: &mut Option<&'a [u8]>) {
     assert!(line.len() >= 4, "short reply line {line:?}");
-    assert!(line.len() <= 512, "reply line over 512 octets");
+    // RFC 5321 4.5.3.1.5: 512 octets including the CRLF, which split_lines removed.
+    assert!(line.len() <= 510, "reply line over 512 octets");
     let (code, sep, text) = (&line[..3], line[3], &line[4..]);
     assert!(code.iter().all(u8::is_ascii_digit), "bad code {line:?}");
     assert!((b'2'..=b'5').contains(&code[0]), "bad class {line:?}");
@@ -240,6 +241,7 @@ pub fn data_decoder(data: &[u8]) {
         assert_eq!(used, piece.len(), "stopped early without an end of data");
     }
     assert_eq!(ended, want.end, "end of data found at a different place");
+    assert!(out.len() <= pos, "more decoded than consumed");
     let fault = d.fault().is_some();
     if ended.is_some() || !want.fault {
         // On unfinished input a line may still be growing past its limit; compare faults only
@@ -274,7 +276,10 @@ fn fuzz_config() -> Rc<SessionConfig> {
 /// Bounds the session must keep whatever the client does: replies waiting to be sent, and
 /// unprocessed input, each stay near their high-water marks.
 const OUTPUT_BOUND: usize = 8 * 1024 + 4 * 1024;
-const INPUT_BOUND: usize = 64 * 1024 + 4 * 1024;
+/// The server reads at most this much at once (server::connection::READ_CHUNK), and only
+/// while less than 64 KiB waits unprocessed.
+const READ_CHUNK: usize = 64 * 1024;
+const INPUT_BOUND: usize = 64 * 1024 + READ_CHUNK;
 
 fn check_transaction(tx: &Transaction) {
     if let ReversePath::Mailbox(m) = &tx.reverse_path {
@@ -379,8 +384,13 @@ pub fn session(data: &[u8]) {
             b'S' => s.shutdown(),
             _ => {
                 let bytes = if op == b'R' { arg } else { piece };
-                if s.wants_read() {
-                    s.receive(bytes, now);
+                // As the server reads: at most READ_CHUNK at a time, and only while the
+                // session wants input; the rest stays in the client's socket (dropped here).
+                for chunk in bytes.chunks(READ_CHUNK) {
+                    if !s.wants_read() {
+                        break;
+                    }
+                    s.receive(chunk, now);
                 }
             }
         }
@@ -421,7 +431,11 @@ pub fn session(data: &[u8]) {
                         assert!(in_data, "DataAborted outside DATA");
                         in_data = false;
                     }
-                    Event::Close => closed = true,
+                    Event::Close => {
+                        // The server frees the transaction only on EndOfData or DataAborted.
+                        assert!(!in_data, "Close with a DATA neither ended nor aborted");
+                        closed = true;
+                    }
                 }
             }
             if hold || !(pending_rcpt || pending_delivery) {
