@@ -423,13 +423,7 @@ fn full_disk_mid_transaction() {
         .starts_with("250 "));
     // Start the big message and let its first part be written; then fill the filesystem,
     // and deliver to Jones from another session while the big one is still open.
-    let mut big = server.connect();
-    assert!(big.cmd("EHLO client.example").starts_with("250"));
-    assert!(big.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
-    assert!(big
-        .cmd("RCPT TO:<inboxd-full@localhost>")
-        .starts_with("250 "));
-    assert!(big.cmd("DATA").starts_with("354 "));
+    let mut big = server.open_data(&["inboxd-full"]);
     let lines: String = (0..400).map(|_| "x".repeat(900) + "\r\n").collect();
     big.send(format!("{}{}", message(&token()), &lines[..100 * 902]).as_bytes());
     let tmp = md.join("tmp");
@@ -465,12 +459,7 @@ fn full_disk_mid_transaction() {
     assert!(list(&md.join("tmp")).is_empty(), "nothing left in tmp/");
     // Both recipients in one transaction: refused whole, so Jones gets no copy either.
     let both = token();
-    let mut c = server.connect();
-    assert!(c.cmd("EHLO client.example").starts_with("250"));
-    assert!(c.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
-    assert!(c.cmd("RCPT TO:<inboxd-full@localhost>").starts_with("250 "));
-    assert!(c.cmd("RCPT TO:<Jones@localhost>").starts_with("250 "));
-    assert!(c.cmd("DATA").starts_with("354 "));
+    let mut c = server.open_data(&["inboxd-full", "Jones"]);
     c.send(format!("{}{lines}", message(&both)).as_bytes());
     let end_both = c.cmd(".");
     assert!(end_both.starts_with("452 4.3.1"), "{end_both}");

@@ -134,6 +134,16 @@ impl Server {
     /// get 250), DATA, `body` (SMTP form, dot-stuffed), the final dot, QUIT. Returns the
     /// reply to the final dot.
     pub fn deliver(&self, rcpts: &[&str], body: &str) -> String {
+        let mut c = self.open_data(rcpts);
+        c.send(body.as_bytes());
+        let end = c.cmd(".");
+        assert!(c.cmd("QUIT").starts_with("221 "));
+        end
+    }
+
+    /// A session up to the 354: EHLO, MAIL FROM:<tester@client.example>, each RCPT (which
+    /// must get 250), DATA. The mail data and the dot are the caller's.
+    pub fn open_data(&self, rcpts: &[&str]) -> Client {
         let mut c = self.connect();
         assert!(c.cmd("EHLO client.example").starts_with("250-"));
         assert!(c
@@ -144,10 +154,7 @@ impl Server {
             assert!(reply.starts_with("250 "), "{r}: {reply}");
         }
         assert!(c.cmd("DATA").starts_with("354 "));
-        c.send(body.as_bytes());
-        let end = c.cmd(".");
-        assert!(c.cmd("QUIT").starts_with("221 "));
-        end
+        c
     }
 
     pub fn connect(&self) -> Client {
