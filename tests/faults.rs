@@ -456,7 +456,7 @@ fn full_disk_mid_transaction() {
     let log = log_line(&server, "event=not_delivered");
     assert!(log.contains("ENOSPC"), "{log}");
     assert_eq!(new_files(&md).len(), 1, "only the first message is in new/");
-    assert!(list(&md.join("tmp")).is_empty(), "nothing left in tmp/");
+    assert!(emptied(&md.join("tmp")), "nothing left in tmp/");
     // Both recipients in one transaction: refused whole, so Jones gets no copy either.
     let both = token();
     let mut c = server.open_data(&["inboxd-full", "Jones"]);
@@ -464,7 +464,10 @@ fn full_disk_mid_transaction() {
     let end_both = c.cmd(".");
     assert!(end_both.starts_with("452 4.3.1"), "{end_both}");
     assert!(messages_with(&jones_home.join("Maildir"), &both).is_empty());
-    assert!(list(&jones_home.join("Maildir/tmp")).is_empty());
+    assert!(
+        emptied(&jones_home.join("Maildir/tmp")),
+        "nothing left in tmp/"
+    );
     // Space again: delivery works.
     std::fs::remove_file(&filler).unwrap();
     let again = token();
@@ -551,7 +554,7 @@ fn over_quota() {
     let log = log_line(&server, "event=not_delivered");
     assert!(log.contains("EDQUOT"), "{log}");
     assert_eq!(new_files(&md).len(), 1, "only the small message is in new/");
-    assert!(list(&md.join("tmp")).is_empty(), "nothing left in tmp/");
+    assert!(emptied(&md.join("tmp")), "nothing left in tmp/");
     // Replaced whole (write then rename), so quotafs never reads a half-written file.
     let next = dir.path().join("limits.new");
     std::fs::write(&next, format!("{uid} 1048576\n")).unwrap();

@@ -144,7 +144,7 @@ fn file_size_limit_gives_552_not_a_dead_server() {
     assert!(end.starts_with("552 5.2.2"), "{end}");
     let md = dir.path().join("root");
     assert!(new_files(&md).is_empty());
-    assert!(list(&md.join("tmp")).is_empty());
+    assert!(emptied(&md.join("tmp")));
     let tok = token();
     assert!(server
         .deliver(&["root"], &message(&tok))

@@ -332,6 +332,19 @@ pub fn new_files(maildir: &Path) -> Vec<PathBuf> {
     list(&maildir.join("new"))
 }
 
+/// Whether `dir` is empty within 5 s. A refused transaction is answered as soon as the
+/// failure is known; the agent removes its tmp/ files right after, not before the reply.
+pub fn emptied(dir: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !list(dir).is_empty() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
 pub fn list(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
