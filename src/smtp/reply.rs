@@ -5,6 +5,9 @@
 
 use std::fmt;
 
+/// RFC 5321 4.5.3.1.5: the longest reply line, CRLF included.
+pub const MAX_REPLY_LINE: usize = 512;
+
 /// One SMTP reply. `enhanced` is `None` only where RFC 2034 section 3 exempts a reply from the
 /// enhanced code: the greeting and the answers to HELO/EHLO.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,10 +54,17 @@ impl Reply {
                 out.extend_from_slice(e.as_bytes());
                 out.push(b' ');
             }
-            out.extend(
-                text.bytes()
-                    .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-            );
+            // RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF. Texts that
+            // echo the client (a greeting name, a parameter) are cut to fit (found by fuzzing:
+            // an unknown 490-octet MAIL parameter made a 527-octet line).
+            let room = MAX_REPLY_LINE - 2 - 4 - self.enhanced.map_or(0, |e| e.len() + 1);
+            out.extend(text.bytes().take(room).map(|b| {
+                if b == b'\r' || b == b'\n' {
+                    b' '
+                } else {
+                    b
+                }
+            }));
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -100,5 +110,19 @@ mod tests {
     fn line_breaks_in_text_cannot_forge_reply_lines() {
         let r = Reply::new(501, "5.5.4", "bad\r\n250 ok");
         assert_eq!(r.to_bytes(), b"501 5.5.4 bad  250 ok\r\n");
+    }
+
+    #[test]
+    fn lines_are_cut_to_512_octets() {
+        let long = "x".repeat(600);
+        for r in [
+            Reply::new(555, "5.5.4", long.clone()),
+            Reply::plain(250, vec![long.clone(), "8BITMIME".into()]),
+        ] {
+            let bytes = r.to_bytes();
+            let first = bytes.split(|&b| b == b'\n').next().unwrap();
+            assert_eq!(first.len() + 1, MAX_REPLY_LINE, "{}", first.len());
+            assert!(bytes.ends_with(b"\r\n"));
+        }
     }
 }
