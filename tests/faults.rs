@@ -567,3 +567,94 @@ fn over_quota() {
     drop(server);
     drop(fuse);
 }
+
+/// A user races inboxd: while messages are delivered, a loop swaps ~/Maildir/new, then
+/// ~/Maildir itself, for a symlink to a root-owned directory and back, as fast as it can.
+/// Every walk is by descriptor with O_NOFOLLOW, so no timing lets a write through the link:
+/// the root-owned directory stays empty, every message that got a 250 is in new/ once the
+/// swapping stops, and each other one got a 4xx and left nothing behind.
+#[test]
+fn racing_symlink_swaps_never_redirect_a_write() {
+    if skip_unless_root("racing_symlink_swaps_never_redirect_a_write") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let home = PathBuf::from("/home/inboxd-race");
+    let (uid, gid) = account("inboxd-race", &home, true);
+    let md = home.join("Maildir");
+    for d in ["", "tmp", "new", "cur"] {
+        let p = md.join(d);
+        std::fs::create_dir_all(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+    }
+    let target = TempDir::new("racetarget");
+    let (server, _aliases) = start_system();
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for (swap, keep) in [
+        (md.join("new"), md.join("new.real")),
+        (md.clone(), home.join("Maildir.real")),
+    ] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let racer = {
+            let (stop, swap, keep, target) = (
+                stop.clone(),
+                swap.clone(),
+                keep.clone(),
+                target.path().to_path_buf(),
+            );
+            std::thread::spawn(move || {
+                // RENAME_EXCHANGE swaps the directory and the symlink atomically, so the
+                // name always exists (no window in which inboxd would create it anew).
+                std::os::unix::fs::symlink(&target, &keep).unwrap();
+                let exchange = || {
+                    nix::fcntl::renameat2(
+                        nix::fcntl::AT_FDCWD,
+                        &swap,
+                        nix::fcntl::AT_FDCWD,
+                        &keep,
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .unwrap()
+                };
+                let mut swaps = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    exchange();
+                    std::thread::yield_now();
+                    exchange();
+                    swaps += 1;
+                }
+                std::fs::remove_file(&keep).unwrap();
+                swaps
+            })
+        };
+        for _ in 0..40 {
+            let tok = token();
+            let end = server.deliver(&["inboxd-race"], &message(&tok));
+            if end.starts_with("250 ") {
+                acked.push(tok);
+            } else {
+                assert!(end.starts_with("450 4.2.0"), "{end}");
+                refused += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = racer.join().unwrap();
+        assert!(swaps > 40, "the racer hardly ran: {swaps} swaps");
+    }
+    drop(server);
+    assert!(list(target.path()).is_empty(), "written through a symlink");
+    for tok in &acked {
+        assert_eq!(
+            messages_with(&md, tok).len(),
+            1,
+            "an acknowledged message is missing"
+        );
+    }
+    assert!(emptied(&md.join("tmp")));
+    println!(
+        "fault-row | a user swaps Maildir/new, then Maildir, for a symlink to a root-owned directory in a loop during 80 deliveries | {} x 250, {refused} x 450 4.2.0 | nothing written through the link; every 250 in new/ |",
+        acked.len()
+    );
+}
