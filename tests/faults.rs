@@ -44,6 +44,10 @@ fn account(name: &str, home: &Path, create_home: bool) -> (u32, u32) {
     (u.uid.as_raw(), u.gid.as_raw())
 }
 
+fn remove_account(name: &str) {
+    let _ = Command::new("userdel").arg(name).output();
+}
+
 /// Every path under `dir` (not following symlinks) with its type, size, owner and mode: what
 /// "nothing was written" is checked against.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, u64, u32, u32)> {
@@ -477,6 +481,9 @@ fn full_disk_mid_transaction() {
     assert_eq!(messages_with(&md, &again).len(), 1);
     row("filesystem full mid-DATA", &end, &log);
     drop(server);
+    // Its home goes with the mount: an account left pointing there would be a problem
+    // for `inboxd check` on this host.
+    remove_account("inboxd-full");
 }
 
 /// Ends the quotafs process (and so its mount) on drop.
@@ -566,6 +573,7 @@ fn over_quota() {
     row("user over quota (EDQUOT)", &end, &log);
     drop(server);
     drop(fuse);
+    remove_account("inboxd-quota");
 }
 
 /// A user races inboxd: while messages are delivered, a loop swaps ~/Maildir/new, then
