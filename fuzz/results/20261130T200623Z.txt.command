@@ -1,1 +1,0 @@
-    Finished `release` profile [optimized + debuginfo] target(s) in 0.03s
