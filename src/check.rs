@@ -200,15 +200,24 @@ fn check_accounts(config: &Config, r: &mut Report) {
         let maildir = match &config.maildir_root {
             Some(root) => root.join(&name),
             None => {
+                // As delivery sees it: a trailing slash dropped (it would make lstat
+                // follow a symlinked home that delivery refuses).
+                let home = match crate::delivery::maildir::home_path(&home) {
+                    Ok(h) => h.to_path_buf(),
+                    Err(e) => {
+                        r.problem(format!("{name}: {e}: mail to {name} gets 450 4.2.0"));
+                        continue;
+                    }
+                };
                 match std::fs::symlink_metadata(&home) {
                     Ok(m)
                         if m.is_dir()
                             && m.uid() == uid
-                            && m.mode() & 0o200 == 0
+                            && m.mode() & 0o300 != 0o300
                             && std::fs::symlink_metadata(home.join("Maildir")).is_err() =>
                     {
                         r.problem(format!(
-                            "{name}: home {} is not writable by {name} and has no Maildir: mail to {name} gets 450 4.2.0",
+                            "{name}: home {} is not writable and searchable by {name} and has no Maildir: mail to {name} gets 450 4.2.0",
                             home.display()
                         ));
                         continue;
@@ -282,7 +291,7 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
             }
             Ok(m) if m.file_type().is_symlink() => {
                 r.problem(format!(
-                    "{name}: {} is a symlink, never followed: mail to {name} gets 450",
+                    "{name}: {} is a symlink, never followed: mail to {name} gets 450 4.2.0",
                     dir.display()
                 ));
                 bad = true;
@@ -296,9 +305,17 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
             }
             Ok(m) if m.uid() != uid => {
                 r.problem(format!(
-                    "{name}: {} belongs to uid {}, not to {name}: mail to {name} gets 450",
+                    "{name}: {} belongs to uid {}, not to {name}: mail to {name} gets 450 4.2.0",
                     dir.display(),
                     m.uid()
+                ));
+                bad = true;
+            }
+            Ok(m) if m.mode() & 0o300 != 0o300 => {
+                r.problem(format!(
+                    "{name}: {} has mode {:o}: {name} cannot write there, mail to {name} gets 450 4.2.0",
+                    dir.display(),
+                    m.mode() & 0o7777
                 ));
                 bad = true;
             }

@@ -132,7 +132,7 @@ fn connections_per_client_address_are_limited() {
 fn file_size_limit_gives_552_not_a_dead_server() {
     let dir = TempDir::new("fsize");
     let mut cmd = std::process::Command::new("sh");
-    // ulimit -f counts 1024-byte blocks: 64 KiB.
+    // dash's ulimit -f counts 512-byte blocks: 32 KiB (/proc/PID/limits says 32768).
     cmd.args([
         "-c",
         "ulimit -f 64 && exec \"$0\" \"$@\"",
@@ -142,6 +142,14 @@ fn file_size_limit_gives_552_not_a_dead_server() {
     let lines: String = (0..200).map(|_| "z".repeat(900) + "\r\n").collect();
     let end = server.deliver(&["root"], &format!("{}{lines}", message(&token())));
     assert!(end.starts_with("552 5.2.2"), "{end}");
+    let log = server
+        .log_until("event=not_delivered")
+        .pop()
+        .unwrap_or_default();
+    assert!(
+        log.contains("quota exceeded: write of mail data: EFBIG"),
+        "{log}"
+    );
     let md = dir.path().join("root");
     assert!(new_files(&md).is_empty());
     assert!(emptied(&md.join("tmp")));

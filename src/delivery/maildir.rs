@@ -94,7 +94,7 @@ fn open_error<Fd: std::os::fd::AsFd, P: ?Sized + nix::NixPath>(
 /// and a trailing slash would make the kernel follow that one too: "/home/x/" is opened as
 /// "/home/x". The components before it are the administrator's (/home and the like) and are
 /// followed. A relative home (a broken passwd entry) would depend on our working directory.
-fn home_path(home: &Path) -> Result<&Path, DeliveryError> {
+pub fn home_path(home: &Path) -> Result<&Path, DeliveryError> {
     let bytes = home.as_os_str().as_bytes();
     let end = bytes.iter().rposition(|&b| b != b'/').map_or(1, |i| i + 1);
     let home = Path::new(std::ffi::OsStr::from_bytes(&bytes[..end.min(bytes.len())]));

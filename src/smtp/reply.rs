@@ -57,7 +57,13 @@ impl Reply {
             // RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF. Texts that
             // echo the client (a greeting name, a parameter) are cut to fit (found by fuzzing:
             // an unknown 490-octet MAIL parameter made a 527-octet line).
-            let room = MAX_REPLY_LINE - 2 - 4 - self.enhanced.map_or(0, |e| e.len() + 1);
+            let mut room = MAX_REPLY_LINE - 2 - 4 - self.enhanced.map_or(0, |e| e.len() + 1);
+            if room < text.len() {
+                // Never half a character.
+                while !text.is_char_boundary(room) {
+                    room -= 1;
+                }
+            }
             out.extend(text.bytes().take(room).map(|b| {
                 if b == b'\r' || b == b'\n' {
                     b' '
@@ -124,5 +130,10 @@ mod tests {
             assert_eq!(first.len() + 1, MAX_REPLY_LINE, "{}", first.len());
             assert!(bytes.ends_with(b"\r\n"));
         }
+        // A cut never splits a character: 'é' is two octets, and after one 'a' the 500th
+        // octet of the text is the first half of one.
+        let r = Reply::new(555, "5.5.4", format!("a{}", "\u{e9}".repeat(300))).to_bytes();
+        assert!(std::str::from_utf8(&r).is_ok());
+        assert!(r.len() <= MAX_REPLY_LINE);
     }
 }

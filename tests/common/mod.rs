@@ -335,6 +335,7 @@ pub fn new_files(maildir: &Path) -> Vec<PathBuf> {
 /// Whether `dir` is empty within 5 s. A refused transaction is answered as soon as the
 /// failure is known; the agent removes its tmp/ files right after, not before the reply.
 pub fn emptied(dir: &Path) -> bool {
+    assert!(dir.is_dir(), "{} is not a directory", dir.display());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !list(dir).is_empty() {
         if std::time::Instant::now() > deadline {
