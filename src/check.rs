@@ -199,65 +199,47 @@ fn check_accounts(config: &Config, r: &mut Report) {
         }
         let maildir = match &config.maildir_root {
             Some(root) => root.join(&name),
-            None => {
-                // As delivery sees it: a trailing slash dropped (it would make lstat
-                // follow a symlinked home that delivery refuses).
-                let home = match crate::delivery::maildir::home_path(&home) {
-                    Ok(h) => h.to_path_buf(),
-                    Err(e) => {
-                        r.problem(format!("{name}: {e}: mail to {name} gets 450 4.2.0"));
-                        continue;
-                    }
-                };
-                match std::fs::symlink_metadata(&home) {
-                    Ok(m)
-                        if m.is_dir()
-                            && m.uid() == uid
-                            && m.mode() & 0o300 != 0o300
-                            && std::fs::symlink_metadata(home.join("Maildir")).is_err() =>
-                    {
-                        r.problem(format!(
-                            "{name}: home {} is not writable and searchable by {name} and has no Maildir: mail to {name} gets 450 4.2.0",
-                            home.display()
-                        ));
-                        continue;
-                    }
-                    Ok(m) if m.is_dir() && m.uid() == uid => {}
-                    Ok(m) if m.is_dir() => {
-                        r.problem(format!(
-                            "{name}: home {} belongs to uid {}, not to {name}: mail to {name} gets 450 4.2.0",
-                            home.display(),
-                            m.uid()
-                        ));
-                        continue;
-                    }
-                    Ok(_) => {
-                        r.problem(format!(
-                            "{name}: home {} is a symlink or not a directory: mail to {name} gets 450 4.2.0",
-                            home.display()
-                        ));
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        r.problem(format!(
-                            "{name}: home {} does not exist: mail to {name} gets 450 4.2.0",
-                            home.display()
-                        ));
-                        continue;
-                    }
-                    Err(e) => {
-                        r.problem(format!(
-                            "{name}: home {}: {e}: mail to {name} gets 4xx",
-                            home.display()
-                        ));
-                        continue;
-                    }
+            None => match check_home(&name, uid, &home) {
+                Ok(maildir) => maildir,
+                Err(problem) => {
+                    r.problem(format!("{name}: {problem}"));
+                    continue;
                 }
-                home.join("Maildir")
-            }
+            },
         };
         check_maildir(&name, uid, &maildir, r);
     }
+}
+
+/// What delivery would make of `name`'s home: its Maildir's path, or the problem and the
+/// reply such mail gets (tests/faults.rs shows each).
+fn check_home(name: &str, uid: u32, home: &Path) -> Result<PathBuf, String> {
+    // As delivery sees it: a trailing slash dropped (it would make lstat follow a symlinked
+    // home that delivery refuses).
+    let home = crate::delivery::maildir::home_path(home)
+        .map_err(|e| format!("{e}: mail to {name} gets 450 4.2.0"))?;
+    let why = match std::fs::symlink_metadata(home) {
+        Ok(m) if !m.is_dir() => "is a symlink or not a directory".to_string(),
+        Ok(m) if m.uid() != uid => format!("belongs to uid {}, not to {name}", m.uid()),
+        Ok(m)
+            if m.mode() & 0o300 != 0o300
+                && std::fs::symlink_metadata(home.join("Maildir")).is_err() =>
+        {
+            format!("is not writable and searchable by {name} and has no Maildir")
+        }
+        Ok(_) => return Ok(home.join("Maildir")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
+        Err(e) => {
+            return Err(format!(
+                "home {}: {e}: mail to {name} gets 4xx",
+                home.display()
+            ))
+        }
+    };
+    Err(format!(
+        "home {} {why}: mail to {name} gets 450 4.2.0",
+        home.display()
+    ))
 }
 
 fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
