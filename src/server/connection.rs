@@ -1,8 +1,8 @@
 //! One client connection: its socket, its SMTP session and its unsent output.
 //!
-//! Owns moving bytes between the socket and the session: reads are drained to WouldBlock
-//! while the session wants input, output is written until WouldBlock, and the mio interest is
-//! recomputed from the session's state after every step. It must not interpret SMTP (the
+//! Owns moving bytes between the socket and the session: reads go on while the session wants
+//! input and the socket may hold more (see [`Connection::drained`]), output is written until
+//! WouldBlock, and the mio interest is recomputed from the session's state after every step. It must not interpret SMTP (the
 //! session does) or deliver (the server hands the session's events to the deliverer).
 
 use std::io::{self, Read, Write};
@@ -28,11 +28,17 @@ pub struct Connection {
     out_pos: usize,
     /// The client closed its sending side (or reading failed).
     pub eof: bool,
-    /// The last read said EAGAIN: with edge-triggered readiness, new data (or EOF) brings a
-    /// new event, which clears this. A short read does not count: data and FIN arriving
-    /// together, or urgent data, make a read return short with more to read and no new
-    /// event to come (found in review, reproduced with TCP_CORK and MSG_OOB).
+    /// Nothing is left to read until the next readiness event, which clears this. Set by a
+    /// read that said EAGAIN, and by a short read (fewer octets than asked for: tcp_recvmsg
+    /// stops only when the receive queue is empty) unless [`Connection::must_drain`] is set.
+    /// Not reading on to EAGAIN saves one read(2) per command (a third of the receiver's
+    /// system calls). Data arriving after the event was taken brings a new event.
     pub drained: bool,
+    /// The event that made this connection readable also said FIN, urgent data or an error:
+    /// then a read returns short with more to read (the EOF, the data past the urgent mark)
+    /// and no new event comes (found in review, reproduced with TCP_CORK and MSG_OOB), so
+    /// reads go on until EAGAIN or EOF.
+    pub must_drain: bool,
     /// Its session may go on with buffered input, but had its share of this turn: the next
     /// turn (from the ready list) resumes it.
     pub resume_pending: bool,
@@ -71,7 +77,9 @@ impl Connection {
             out: Vec::new(),
             out_pos: 0,
             eof: false,
-            drained: false,
+            // Data that came before the socket was registered makes registering report it.
+            drained: true,
+            must_drain: false,
             resume_pending: false,
             write_failed: false,
             interest: None,
@@ -93,11 +101,15 @@ impl Connection {
                 ReadStep::Data
             }
             Ok(n) => {
+                if n < buf.len() && !self.must_drain {
+                    self.drained = true;
+                }
                 self.session.receive(&buf[..n], now);
                 ReadStep::Data
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.drained = true;
+                self.must_drain = false;
                 ReadStep::Nothing
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::Data,
@@ -159,10 +171,11 @@ impl Connection {
     /// Registers or re-registers with the interest the session's state calls for: readable
     /// while it wants input (or to notice a close), writable while output waits.
     pub fn update_interest(&mut self, registry: &Registry) -> io::Result<()> {
+        // PRIORITY: urgent data must show in the event (see `must_drain`).
         let want = if self.output_pending() {
-            Interest::READABLE | Interest::WRITABLE
+            Interest::READABLE | Interest::PRIORITY | Interest::WRITABLE
         } else {
-            Interest::READABLE
+            Interest::READABLE | Interest::PRIORITY
         };
         match self.interest {
             None => registry.register(&mut self.socket, self.token, want)?,

@@ -244,9 +244,15 @@ impl Server {
                         self.accept(now)
                     }
                     t => {
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        if ev.is_readable()
+                            || ev.is_read_closed()
+                            || ev.is_error()
+                            || ev.is_priority()
+                        {
                             if let Some(c) = self.conns.get_mut(&t) {
                                 c.drained = false;
+                                c.must_drain |=
+                                    ev.is_read_closed() || ev.is_error() || ev.is_priority();
                             }
                         }
                         self.drive(t, &mut buf)
