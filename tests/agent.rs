@@ -118,6 +118,84 @@ fn begin_write_commit_delivers_and_batches_commits() {
 }
 
 #[test]
+fn deliver_writes_whole_messages_and_refuses_forged_ones() {
+    let dir = TempDir::new("agentdeliver");
+    let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let deliver = |id, accounts: &[&str], heads: &[&[u8]], data: &[u8]| {
+        agent.send(&Request::Deliver {
+            id,
+            accounts: accounts.iter().map(|a| a.to_string()).collect(),
+            heads: heads.iter().map(|h| h.to_vec()).collect(),
+            data: data.to_vec(),
+        });
+        agent.recv()
+    };
+    // Each copy is its head, then the data; the file is named with its size; one answer.
+    let (r, fds) = deliver(1, &["nobody"], &[b"Delivered-To: nobody\n"], b"hello\n");
+    assert!(fds.is_empty(), "a Deliver passes no descriptors");
+    let Response::Done { id: 1, names } = r else {
+        panic!("{r:?}")
+    };
+    assert!(names[0].ends_with(",S=27"), "{names:?}");
+    let md = dir.path().join("nobody");
+    let files = new_files(&md);
+    assert_eq!(files.len(), 1);
+    assert_eq!(
+        std::fs::read(&files[0]).unwrap(),
+        b"Delivered-To: nobody\nhello\n"
+    );
+    // A head count that does not match the copies (duplicates are one copy) fails, and
+    // leaves nothing behind.
+    let (r, _) = deliver(2, &["nobody", "nobody"], &[b"a\n", b"b\n"], b"x\n");
+    assert!(matches!(r, Response::Failed { id: 2, .. }), "{r:?}");
+    // The same checks as for Begin: uid 0, names that are no account or would be a path.
+    if is_root() {
+        let (r, _) = deliver(3, &["root"], &[b""], b"x\n");
+        assert!(
+            matches!(
+                r,
+                Response::Failed {
+                    id: 3,
+                    class: 4,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert!(!dir.path().join("root").exists());
+    }
+    for (id, name) in [(4, "../etc"), (5, "a/b"), (6, "nosuchuser")] {
+        let (r, _) = deliver(id, &[name], &[b""], b"x\n");
+        assert!(
+            matches!(r, Response::Failed { class: 5, .. }),
+            "{name}: {r:?}"
+        );
+    }
+    // A Deliver under an id that is open already is refused, and the open one is untouched.
+    let (r, fds) = agent.begin(7, &["nobody"]);
+    assert!(matches!(r, Response::Opened { .. }), "{r:?}");
+    let (r, _) = deliver(7, &["nobody"], &[b""], b"forged\n");
+    assert!(matches!(r, Response::Failed { id: 7, .. }), "{r:?}");
+    write_all(fds.into_iter().next().unwrap(), b"streamed\n");
+    agent.send(&Request::Commit { id: 7 });
+    assert!(matches!(agent.recv().0, Response::Done { id: 7, .. }));
+    let mut contents: Vec<Vec<u8>> = new_files(&md)
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    contents.sort();
+    assert_eq!(
+        contents,
+        vec![
+            b"Delivered-To: nobody\nhello\n".to_vec(),
+            b"streamed\n".to_vec()
+        ]
+    );
+    assert!(list(&md.join("tmp")).is_empty());
+    assert!(agent.close());
+}
+
+#[test]
 fn forged_requests_are_refused() {
     let dir = TempDir::new("agentforged");
     let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);

@@ -2,8 +2,9 @@
 //! take a recipient's filesystem identity) and serves the receiver over one socket.
 //!
 //! It does not listen on the network and does not parse SMTP. It reads fixed binary requests
-//! (`protocol`), answers Begin with the tmp-file descriptors of a [`Store`] (SCM_RIGHTS), and
-//! commits every Commit that is waiting when it wakes up in one batch (group commit), then
+//! (`protocol`), answers Begin with the tmp-file descriptors of a [`Store`] (SCM_RIGHTS),
+//! writes the copies of a Deliver (a small message sent whole) itself, and commits every
+//! Commit and Deliver that is waiting when it wakes up in one batch (group commit), then
 //! answers each. A malformed request is answered with a failure when its id can be read, and
 //! otherwise ignored. SIGHUP, SIGINT and SIGTERM are blocked: the agent ends only when the
 //! receiver closes the socket, so a signal meant for the receiver (or for the whole process
@@ -78,6 +79,28 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                     store.abort(id);
                 }
                 Ok(Request::Commit { id }) => commits.push(id),
+                Ok(Request::Deliver {
+                    id,
+                    accounts,
+                    heads,
+                    data,
+                }) => {
+                    // A failed open leaves nothing (and must not touch a transaction
+                    // already open under a reused id); a failed write removes the copies.
+                    let written = match store.open(id, &accounts) {
+                        Err(e) => Err(e),
+                        Ok(_) => store
+                            .write(id, &heads, &data)
+                            .inspect_err(|_| store.abort(id)),
+                    };
+                    match written {
+                        Ok(()) => commits.push(id),
+                        Err(e) => {
+                            warn!("event=agent_failed agent_tx={id} error={:?}", e.to_string());
+                            channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
+                        }
+                    }
+                }
             }
         }
         if !commits.is_empty() {

@@ -1,11 +1,13 @@
 //! The receiver's side of the delivery agent: the server's request/outcome interface, carried
 //! over the agent socket and answered asynchronously.
 //!
-//! Owns the transactions in flight: Begin is sent when DATA starts; mail data that arrives
-//! before the agent's descriptors is held (the server stops reading from that client once
-//! [`AgentClient::wants_data`] says so); once the descriptors arrive the trace fields and data
-//! are written straight into the recipients' tmp files; Commit goes out at the end of data
-//! and the outcome comes back later. If the agent goes away, every transaction in flight gets
+//! Owns the transactions in flight. Mail data is held from the start of DATA; a message whose
+//! whole request fits one datagram goes out at its end as one Deliver (the agent writes the
+//! copies: no descriptors, one round trip). When the held data outgrows that, Begin is sent;
+//! data that arrives before the agent's descriptors is still held (the server stops reading
+//! from that client once [`AgentClient::wants_data`] says so); once the descriptors arrive
+//! the trace fields and data are written straight into the recipients' tmp files; Commit goes
+//! out at the end of data. Either way the outcome comes back later. If the agent goes away, every transaction in flight gets
 //! 451 4.3.0 and [`AgentClient::on_readable`] reports it. It must not open files itself.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,7 +19,7 @@ use std::time::Instant;
 use log::{error, info, warn};
 
 use super::channel::{self, Received};
-use super::protocol::{Request, Response};
+use super::protocol::{deliver_size, Request, Response, MAX_DATAGRAM};
 use super::DeliveryError;
 use crate::smtp::trace::Trace;
 use crate::smtp::{DeliveryOutcome, Reply, Transaction};
@@ -32,6 +34,8 @@ const HOLD_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
+    /// Nothing sent yet: the data is held while a Deliver could still carry it.
+    Buffering,
     /// Begin sent, descriptors not here yet.
     Opening,
     /// Descriptors here, data being written.
@@ -54,11 +58,14 @@ struct InFlight {
     held: Vec<u8>,
     error: Option<DeliveryError>,
     state: State,
+    /// Begin was sent: the data went into descriptors, not into a Deliver (for the log).
+    streamed: bool,
 }
 
 /// A request waiting for room on the agent's socket.
 struct Queued {
     id: u64,
+    /// It starts a transaction (Begin or Deliver).
     begin: bool,
     msg: Vec<u8>,
 }
@@ -123,15 +130,17 @@ impl AgentClient {
         if self.gone || self.broken.is_some() {
             return Err(DeliveryError::Io("delivery agent gone".into()));
         }
+        let starts = matches!(r, Request::Begin { .. } | Request::Deliver { .. });
         if let Request::Abort { id } = r {
-            // Its Begin never left (and so nothing after it did): forget both. A Commit is
-            // only sent once the Begin was answered, so a queued Begin is all there is.
+            // Its Begin (or Deliver) never left (and so nothing after it did): forget both. A
+            // Commit is only sent once the Begin was answered, so a queued Begin is all there
+            // is.
             if let Some(i) = self.outbox.iter().position(|q| q.id == *id && q.begin) {
                 self.outbox.remove(i);
                 return Ok(());
             }
         }
-        if matches!(r, Request::Begin { .. }) && self.outbox.len() >= OUTBOX_LIMIT {
+        if starts && self.outbox.len() >= OUTBOX_LIMIT {
             return Err(DeliveryError::Io(
                 "too many requests wait for the delivery agent".into(),
             ));
@@ -150,7 +159,7 @@ impl AgentClient {
         }
         self.outbox.push_back(Queued {
             id: r.id(),
-            begin: matches!(r, Request::Begin { .. }),
+            begin: starts,
             msg,
         });
         Ok(())
@@ -189,29 +198,43 @@ impl AgentClient {
             .iter()
             .map(|a| trace.for_account(a, &self.hostname))
             .collect();
-        let accounts_for_log = accounts.clone();
-        let error = self.send(&Request::Begin { id, accounts }).err();
-        // No answer can come for a Begin that was not sent: the end of data fails at once.
-        let state = if error.is_some() {
-            State::Open
-        } else {
-            State::Opening
-        };
         self.by_conn.insert(conn, id);
         self.inflight.insert(
             id,
             InFlight {
                 conn,
                 tx_id: tx_id.to_string(),
-                accounts: accounts_for_log,
+                accounts,
                 commit_at: None,
                 heads,
                 files: Vec::new(),
                 held: Vec::new(),
-                error,
-                state,
+                error: None,
+                state: State::Buffering,
+                streamed: false,
             },
         );
+    }
+
+    /// The held data no longer fits a Deliver: open the copies the streaming way.
+    fn begin_streaming(&mut self, id: u64) {
+        let Some(t) = self.inflight.get(&id) else {
+            return;
+        };
+        let accounts = t.accounts.clone();
+        let error = self.send(&Request::Begin { id, accounts }).err();
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        t.streamed = true;
+        // No answer can come for a Begin that was not sent: the end of data fails at once.
+        if let Some(e) = error {
+            t.error = Some(e);
+            t.held = Vec::new();
+            t.state = State::Open;
+        } else {
+            t.state = State::Opening;
+        }
     }
 
     /// Whether the server may read more mail data from `conn` now.
@@ -233,16 +256,26 @@ impl AgentClient {
         if t.error.is_some() {
             return;
         }
-        if t.state == State::Opening {
-            t.held.extend_from_slice(data);
-            return;
+        match t.state {
+            State::Buffering => {
+                t.held.extend_from_slice(data);
+                if deliver_size(&t.accounts, &t.heads, t.held.len()) > MAX_DATAGRAM {
+                    let id = self.by_conn[&conn];
+                    self.begin_streaming(id);
+                }
+            }
+            State::Opening => t.held.extend_from_slice(data),
+            _ => write_each(t, data),
         }
-        write_each(t, data);
     }
 
     pub fn abort(&mut self, conn: u64) {
         if let Some(id) = self.by_conn.remove(&conn) {
-            self.inflight.remove(&id);
+            if let Some(t) = self.inflight.remove(&id) {
+                if t.state == State::Buffering {
+                    return; // the agent never heard of it
+                }
+            }
             // The agent handles requests in order: an Abort after a Begin it has not answered
             // yet still finds the transaction.
             let _ = self.send(&Request::Abort { id });
@@ -265,11 +298,32 @@ impl AgentClient {
         let Some(t) = self.inflight.get_mut(&id) else {
             return;
         };
-        if t.state == State::Opening {
-            t.state = State::CommitWanted;
-            return;
+        match t.state {
+            State::Opening => t.state = State::CommitWanted,
+            State::Buffering => self.deliver(id),
+            _ => self.commit(id),
         }
-        self.commit(id);
+    }
+
+    /// End of data of a message held whole: one Deliver carries it.
+    fn deliver(&mut self, id: u64) {
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        t.state = State::Committing;
+        t.commit_at = Some(Instant::now());
+        let r = Request::Deliver {
+            id,
+            accounts: t.accounts.clone(),
+            heads: std::mem::take(&mut t.heads),
+            data: std::mem::take(&mut t.held),
+        };
+        if let Err(e) = self.send(&r) {
+            if let Some(t) = self.inflight.remove(&id) {
+                self.by_conn.remove(&t.conn);
+                self.outcomes.push_back((t.conn, Err(e.reply())));
+            }
+        }
     }
 
     fn commit(&mut self, id: u64) {
@@ -386,8 +440,9 @@ impl AgentClient {
                         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
                         .collect();
                     let size = name.rsplit_once(",S=").map_or("?", |(_, s)| s);
+                    let via = if t.streamed { "stream" } else { "whole" };
                     info!(
-                        "event=delivered session={conn:x} tx={} account={account} file=new/{name} size={size} status=250 commit_ms={ms:.1}",
+                        "event=delivered session={conn:x} tx={} account={account} file=new/{name} size={size} status=250 commit_ms={ms:.1} via={via}",
                         t.tx_id
                     );
                 }

@@ -44,6 +44,28 @@ pub struct Maildir {
     new: Arc<OwnedFd>,
 }
 
+/// Writes all of `a`, then all of `b`.
+fn write_two(fd: &OwnedFd, mut a: &[u8], mut b: &[u8]) -> Result<(), Errno> {
+    use std::io::IoSlice;
+    while !a.is_empty() || !b.is_empty() {
+        let r = if a.is_empty() {
+            nix::unistd::write(fd, b)
+        } else {
+            nix::sys::uio::writev(fd, &[IoSlice::new(a), IoSlice::new(b)])
+        };
+        let n = match r {
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
 /// Opens `name` in `parent` as a directory that must belong to `owner`, creating it (0700)
 /// when missing. Must be called under the identity that should create it.
 fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, DeliveryError> {
@@ -193,6 +215,15 @@ impl Maildir {
         .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
         .map_err(|e| DeliveryError::access(e, format!("create tmp/{name}")))?;
         Ok(File::from(fd))
+    }
+
+    /// Writes `head` then `data` into a copy's tmp file (one writev where it can), as the
+    /// recipient: delayed allocation charges the blocks to the writer's identity, and root's
+    /// would reach the blocks ext4 reserves for root (resuid 0 by default).
+    pub fn write_copy(&self, fd: &OwnedFd, head: &[u8], data: &[u8]) -> Result<(), DeliveryError> {
+        as_user(self.owner.uid, self.owner.gid, || write_two(fd, head, data))
+            .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+            .map_err(|e| DeliveryError::io(e, "write of mail data"))
     }
 
     /// Moves `tmp/<tmp_name>` to `new/<new_name>` without ever replacing an existing file

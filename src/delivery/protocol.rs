@@ -6,11 +6,17 @@
 //!   Begin  (1) body := n:u16le n * (len:u8 account-name)   reply: Opened or Failed
 //!   Commit (2) body := -                                   reply: Done or Failed
 //!   Abort  (3) body := -                                   no reply
+//!   Deliver(4) body := n:u16le n * (len:u8 account-name hlen:u16le trace-fields) data
+//!                                                          reply: Done or Failed
 //! response := kind:u8 id:u64le body
 //!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
 //!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`
 //!   Done   (3) body := n:u16le n * (len:u8 file-name)     name in new/ per account, in order
 //! ```
+//!
+//! Deliver is Begin, the writing and Commit in one: the receiver sends it for a message
+//! whose request fits one datagram (most mail), so the agent writes each copy itself and no
+//! descriptor crosses; larger messages take Begin, descriptors and Commit.
 //!
 //! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts). It
 //! must not trust what it decodes: the agent re-checks every account it is given.
@@ -25,9 +31,33 @@ pub const MAX_ACCOUNTS: usize = 253;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Begin { id: u64, accounts: Vec<String> },
-    Commit { id: u64 },
-    Abort { id: u64 },
+    Begin {
+        id: u64,
+        accounts: Vec<String>,
+    },
+    Commit {
+        id: u64,
+    },
+    Abort {
+        id: u64,
+    },
+    /// A whole small message: per account its trace fields, then the mail data they share.
+    Deliver {
+        id: u64,
+        accounts: Vec<String>,
+        heads: Vec<Vec<u8>>,
+        data: Vec<u8>,
+    },
+}
+
+/// The encoded size of a Deliver request, to know beforehand whether it fits a datagram.
+pub fn deliver_size(accounts: &[String], heads: &[Vec<u8>], data_len: usize) -> usize {
+    let fields: usize = accounts
+        .iter()
+        .zip(heads)
+        .map(|(a, h)| 1 + a.len().min(255) + 2 + h.len())
+        .sum();
+    1 + 8 + 2 + fields + data_len
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +148,10 @@ fn head(kind: u8, id: u64) -> Vec<u8> {
 impl Request {
     pub fn id(&self) -> u64 {
         match self {
-            Request::Begin { id, .. } | Request::Commit { id } | Request::Abort { id } => *id,
+            Request::Begin { id, .. }
+            | Request::Commit { id }
+            | Request::Abort { id }
+            | Request::Deliver { id, .. } => *id,
         }
     }
 
@@ -137,6 +170,28 @@ impl Request {
             }
             Request::Commit { id } => head(2, *id),
             Request::Abort { id } => head(3, *id),
+            Request::Deliver {
+                id,
+                accounts,
+                heads,
+                data,
+            } => {
+                let mut v = Vec::with_capacity(deliver_size(accounts, heads, data.len()));
+                v.extend_from_slice(&head(4, *id));
+                v.extend_from_slice(&(accounts.len() as u16).to_le_bytes());
+                for (a, h) in accounts.iter().zip(heads) {
+                    let b = &a.as_bytes()[..a.len().min(255)];
+                    v.push(b.len() as u8);
+                    v.extend_from_slice(b);
+                    // Trace fields are a few hundred octets (smtp::trace); the sender keeps
+                    // the whole request below MAX_DATAGRAM.
+                    let h = &h[..h.len().min(usize::from(u16::MAX))];
+                    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+                    v.extend_from_slice(h);
+                }
+                v.extend_from_slice(data);
+                v
+            }
         }
     }
 
@@ -154,6 +209,28 @@ impl Request {
             }
             2 => Request::Commit { id },
             3 => Request::Abort { id },
+            4 => {
+                let n = r.u16()? as usize;
+                if n == 0 || n > MAX_ACCOUNTS {
+                    return Err(DecodeError);
+                }
+                let mut accounts = Vec::with_capacity(n);
+                let mut heads = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u8()? as usize;
+                    let name = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError)?;
+                    accounts.push(name.to_string());
+                    let hlen = r.u16()? as usize;
+                    heads.push(r.take(hlen)?.to_vec());
+                }
+                let data = std::mem::take(&mut r.b).to_vec();
+                Request::Deliver {
+                    id,
+                    accounts,
+                    heads,
+                    data,
+                }
+            }
             _ => return Err(DecodeError),
         };
         r.end()?;
@@ -253,7 +330,28 @@ mod tests {
             },
             Request::Commit { id: u64::MAX },
             Request::Abort { id: 0 },
+            Request::Deliver {
+                id: 9,
+                accounts: vec!["alice".into(), "bob".into()],
+                heads: vec![b"Delivered-To: alice\n".to_vec(), Vec::new()],
+                data: b"Subject: x\n\nhello\n".to_vec(),
+            },
+            Request::Deliver {
+                id: 10,
+                accounts: vec!["alice".into()],
+                heads: vec![Vec::new()],
+                data: Vec::new(),
+            },
         ] {
+            if let Request::Deliver {
+                accounts,
+                heads,
+                data,
+                ..
+            } = &r
+            {
+                assert_eq!(deliver_size(accounts, heads, data.len()), r.encode().len());
+            }
             assert_eq!(Request::decode(&r.encode()), Ok(r));
         }
     }
@@ -300,5 +398,31 @@ mod tests {
         let mut none = head(1, 1);
         none.extend_from_slice(&0u16.to_le_bytes());
         assert_eq!(Request::decode(&none), Err(DecodeError));
+        let mut none = head(4, 1);
+        none.extend_from_slice(&0u16.to_le_bytes());
+        assert_eq!(Request::decode(&none), Err(DecodeError));
+    }
+
+    #[test]
+    fn a_truncated_deliver_is_refused_before_its_data() {
+        let good = Request::Deliver {
+            id: 3,
+            accounts: vec!["bob".into()],
+            heads: vec![b"Return-Path: <>\n".to_vec()],
+            data: b"x".to_vec(),
+        }
+        .encode();
+        // Every cut inside the fields fails; a cut inside the data is only shorter data.
+        let data_at = good.len() - 1;
+        for cut in 0..data_at {
+            assert_eq!(
+                Request::decode(&good[..cut]),
+                Err(DecodeError),
+                "cut at {cut}"
+            );
+        }
+        let mut two = good.clone();
+        two[9] = 2; // claims a second account that is not there
+        assert_eq!(Request::decode(&two), Err(DecodeError));
     }
 }

@@ -269,6 +269,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Writes a whole small message into the copies of `id` (see protocol's Deliver): each
+    /// copy gets its account's trace fields, then the data. On failure the caller aborts.
+    pub fn write(&mut self, id: u64, heads: &[Vec<u8>], data: &[u8]) -> Result<(), DeliveryError> {
+        let Some(copies) = self.pending.get(&id) else {
+            return Err(DeliveryError::Io(format!("no open transaction {id}")));
+        };
+        // The receiver sends one head per account it asked for, duplicates removed; a
+        // mismatch is a confused (or forged) request.
+        if copies.len() != heads.len() {
+            return Err(DeliveryError::Io(format!(
+                "transaction {id}: {} trace headers for {} copies",
+                heads.len(),
+                copies.len()
+            )));
+        }
+        for (c, head) in copies.iter().zip(heads) {
+            c.maildir.write_copy(&c.fd, head, data)?;
+        }
+        Ok(())
+    }
+
     /// Removes the tmp files of `id` (nothing of it becomes visible).
     pub fn abort(&mut self, id: u64) {
         if let Some(c) = self.pending.remove(&id) {
