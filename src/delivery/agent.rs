@@ -21,7 +21,8 @@ use super::protocol::{Request, Response};
 use super::store::Store;
 use super::DeliveryError;
 
-/// Requests handled in one batch at most, so a flood cannot grow the agent without bound.
+/// Requests handled before a batch is committed at most, so a flood cannot grow a batch
+/// without bound.
 const MAX_BATCH: usize = 256;
 
 /// Blocks the signals that stop the receiver, and SIGXFSZ (a file size limit makes writes
@@ -44,62 +45,22 @@ pub fn ignore_stop_signals() -> Result<(), Errno> {
 /// open transactions are removed on every way out (see `Store`'s Drop).
 pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     loop {
-        let mut batch = Vec::new();
-        match channel::recv(sock.as_fd(), true)? {
-            Received::Closed => break,
-            Received::Empty => continue,
-            Received::Message(m, _) => batch.push(m),
-        }
-        // Everything else already waiting joins this batch.
+        // Everything already waiting joins the batch of the first request. Each request is
+        // handled as it is read, so at most one (up to 64 KiB) is held at a time.
+        let mut commits = Vec::new();
         let mut closed = false;
-        while batch.len() < MAX_BATCH {
-            match channel::recv(sock.as_fd(), false)? {
-                Received::Message(m, _) => batch.push(m),
+        let mut handled = 0;
+        while handled < MAX_BATCH {
+            match channel::recv(sock.as_fd(), handled == 0)? {
+                Received::Message(m, _) => {
+                    handled += 1;
+                    request(&sock, &mut store, &m, &mut commits)?;
+                }
+                Received::Empty if handled == 0 => continue,
                 Received::Empty => break,
                 Received::Closed => {
                     closed = true;
                     break;
-                }
-            }
-        }
-        let mut commits = Vec::new();
-        for m in batch {
-            match Request::decode(&m) {
-                Err(e) => {
-                    warn!("delivery agent: {e} ({} octets)", m.len());
-                    if let Some(id) = m.get(1..9).and_then(|b| b.try_into().ok()) {
-                        let id = u64::from_le_bytes(id);
-                        let e = DeliveryError::Io("malformed request".into());
-                        channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
-                    }
-                }
-                Ok(Request::Begin { id, accounts }) => begin(&sock, &mut store, id, &accounts)?,
-                Ok(Request::Abort { id }) => {
-                    debug!("delivery agent: abort {id}");
-                    store.abort(id);
-                }
-                Ok(Request::Commit { id }) => commits.push(id),
-                Ok(Request::Deliver {
-                    id,
-                    accounts,
-                    heads,
-                    data,
-                }) => {
-                    // A failed open leaves nothing (and must not touch a transaction
-                    // already open under a reused id); a failed write removes the copies.
-                    let written = match store.open(id, &accounts) {
-                        Err(e) => Err(e),
-                        Ok(_) => store
-                            .write(id, &heads, &data)
-                            .inspect_err(|_| store.abort(id)),
-                    };
-                    match written {
-                        Ok(()) => commits.push(id),
-                        Err(e) => {
-                            warn!("event=agent_failed agent_tx={id} error={:?}", e.to_string());
-                            channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
-                        }
-                    }
                 }
             }
         }
@@ -131,6 +92,55 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     }
     store.abort_all();
     info!("delivery agent: receiver closed");
+    Ok(())
+}
+
+/// Handles one request; Commit, and Deliver once written, join `commits`. `Err` when the
+/// socket failed.
+fn request(
+    sock: &OwnedFd,
+    store: &mut Store,
+    m: &[u8],
+    commits: &mut Vec<u64>,
+) -> Result<(), Errno> {
+    match Request::decode(m) {
+        Err(e) => {
+            warn!("delivery agent: {e} ({} octets)", m.len());
+            if let Some(id) = m.get(1..9).and_then(|b| b.try_into().ok()) {
+                let id = u64::from_le_bytes(id);
+                let e = DeliveryError::Io("malformed request".into());
+                channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
+            }
+        }
+        Ok(Request::Begin { id, accounts }) => begin(sock, store, id, &accounts)?,
+        Ok(Request::Abort { id }) => {
+            debug!("delivery agent: abort {id}");
+            store.abort(id);
+        }
+        Ok(Request::Commit { id }) => commits.push(id),
+        Ok(Request::Deliver {
+            id,
+            accounts,
+            heads,
+            data,
+        }) => {
+            // A failed open leaves nothing (and must not touch a transaction already open
+            // under a reused id); a failed write removes the copies.
+            let written = match store.open(id, &accounts) {
+                Err(e) => Err(e),
+                Ok(_) => store
+                    .write(id, &heads, &data)
+                    .inspect_err(|_| store.abort(id)),
+            };
+            match written {
+                Ok(()) => commits.push(id),
+                Err(e) => {
+                    warn!("event=agent_failed agent_tx={id} error={:?}", e.to_string());
+                    channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
+                }
+            }
+        }
+    }
     Ok(())
 }
 
