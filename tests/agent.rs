@@ -224,6 +224,13 @@ fn forged_requests_are_refused() {
             "{name}: {r:?}"
         );
     }
+    // A request longer than a datagram (the receiver never sends one) is answered by id,
+    // and the agent goes on (found in review: it used to end the agent).
+    let mut huge = vec![4u8];
+    huge.extend_from_slice(&55u64.to_le_bytes());
+    huge.resize(inboxd::delivery::protocol::MAX_DATAGRAM + 100, b'x');
+    channel::send(agent.sock.as_fd(), &huge, &[]).unwrap();
+    assert!(matches!(agent.recv().0, Response::Failed { id: 55, .. }));
     // Garbage is ignored; the agent still answers.
     channel::send(agent.sock.as_fd(), b"\x01garbage", &[]).unwrap();
     // A malformed request whose id can be read is answered with a failure: a Begin with no

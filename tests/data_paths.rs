@@ -36,10 +36,13 @@ fn whole_and_streamed_messages_are_stored_alike() {
     let server = Server::start_in(dir.path(), &[]);
     let md = dir.path().join("nobody");
 
-    // A: a transaction that stays open (no final dot) while the others come and go.
+    // A: 70 KiB, so streamed: its copy is open in the agent while the others come and go
+    // (no final dot yet).
     let tok_a = token();
+    let line = "x".repeat(99) + "\r\n";
     let mut a = server.open_data(&["nobody"]);
-    a.send(message(&tok_a).as_bytes());
+    a.send((message(&tok_a) + &line.repeat(700)).as_bytes());
+    std::thread::sleep(Duration::from_millis(100));
 
     // B: a small message: sent whole.
     let tok_b = token();
@@ -49,7 +52,6 @@ fn whole_and_streamed_messages_are_stored_alike() {
     // C: a message too large for one request (200 KiB): held at first, then switched to
     // descriptors when it outgrew the request.
     let tok_c = token();
-    let line = "x".repeat(99) + "\r\n";
     let big: String = line.repeat(2048);
     let reply = server.deliver(&["nobody"], &(message(&tok_c) + &big));
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
@@ -60,11 +62,11 @@ fn whole_and_streamed_messages_are_stored_alike() {
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
     assert!(a.cmd("QUIT").starts_with("221 "));
 
-    assert_eq!(vias(&server, 3), ["whole", "stream", "whole"]);
+    assert_eq!(vias(&server, 3), ["whole", "stream", "stream"]);
 
     let big_stored = "x".repeat(99) + "\n";
     for (tok, extra) in [
-        (&tok_a, "tail\n".to_string()),
+        (&tok_a, big_stored.repeat(700) + "tail\n"),
         (&tok_b, String::new()),
         (&tok_c, big_stored.repeat(2048)),
     ] {
@@ -110,6 +112,10 @@ fn a_whole_message_that_cannot_be_written_is_refused_and_leaves_nothing() {
     let body = message(&tok_b) + &("y".repeat(70) + "\r\n").repeat(100);
     let reply = server.deliver(&["nobody"], &body);
     assert!(reply.starts_with("552 5.2.2"), "{reply}");
+    // The agent wrote it (a streamed copy fails in the receiver, which logs no such line).
+    let lines = server.log_until("event=agent_failed");
+    let failed = lines.last().unwrap();
+    assert!(failed.contains("write of mail data"), "{failed}");
     // A small one still goes through, whole.
     let tok_c = token();
     let reply = server.deliver(&["nobody"], &message(&tok_c));

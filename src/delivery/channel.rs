@@ -67,10 +67,14 @@ pub enum Received {
     Closed,
     /// Nothing there (non-blocking receive only).
     Empty,
+    /// A datagram longer than [`MAX_DATAGRAM`]: only its first octets (at most 16, enough
+    /// for a request's kind and id), so that it can be refused by id; its descriptors are
+    /// closed.
+    TooLong(Vec<u8>),
 }
 
 /// Receives one datagram; `wait` blocks until one arrives. A datagram longer than
-/// [`MAX_DATAGRAM`] is an error (EMSGSIZE), its descriptors closed.
+/// [`MAX_DATAGRAM`] is [`Received::TooLong`].
 pub fn recv(sock: BorrowedFd<'_>, wait: bool) -> Result<Received, Errno> {
     // One receive buffer per thread, allocated once: zeroing 64 KiB for every datagram was a
     // measurable part of each message's CPU.
@@ -108,7 +112,7 @@ fn recv_into(sock: BorrowedFd<'_>, wait: bool, buf: &mut [u8]) -> Result<Receive
         // A cut datagram cannot be trusted. Cut descriptors (MSG_CTRUNC: we are out of
         // them) are not an error here: the caller sees fewer than announced.
         if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-            return Err(Errno::EMSGSIZE);
+            return Ok(Received::TooLong(buf[..len.min(16)].to_vec()));
         }
         if len == 0 && fds.is_empty() {
             return Ok(Received::Closed);

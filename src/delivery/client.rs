@@ -214,6 +214,13 @@ impl AgentClient {
                 streamed: false,
             },
         );
+        // Trace fields that alone outgrow a Deliver (hundreds of accounts, long HELO and
+        // MAIL FROM): no data would fit beside them.
+        if let Some(t) = self.inflight.get(&id) {
+            if deliver_size(&t.accounts, &t.heads, 0) > MAX_DATAGRAM {
+                self.begin_streaming(id);
+            }
+        }
     }
 
     /// The held data no longer fits a Deliver: open the copies the streaming way.
@@ -300,6 +307,14 @@ impl AgentClient {
         };
         match t.state {
             State::Opening => t.state = State::CommitWanted,
+            // Only what fits one datagram goes whole; `write` and `begin` switch earlier,
+            // this is the last guard (found in review: an empty body never reached `write`).
+            State::Buffering
+                if deliver_size(&t.accounts, &t.heads, t.held.len()) > MAX_DATAGRAM =>
+            {
+                self.begin_streaming(id);
+                self.finish(conn);
+            }
             State::Buffering => self.deliver(id),
             _ => self.commit(id),
         }
@@ -367,6 +382,9 @@ impl AgentClient {
             let (msg, fds) = match channel::recv(self.sock.as_fd(), false) {
                 Ok(Received::Message(m, fds)) => (m, fds),
                 Ok(Received::Empty) => return Ok(()),
+                Ok(Received::TooLong(_)) => {
+                    return Err(self.fail_all("the delivery agent sent a datagram too long"))
+                }
                 Ok(Received::Closed) => {
                     return Err(self.fail_all("the delivery agent closed its socket"))
                 }
@@ -498,6 +516,103 @@ fn write_each(t: &mut InFlight, data: &[u8]) {
         if let Err(e) = f.write_all(data) {
             t.error = Some(DeliveryError::from_io(e, "write of mail data"));
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::path::{ForwardPath, ReversePath};
+    use crate::smtp::session::{Peer, Recipient};
+
+    fn transaction(accounts: usize, helo: &str) -> Transaction {
+        Transaction {
+            number: 1,
+            reverse_path: ReversePath::Null,
+            recipients: (0..accounts)
+                .map(|i| Recipient {
+                    forward_path: ForwardPath::Postmaster(format!("p{i}")),
+                    accounts: vec![format!("user{i}")],
+                })
+                .collect(),
+            body: None,
+            helo: helo.to_string(),
+            esmtp: true,
+            peer: Peer {
+                remote: "192.0.2.1".parse().unwrap(),
+                local: "192.0.2.2".parse().unwrap(),
+            },
+            size: 0,
+        }
+    }
+
+    /// The requests the client sent so far, decoded; each must fit a datagram.
+    fn sent(agent: &OwnedFd) -> Vec<Request> {
+        let mut out = Vec::new();
+        loop {
+            match channel::recv(agent.as_fd(), false).unwrap() {
+                Received::Message(m, _) => out.push(Request::decode(&m).unwrap()),
+                Received::Empty => return out,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn start(c: &mut AgentClient, conn: u64, tx: &Transaction) {
+        let trace = Trace::new(tx, "mx.test", "T1.1", 0);
+        c.begin(conn, tx, &trace, "T1.1");
+    }
+
+    #[test]
+    fn a_message_that_fits_goes_whole_and_a_larger_one_switches_to_descriptors() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let tx = transaction(1, "client.example");
+        start(&mut c, 1, &tx);
+        c.write(1, b"Subject: small\n\nhello\n");
+        assert!(
+            sent(&agent).is_empty(),
+            "nothing goes out before the end of data"
+        );
+        c.finish(1);
+        match &sent(&agent)[..] {
+            [Request::Deliver { accounts, data, .. }] => {
+                assert_eq!(accounts, &["user0".to_string()]);
+                assert_eq!(data, b"Subject: small\n\nhello\n");
+            }
+            other => panic!("{other:?}"),
+        }
+        // 70 KiB: Begin goes out when the data outgrows a request; no Commit before the
+        // descriptors are answered.
+        start(&mut c, 2, &tx);
+        c.write(2, &[b'x'; 40 * 1024]);
+        c.write(2, &[b'y'; 30 * 1024]);
+        assert!(matches!(&sent(&agent)[..], [Request::Begin { .. }]));
+        c.finish(2);
+        assert!(sent(&agent).is_empty());
+    }
+
+    /// Found in review: an empty body never reaches `write`, so trace fields too long for a
+    /// request (hundreds of accounts, a long HELO) made an oversized Deliver, which the agent
+    /// could not read.
+    #[test]
+    fn trace_fields_too_long_for_one_request_go_the_descriptor_way() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let tx = transaction(200, &"h".repeat(500));
+        let trace = Trace::new(&tx, "mx.test", "T1.1", 0);
+        let heads: Vec<Vec<u8>> = tx
+            .accounts()
+            .iter()
+            .map(|a| trace.for_account(a, "mx.test"))
+            .collect();
+        assert!(deliver_size(&tx.accounts(), &heads, 0) > MAX_DATAGRAM);
+        c.begin(1, &tx, &trace, "T1.1");
+        c.finish(1);
+        match &sent(&agent)[..] {
+            [Request::Begin { accounts, .. }] => assert_eq!(accounts.len(), 200),
+            other => panic!("{other:?}"),
         }
     }
 }

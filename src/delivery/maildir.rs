@@ -218,8 +218,9 @@ impl Maildir {
     }
 
     /// Writes `head` then `data` into a copy's tmp file (one writev where it can), as the
-    /// recipient: delayed allocation charges the blocks to the writer's identity, and root's
-    /// would reach the blocks ext4 reserves for root (resuid 0 by default).
+    /// recipient: ext4 reserves blocks at write(2) time (delayed allocation) and checks the
+    /// writer's identity against its root reserve (resuid 0 by default), which root's would
+    /// reach. (Quota is charged to the file's owner either way.)
     pub fn write_copy(&self, fd: &OwnedFd, head: &[u8], data: &[u8]) -> Result<(), DeliveryError> {
         as_user(self.owner.uid, self.owner.gid, || write_two(fd, head, data))
             .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?

@@ -7,7 +7,7 @@
 //!   Commit (2) body := -                                   reply: Done or Failed
 //!   Abort  (3) body := -                                   no reply
 //!   Deliver(4) body := n:u16le n * (len:u8 account-name hlen:u16le trace-fields) data
-//!                                                          reply: Done or Failed
+//!                      data: the rest of the datagram      reply: Done or Failed
 //! response := kind:u8 id:u64le body
 //!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
 //!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`
@@ -18,7 +18,9 @@
 //! whose request fits one datagram (most mail), so the agent writes each copy itself and no
 //! descriptor crosses; larger messages take Begin, descriptors and Commit.
 //!
-//! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts). It
+//! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts; a
+//! Deliver's data has no length of its own, it is what the datagram holds after the fields,
+//! and the channel refuses a cut datagram). It
 //! must not trust what it decodes: the agent re-checks every account it is given.
 
 use super::DeliveryError;
@@ -178,7 +180,9 @@ impl Request {
             } => {
                 let mut v = Vec::with_capacity(deliver_size(accounts, heads, data.len()));
                 v.extend_from_slice(&head(4, *id));
-                v.extend_from_slice(&(accounts.len() as u16).to_le_bytes());
+                // The count is that of the pairs written, whatever the caller passed.
+                let n = accounts.len().min(heads.len());
+                v.extend_from_slice(&(n as u16).to_le_bytes());
                 for (a, h) in accounts.iter().zip(heads) {
                     let b = &a.as_bytes()[..a.len().min(255)];
                     v.push(b.len() as u8);
