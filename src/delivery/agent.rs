@@ -57,15 +57,11 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                     request(&sock, &mut store, &m, &mut commits)?;
                 }
                 Received::TooLong(head) => {
-                    // The receiver never sends one; answer it by id, if it has one, rather
-                    // than end the agent over it (found in review).
+                    // The receiver never sends one; it is refused, not a reason to end the
+                    // agent (found in review).
                     handled += 1;
                     warn!("delivery agent: a request longer than a datagram");
-                    if let Some(id) = head.get(1..9).and_then(|b| b.try_into().ok()) {
-                        let id = u64::from_le_bytes(id);
-                        let e = DeliveryError::Io("request too long".into());
-                        channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
-                    }
+                    refuse(&sock, &head, "request too long")?;
                 }
                 Received::Empty if handled == 0 => continue,
                 Received::Empty => break,
@@ -117,11 +113,7 @@ fn request(
     match Request::decode(m) {
         Err(e) => {
             warn!("delivery agent: {e} ({} octets)", m.len());
-            if let Some(id) = m.get(1..9).and_then(|b| b.try_into().ok()) {
-                let id = u64::from_le_bytes(id);
-                let e = DeliveryError::Io("malformed request".into());
-                channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
-            }
+            refuse(sock, m, "malformed request")?;
         }
         Ok(Request::Begin { id, accounts }) => begin(sock, store, id, &accounts)?,
         Ok(Request::Abort { id }) => {
@@ -153,6 +145,17 @@ fn request(
         }
     }
     Ok(())
+}
+
+/// Answers a request that cannot be handled with a failure, by its id when its first octets
+/// hold one (kind, then id); otherwise it is ignored.
+fn refuse(sock: &OwnedFd, m: &[u8], why: &str) -> Result<(), Errno> {
+    let Some(id) = m.get(1..9).and_then(|b| b.try_into().ok()) else {
+        return Ok(());
+    };
+    let e = DeliveryError::Io(why.into());
+    let resp = Response::failed(u64::from_le_bytes(id), &e);
+    channel::send(sock.as_fd(), &resp.encode(), &[])
 }
 
 /// Opens a transaction and answers with its descriptors; if they cannot be sent (too many,

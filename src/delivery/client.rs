@@ -7,8 +7,9 @@
 //! data that arrives before the agent's descriptors is still held (the server stops reading
 //! from that client once [`AgentClient::wants_data`] says so); once the descriptors arrive
 //! the trace fields and data are written straight into the recipients' tmp files; Commit goes
-//! out at the end of data. Either way the outcome comes back later. If the agent goes away, every transaction in flight gets
-//! 451 4.3.0 and [`AgentClient::on_readable`] reports it. It must not open files itself.
+//! out at the end of data. Either way the outcome comes back later. If the agent goes away,
+//! every transaction in flight gets 451 4.3.0 and [`AgentClient::on_readable`] reports it. It
+//! must not open files itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -60,6 +61,13 @@ struct InFlight {
     state: State,
     /// Begin was sent: the data went into descriptors, not into a Deliver (for the log).
     streamed: bool,
+}
+
+impl InFlight {
+    /// Whether the held data and the trace fields still fit one Deliver.
+    fn fits_one_request(&self) -> bool {
+        deliver_size(&self.accounts, &self.heads, self.held.len()) <= MAX_DATAGRAM
+    }
 }
 
 /// A request waiting for room on the agent's socket.
@@ -214,13 +222,6 @@ impl AgentClient {
                 streamed: false,
             },
         );
-        // Trace fields that alone outgrow a Deliver (hundreds of accounts, long HELO and
-        // MAIL FROM): no data would fit beside them.
-        if let Some(t) = self.inflight.get(&id) {
-            if deliver_size(&t.accounts, &t.heads, 0) > MAX_DATAGRAM {
-                self.begin_streaming(id);
-            }
-        }
     }
 
     /// The held data no longer fits a Deliver: open the copies the streaming way.
@@ -253,11 +254,10 @@ impl AgentClient {
     }
 
     pub fn write(&mut self, conn: u64, data: &[u8]) {
-        let Some(t) = self
-            .by_conn
-            .get(&conn)
-            .and_then(|id| self.inflight.get_mut(id))
-        else {
+        let Some(&id) = self.by_conn.get(&conn) else {
+            return;
+        };
+        let Some(t) = self.inflight.get_mut(&id) else {
             return;
         };
         if t.error.is_some() {
@@ -266,8 +266,7 @@ impl AgentClient {
         match t.state {
             State::Buffering => {
                 t.held.extend_from_slice(data);
-                if deliver_size(&t.accounts, &t.heads, t.held.len()) > MAX_DATAGRAM {
-                    let id = self.by_conn[&conn];
+                if !t.fits_one_request() {
                     self.begin_streaming(id);
                 }
             }
@@ -307,24 +306,29 @@ impl AgentClient {
         };
         match t.state {
             State::Opening => t.state = State::CommitWanted,
-            // Only what fits one datagram goes whole; `write` and `begin` switch earlier,
-            // this is the last guard (found in review: an empty body never reached `write`).
-            State::Buffering
-                if deliver_size(&t.accounts, &t.heads, t.held.len()) > MAX_DATAGRAM =>
-            {
-                self.begin_streaming(id);
-                self.finish(conn);
-            }
             State::Buffering => self.deliver(id),
             _ => self.commit(id),
         }
     }
 
-    /// End of data of a message held whole: one Deliver carries it.
+    /// End of data of a message held whole: one Deliver carries it, if it fits one request.
+    /// Trace fields alone can outgrow it (hundreds of accounts, a long HELO and MAIL FROM)
+    /// with a body too small to have switched in `write` (found in review: an empty body
+    /// never reaches it); then the copies are opened the streaming way and committed once
+    /// written.
     fn deliver(&mut self, id: u64) {
         let Some(t) = self.inflight.get_mut(&id) else {
             return;
         };
+        if !t.fits_one_request() {
+            self.begin_streaming(id);
+            match self.inflight.get_mut(&id) {
+                Some(t) if t.state == State::Opening => t.state = State::CommitWanted,
+                Some(_) => self.commit(id),
+                None => {}
+            }
+            return;
+        }
         t.state = State::Committing;
         t.commit_at = Some(Instant::now());
         let r = Request::Deliver {

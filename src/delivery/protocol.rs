@@ -124,11 +124,15 @@ impl<'a> Reader<'a> {
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let len = self.u8()? as usize;
-            let name = std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError)?;
-            out.push(name.to_string());
+            out.push(self.name()?);
         }
         Ok(out)
+    }
+    /// `len:u8 utf-8`.
+    fn name(&mut self) -> Result<String, DecodeError> {
+        let len = self.u8()? as usize;
+        let name = std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError)?;
+        Ok(name.to_string())
     }
 
     fn end(&self) -> Result<(), DecodeError> {
@@ -138,6 +142,14 @@ impl<'a> Reader<'a> {
             Err(DecodeError)
         }
     }
+}
+
+/// `len:u8 account-name`. Account names are at most 32 octets (recipient::is_account_name);
+/// a longer one is cut, and the agent then refuses it as no account.
+fn put_name(v: &mut Vec<u8>, a: &str) {
+    let b = &a.as_bytes()[..a.len().min(255)];
+    v.push(b.len() as u8);
+    v.extend_from_slice(b);
 }
 
 fn head(kind: u8, id: u64) -> Vec<u8> {
@@ -163,10 +175,7 @@ impl Request {
                 let mut v = head(1, *id);
                 v.extend_from_slice(&(accounts.len() as u16).to_le_bytes());
                 for a in accounts {
-                    // Account names are at most 32 octets (recipient::is_account_name).
-                    let b = &a.as_bytes()[..a.len().min(255)];
-                    v.push(b.len() as u8);
-                    v.extend_from_slice(b);
+                    put_name(&mut v, a);
                 }
                 v
             }
@@ -184,9 +193,7 @@ impl Request {
                 let n = accounts.len().min(heads.len());
                 v.extend_from_slice(&(n as u16).to_le_bytes());
                 for (a, h) in accounts.iter().zip(heads) {
-                    let b = &a.as_bytes()[..a.len().min(255)];
-                    v.push(b.len() as u8);
-                    v.extend_from_slice(b);
+                    put_name(&mut v, a);
                     // Trace fields are a few hundred octets (smtp::trace); the sender keeps
                     // the whole request below MAX_DATAGRAM.
                     let h = &h[..h.len().min(usize::from(u16::MAX))];
@@ -221,9 +228,7 @@ impl Request {
                 let mut accounts = Vec::with_capacity(n);
                 let mut heads = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let len = r.u8()? as usize;
-                    let name = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError)?;
-                    accounts.push(name.to_string());
+                    accounts.push(r.name()?);
                     let hlen = r.u16()? as usize;
                     heads.push(r.take(hlen)?.to_vec());
                 }
