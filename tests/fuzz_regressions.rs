@@ -51,3 +51,8 @@ fn data_inputs() {
 fn session_inputs() {
     replay("session", inboxd::smtp::fuzz::session);
 }
+
+#[test]
+fn protocol_inputs() {
+    replay("protocol", inboxd::delivery::fuzz::protocol);
+}

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod channel;
 pub mod client;
+pub mod fuzz;
 pub mod maildir;
 pub mod privileges;
 pub mod protocol;

@@ -30,6 +30,8 @@ pub const MAX_DATAGRAM: usize = 64 * 1024;
 /// Accounts in one Begin: their descriptors come back in one datagram, which carries at
 /// most 253 (SCM_MAX_FD); the session keeps transactions below that.
 pub const MAX_ACCOUNTS: usize = 253;
+/// Octets of a Failed's detail at most (it is logged, not parsed).
+const MAX_DETAIL: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -275,7 +277,7 @@ impl Response {
             Response::Failed { id, class, detail } => {
                 let mut v = head(2, *id);
                 v.push(*class);
-                let mut end = detail.len().min(1024);
+                let mut end = detail.len().min(MAX_DETAIL);
                 while !detail.is_char_boundary(end) {
                     end -= 1;
                 }
@@ -311,8 +313,14 @@ impl Response {
             },
             2 => {
                 let class = r.u8()?;
+                // Strict like the rest: only what `encode` writes (found by the fuzz target).
                 let len = r.u16()? as usize;
-                let detail = String::from_utf8_lossy(r.take(len)?).into_owned();
+                if len > MAX_DETAIL {
+                    return Err(DecodeError);
+                }
+                let detail = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| DecodeError)?
+                    .to_string();
                 Response::Failed { id, class, detail }
             }
             3 => Response::Done {
@@ -410,6 +418,32 @@ mod tests {
         let mut none = head(4, 1);
         none.extend_from_slice(&0u16.to_le_bytes());
         assert_eq!(Request::decode(&none), Err(DecodeError));
+    }
+
+    #[test]
+    fn a_failure_detail_is_utf8_and_bounded() {
+        let failed = |len: u16, detail: &[u8]| {
+            let mut v = head(2, 5);
+            v.push(4);
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(detail);
+            v
+        };
+        assert!(Response::decode(&failed(2, b"ok")).is_ok());
+        assert_eq!(Response::decode(&failed(2, b"\xff\xfe")), Err(DecodeError));
+        let long = vec![b'x'; MAX_DETAIL + 1];
+        assert_eq!(
+            Response::decode(&failed(long.len() as u16, &long)),
+            Err(DecodeError)
+        );
+        // What the encoder writes for a detail that is too long is accepted.
+        let cut = Response::Failed {
+            id: 5,
+            class: 4,
+            detail: "é".repeat(MAX_DETAIL),
+        }
+        .encode();
+        assert!(Response::decode(&cut).is_ok());
     }
 
     #[test]
