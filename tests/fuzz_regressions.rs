@@ -1,6 +1,7 @@
 //! Replays every input the fuzzer saved (fuzz/regressions/TARGET: inputs that once broke an
 //! invariant, kept after the fix) and every seed (fuzz/seeds/TARGET) through the same
-//! invariant checks the fuzz targets run (src/smtp/fuzz.rs). A fixed bug stays fixed.
+//! invariant checks the fuzz targets run (src/smtp/fuzz.rs, src/delivery/fuzz.rs). A fixed
+//! bug stays fixed.
 
 use std::path::Path;
 

@@ -436,14 +436,21 @@ mod tests {
             Response::decode(&failed(long.len() as u16, &long)),
             Err(DecodeError)
         );
-        // What the encoder writes for a detail that is too long is accepted.
+        // What the encoder writes for a detail that is too long is accepted: cut to a
+        // character boundary (a 3-octet character straddles octet 1024 here).
         let cut = Response::Failed {
             id: 5,
             class: 4,
-            detail: "é".repeat(MAX_DETAIL),
+            detail: "€".repeat(MAX_DETAIL),
         }
         .encode();
-        assert!(Response::decode(&cut).is_ok());
+        match Response::decode(&cut) {
+            Ok(Response::Failed { detail, .. }) => {
+                assert_eq!(detail.len(), MAX_DETAIL - 1);
+                assert_eq!(detail, "€".repeat((MAX_DETAIL - 1) / 3));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
