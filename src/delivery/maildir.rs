@@ -1,5 +1,8 @@
 //! One Maildir, opened safely, and the delivery protocol into it (maildir(5), qmail's
 //! maildir.5: create in tmp/ with O_EXCL, write, fsync, move into new/, then fsync new/).
+//! Where the filesystem allows, the copy is created in tmp/ without a name (O_TMPFILE) and
+//! linked into new/ once durable: no reader ever sees it before it is complete, as with a
+//! rename, and a copy abandoned by a killed agent leaves nothing behind.
 //!
 //! Owns the path walk: every directory is opened relative to the one before it with
 //! O_NOFOLLOW|O_DIRECTORY, and must belong to the recipient, so a symlink or a foreign
@@ -12,6 +15,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -42,6 +46,8 @@ pub struct Maildir {
     tmp: OwnedFd,
     /// Shared with the syncer, which may fsync it from another thread.
     new: Arc<OwnedFd>,
+    /// Cleared when tmp/'s filesystem refuses O_TMPFILE: named copies from then on.
+    unnamed: AtomicBool,
 }
 
 /// Writes all of `a`, then all of `b`.
@@ -201,6 +207,7 @@ impl Maildir {
             owner,
             tmp,
             new: Arc::new(new),
+            unnamed: AtomicBool::new(true),
         })
     }
 
@@ -215,6 +222,54 @@ impl Maildir {
         .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
         .map_err(|e| DeliveryError::access(e, format!("create tmp/{name}")))?;
         Ok(File::from(fd))
+    }
+
+    /// Creates a copy with no name yet in tmp/ (O_TMPFILE: mode 0600, owned by the recipient,
+    /// invisible to everyone until [`Maildir::link_new`]). `None` when tmp/'s filesystem
+    /// cannot (EOPNOTSUPP, or EISDIR from a kernel without O_TMPFILE): the caller then
+    /// creates a named one, and so does every later delivery into this Maildir.
+    pub fn create_unnamed(&self) -> Result<Option<File>, DeliveryError> {
+        if !self.unnamed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let flags = OFlag::O_WRONLY | OFlag::O_TMPFILE | OFlag::O_CLOEXEC;
+        let r = as_user(self.owner.uid, self.owner.gid, || {
+            openat(&self.tmp, ".", flags, Mode::S_IRUSR | Mode::S_IWUSR)
+        })
+        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?;
+        match r {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(e @ (Errno::EOPNOTSUPP | Errno::EISDIR)) => {
+                self.unnamed.store(false, Ordering::Relaxed);
+                log::info!(
+                    "event=named_copies uid={} reason={e:?}: no O_TMPFILE in this tmp/",
+                    self.owner.uid
+                );
+                Ok(None)
+            }
+            Err(e) => Err(DeliveryError::access(e, "create a file in tmp/")),
+        }
+    }
+
+    /// Gives an unnamed copy (from [`Maildir::create_unnamed`], already durable) the name
+    /// `new/<new_name>`, as the recipient, never replacing an existing file (EEXIST). The
+    /// descriptor is reached through /proc/self/fd, which names our own open file: linkat
+    /// with AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, which the agent drops. The new
+    /// link count is not durable until the file is synced again (the store's second sync).
+    pub fn link_new(&self, fd: &OwnedFd, new_name: &str) -> Result<(), DeliveryError> {
+        use std::os::fd::AsRawFd;
+        let ours = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        as_user(self.owner.uid, self.owner.gid, || {
+            linkat(
+                AT_FDCWD,
+                ours.as_str(),
+                &self.new,
+                new_name,
+                AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        })
+        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+        .map_err(|e| DeliveryError::io(e, format!("link into new/{new_name}")))
     }
 
     /// Writes `head` then `data` into a copy's tmp file (one writev where it can), as the

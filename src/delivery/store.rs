@@ -6,8 +6,8 @@
 //! uid 0 is refused unless explicitly allowed; the Maildir is opened by `maildir`, which walks
 //! the path safely as the recipient. The bytes of the message are written by whoever holds the
 //! descriptors [`Store::open`] hands out; the store itself never parses mail.
-//! All or nothing per transaction: every copy is fsynced before any is renamed into new/, and
-//! a failure at any step removes every copy of that transaction.
+//! All or nothing per transaction: every copy is made durable before any is renamed or
+//! linked into new/, and a failure at any step removes every copy of that transaction.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -56,7 +56,10 @@ struct Copy {
     account: String,
     maildir: Arc<Maildir>,
     new_key: DirKey,
-    tmp_name: String,
+    /// The unique name: of the file in tmp/ if `in_tmp`, and the start of its name in new/.
+    name: String,
+    /// Whether the copy has a name in tmp/ (to rename); otherwise it has none (to link).
+    in_tmp: bool,
     fd: Arc<OwnedFd>,
 }
 
@@ -70,6 +73,8 @@ pub struct Store {
     /// When each account's tmp/ was last cleaned.
     cleaned: HashMap<String, Instant>,
     syncer: Syncer,
+    /// Whether copies may be created unnamed: linking them needs /proc/self/fd.
+    unnamed: bool,
     counter: u64,
     pid: u32,
 }
@@ -87,7 +92,10 @@ fn rollback(id: u64, copies: Vec<Copy>, done: &Published, e: &DeliveryError) {
 fn discard(copies: Vec<Copy>) {
     for c in copies {
         drop(c.fd);
-        c.maildir.remove_tmp(&c.tmp_name);
+        // An unnamed copy goes with its last descriptor.
+        if c.in_tmp {
+            c.maildir.remove_tmp(&c.name);
+        }
     }
 }
 
@@ -109,6 +117,7 @@ impl Store {
             maildirs: HashMap::new(),
             cleaned: HashMap::new(),
             syncer: Syncer::new(Policy::Adaptive),
+            unnamed: std::path::Path::new("/proc/self/fd").is_dir(),
             counter: 0,
             pid: std::process::id(),
         }
@@ -242,11 +251,18 @@ impl Store {
                 continue;
             }
             let name = self.unique();
+            let unnamed = self.unnamed;
             let r = self.maildir(account).and_then(|(md, key)| {
-                let file = md.create_tmp(&name)?;
-                Ok((md, key, file))
+                let file = if unnamed { md.create_unnamed()? } else { None };
+                match file {
+                    Some(file) => Ok((md, key, file, false)),
+                    None => {
+                        let file = md.create_tmp(&name)?;
+                        Ok((md, key, file, true))
+                    }
+                }
             });
-            let (maildir, new_key, file) = match r {
+            let (maildir, new_key, file, in_tmp) = match r {
                 Ok(x) => x,
                 Err(e) => {
                     warn!("delivery to {account:?} cannot start: {e}");
@@ -261,7 +277,8 @@ impl Store {
                 account: account.clone(),
                 maildir,
                 new_key,
-                tmp_name: name,
+                name,
+                in_tmp,
                 fd,
             });
         }
@@ -337,8 +354,7 @@ impl Store {
             let mut failure = None;
             for c in &copies {
                 if let Some(Err(e)) = synced.next() {
-                    failure
-                        .get_or_insert(DeliveryError::io(e, format!("fsync tmp/{}", c.tmp_name)));
+                    failure.get_or_insert(DeliveryError::io(e, format!("sync of copy {}", c.name)));
                 }
             }
             match failure {
@@ -364,8 +380,13 @@ impl Store {
                         break;
                     }
                 };
-                let new_name = format!("{},S={size}", c.tmp_name);
-                if let Err(e) = c.maildir.publish(&c.tmp_name, &new_name) {
+                let new_name = format!("{},S={size}", c.name);
+                let r = if c.in_tmp {
+                    c.maildir.publish(&c.name, &new_name)
+                } else {
+                    c.maildir.link_new(&c.fd, &new_name)
+                };
+                if let Err(e) = r {
                     self.maildirs.remove(&c.account);
                     failure = Some(e);
                     break;
@@ -381,9 +402,11 @@ impl Store {
                 }
             }
         }
-        // Phase 3: each new/ directory involved made durable once, *after* every rename into
-        // it, so no answer goes out before its directory entry is durable. A directory whose
-        // identity is unknown is synced on its own.
+        // Phase 3: each new/ directory involved made durable once, *after* every rename or
+        // link into it, so no answer goes out before its directory entry is durable; and
+        // with them every linked copy, whose new link count an fsync of new/ does not
+        // promise to write (one syncfs covers both where the syncer chooses it). A directory
+        // whose identity is unknown is synced on its own.
         let mut dirs: Vec<(DirKey, Arc<Maildir>)> = Vec::new();
         for (_, copies, _) in &published {
             for c in copies {
@@ -399,7 +422,24 @@ impl Store {
                 dev: k.map(|k| k.0),
             })
             .collect();
-        let dir_results = self.syncer.sync_dirs(&dir_targets);
+        let linked: Vec<Target> = published
+            .iter()
+            .flat_map(|(_, copies, _)| copies.iter())
+            .filter(|c| !c.in_tmp)
+            .map(|c| Target {
+                fd: c.fd.clone(),
+                dev: c.new_key.map(|k| k.0),
+            })
+            .collect();
+        let mut dir_results = if linked.is_empty() {
+            self.syncer.sync_dirs(&dir_targets)
+        } else {
+            let all: Vec<Target> = dir_targets.iter().chain(&linked).cloned().collect();
+            self.syncer.sync(&all)
+        };
+        let mut linked_results = dir_results
+            .split_off(dir_targets.len().min(dir_results.len()))
+            .into_iter();
         let failed_dir = |md: &Arc<Maildir>, key: DirKey| -> Option<String> {
             dirs.iter()
                 .zip(&dir_results)
@@ -410,12 +450,23 @@ impl Store {
                         Arc::ptr_eq(m, md)
                     }
                 })
-                .and_then(|(_, r)| r.as_ref().err().map(|e| format!("fsync of new/: {e}")))
+                .and_then(|(_, r)| r.as_ref().err().map(|e| format!("sync of new/: {e}")))
         };
         for (id, copies, done) in published {
+            // Every linked copy's result is taken, in the order `linked` was built.
+            let link_failed: Vec<String> = copies
+                .iter()
+                .filter(|c| !c.in_tmp)
+                .filter_map(|c| match linked_results.next() {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(format!("sync of new/{}: {e}", c.name)),
+                    None => Some(format!("sync of new/{}: no result", c.name)),
+                })
+                .collect();
             let failed = copies
                 .iter()
-                .find_map(|c| failed_dir(&c.maildir, c.new_key));
+                .find_map(|c| failed_dir(&c.maildir, c.new_key))
+                .or(link_failed.into_iter().next());
             if let Some(why) = failed {
                 let e = DeliveryError::Io(why);
                 rollback(id, copies, &done, &e);
