@@ -1,8 +1,8 @@
-//! One Maildir, opened safely, and the delivery protocol into it (maildir(5), qmail's
-//! maildir.5: create in tmp/ with O_EXCL, write, fsync, move into new/, then fsync new/).
-//! Where the filesystem allows, the copy is created in tmp/ without a name (O_TMPFILE) and
-//! linked into new/ once durable: no reader ever sees it before it is complete, as with a
-//! rename, and a copy abandoned by a killed agent leaves nothing behind.
+//! One Maildir, opened safely, and the delivery protocol into it. Where the filesystem
+//! allows, a copy is created in tmp/ without a name (O_TMPFILE), written, made durable and
+//! linked into new/: no reader ever sees it before it is complete, and a copy abandoned by a
+//! killed agent leaves nothing behind. Otherwise, maildir(5) and qmail's maildir.5: create
+//! in tmp/ with O_EXCL, write, fsync, move into new/, then fsync new/.
 //!
 //! Owns the path walk: every directory is opened relative to the one before it with
 //! O_NOFOLLOW|O_DIRECTORY, and must belong to the recipient, so a symlink or a foreign
@@ -15,7 +15,6 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -46,8 +45,6 @@ pub struct Maildir {
     tmp: OwnedFd,
     /// Shared with the syncer, which may fsync it from another thread.
     new: Arc<OwnedFd>,
-    /// Cleared when tmp/'s filesystem refuses O_TMPFILE: named copies from then on.
-    unnamed: AtomicBool,
 }
 
 /// Writes all of `a`, then all of `b`.
@@ -207,7 +204,6 @@ impl Maildir {
             owner,
             tmp,
             new: Arc::new(new),
-            unnamed: AtomicBool::new(true),
         })
     }
 
@@ -225,38 +221,34 @@ impl Maildir {
     }
 
     /// Creates a copy with no name yet in tmp/ (O_TMPFILE: mode 0600, owned by the recipient,
-    /// invisible to everyone until [`Maildir::link_new`]). `None` when tmp/'s filesystem
-    /// cannot (EOPNOTSUPP, or EISDIR from a kernel without O_TMPFILE): the caller then
-    /// creates a named one, and so does every later delivery into this Maildir.
-    pub fn create_unnamed(&self) -> Result<Option<File>, DeliveryError> {
-        if !self.unnamed.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
+    /// invisible to everyone until [`Maildir::link_new`]). `Ok(None)`, with the reason, when
+    /// tmp/'s filesystem cannot (EOPNOTSUPP, or EISDIR from a kernel without O_TMPFILE): the
+    /// caller then creates a named copy.
+    pub fn create_unnamed(&self) -> Result<Result<File, Errno>, DeliveryError> {
         let flags = OFlag::O_WRONLY | OFlag::O_TMPFILE | OFlag::O_CLOEXEC;
         let r = as_user(self.owner.uid, self.owner.gid, || {
             openat(&self.tmp, ".", flags, Mode::S_IRUSR | Mode::S_IWUSR)
         })
         .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?;
         match r {
-            Ok(fd) => Ok(Some(File::from(fd))),
-            Err(e @ (Errno::EOPNOTSUPP | Errno::EISDIR)) => {
-                self.unnamed.store(false, Ordering::Relaxed);
-                log::info!(
-                    "event=named_copies uid={} reason={e:?}: no O_TMPFILE in this tmp/",
-                    self.owner.uid
-                );
-                Ok(None)
-            }
+            Ok(fd) => Ok(Ok(File::from(fd))),
+            Err(e @ (Errno::EOPNOTSUPP | Errno::EISDIR)) => Ok(Err(e)),
             Err(e) => Err(DeliveryError::access(e, "create a file in tmp/")),
         }
     }
 
     /// Gives an unnamed copy (from [`Maildir::create_unnamed`], already durable) the name
     /// `new/<new_name>`, as the recipient, never replacing an existing file (EEXIST). The
-    /// descriptor is reached through /proc/self/fd, which names our own open file: linkat
-    /// with AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, which the agent drops. The new
-    /// link count is not durable until the file is synced again (the store's second sync).
-    pub fn link_new(&self, fd: &OwnedFd, new_name: &str) -> Result<(), DeliveryError> {
+    /// descriptor is reached through /proc/self/fd, which names our own open file: linkat's
+    /// AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH, which the kernel takes from the effective set
+    /// while the filesystem uid is the recipient's, and linking as root would write as
+    /// root. The new link count is not durable until the file is synced again (the store's
+    /// second sync). The errno is returned as is, for the store to classify.
+    pub fn link_new(
+        &self,
+        fd: &OwnedFd,
+        new_name: &str,
+    ) -> Result<Result<(), Errno>, DeliveryError> {
         use std::os::fd::AsRawFd;
         let ours = format!("/proc/self/fd/{}", fd.as_raw_fd());
         as_user(self.owner.uid, self.owner.gid, || {
@@ -268,8 +260,7 @@ impl Maildir {
                 AtFlags::AT_SYMLINK_FOLLOW,
             )
         })
-        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
-        .map_err(|e| DeliveryError::io(e, format!("link into new/{new_name}")))
+        .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))
     }
 
     /// Writes `head` then `data` into a copy's tmp file (one writev where it can), as the
@@ -321,7 +312,8 @@ impl Maildir {
     }
 
     /// Removes files in tmp/ neither read nor written (atime, mtime) for `age` or longer: what a
-    /// delivery that never finished (an agent killed mid-transaction, a crash) left there.
+    /// delivery of a named copy that never finished (an agent killed mid-transaction, a
+    /// crash) left there, or another program's.
     /// maildir(5) says 36 hours. Only regular files directly in tmp/ are considered, and it
     /// runs as the recipient. Returns how many were removed; errors stop it quietly (it is
     /// housekeeping, never a reason to refuse mail).

@@ -3,12 +3,13 @@
 //!
 //! Two processes share this module. The receiver uses [`client::AgentClient`], the server's
 //! request/outcome interface (begin when DATA starts, write per chunk, finish or abort,
-//! outcomes later). The delivery agent ([`agent`]) runs a [`store::Store`]: it opens each
-//! recipient's `tmp/<unique>` (O_EXCL, 0600, as the recipient, path walked safely by
-//! [`maildir`]), hands the descriptors to the receiver over [`channel`] in the fixed
-//! [`protocol`], and at the end fsyncs every copy *before any* is renamed into new/, then
-//! fsyncs new/. If anything fails before the renames, every tmp file is removed and the client
-//! gets a 4xx (or 552 for a full quota): nothing is delivered.
+//! outcomes later). The delivery agent ([`agent`]) runs a [`store::Store`]: it creates each
+//! recipient's copy in tmp/ (unnamed where the filesystem allows, else `tmp/<unique>` with
+//! O_EXCL; 0600, as the recipient, path walked safely by [`maildir`]), writes it or hands
+//! the descriptors to the receiver over [`channel`] in the fixed [`protocol`], and at the end
+//! makes every copy durable *before any* is linked or renamed into new/, then makes new/
+//! (and each linked copy's link count) durable. If anything fails before that, every copy is
+//! removed and the client gets a 4xx (or 552 for a full quota): nothing is delivered.
 //! Only [`privileges`] changes credentials. Nothing here speaks SMTP beyond classifying
 //! failures as replies, and nothing writes as root into a directory that belongs to somebody
 //! else.

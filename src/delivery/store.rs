@@ -9,12 +9,13 @@
 //! All or nothing per transaction: every copy is made durable before any is renamed or
 //! linked into new/, and a failure at any step removes every copy of that transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
+use nix::errno::Errno;
 use nix::sys::stat::fstat;
 
 use super::maildir::{Maildir, Owner};
@@ -25,7 +26,7 @@ use crate::recipient::{is_account_name, lookup_account};
 /// What a committed transaction became: (account, file name in new/) per copy.
 pub type Delivered = Vec<(String, String)>;
 
-/// The copies of a transaction already renamed into new/: (index, name in new/).
+/// The copies of a transaction already linked or renamed into new/: (index, name in new/).
 type Published = Vec<(usize, String)>;
 
 /// How long an opened Maildir (account looked up, path walked and checked) is reused for
@@ -75,6 +76,8 @@ pub struct Store {
     syncer: Syncer,
     /// Whether copies may be created unnamed: linking them needs /proc/self/fd.
     unnamed: bool,
+    /// Filesystems (st_dev of new/) where that did not work: copies there are named.
+    named_devs: HashSet<u64>,
     counter: u64,
     pid: u32,
 }
@@ -118,6 +121,7 @@ impl Store {
             cleaned: HashMap::new(),
             syncer: Syncer::new(Policy::Adaptive),
             unnamed: std::path::Path::new("/proc/self/fd").is_dir(),
+            named_devs: HashSet::new(),
             counter: 0,
             pid: std::process::id(),
         }
@@ -232,7 +236,34 @@ impl Store {
         }
     }
 
-    /// Creates `tmp/<unique>` for each account (each once) and returns a descriptor of each,
+    /// One copy in `md`: unnamed where that works on its filesystem (`false`), otherwise
+    /// `tmp/<name>` (`true`). A filesystem of unknown identity gets named copies.
+    fn create_copy(
+        &mut self,
+        md: &Maildir,
+        key: DirKey,
+        name: &str,
+    ) -> Result<(std::fs::File, bool), DeliveryError> {
+        let dev = key.map(|k| k.0);
+        if self.unnamed && dev.is_some_and(|d| !self.named_devs.contains(&d)) {
+            match md.create_unnamed()? {
+                Ok(file) => return Ok((file, false)),
+                Err(e) => self.use_named(dev, &format!("O_TMPFILE: {e}")),
+            }
+        }
+        Ok((md.create_tmp(name)?, true))
+    }
+
+    /// From now on, copies on filesystem `dev` are created named (logged once per filesystem).
+    fn use_named(&mut self, dev: Option<u64>, why: &str) {
+        if let Some(d) = dev {
+            if self.named_devs.insert(d) {
+                info!("event=named_copies dev={d} reason={why:?}: copies on this filesystem are created in tmp/ with a name and renamed");
+            }
+        }
+    }
+
+    /// Creates a copy in tmp/ for each account (each once) and returns a descriptor of each,
     /// in order, for the writer. On any failure nothing is left behind.
     pub fn open(
         &mut self,
@@ -251,17 +282,12 @@ impl Store {
                 continue;
             }
             let name = self.unique();
-            let unnamed = self.unnamed;
-            let r = self.maildir(account).and_then(|(md, key)| {
-                let file = if unnamed { md.create_unnamed()? } else { None };
-                match file {
-                    Some(file) => Ok((md, key, file, false)),
-                    None => {
-                        let file = md.create_tmp(&name)?;
-                        Ok((md, key, file, true))
-                    }
-                }
-            });
+            let r = match self.maildir(account) {
+                Ok((md, key)) => self
+                    .create_copy(&md, key, &name)
+                    .map(|(file, in_tmp)| (md, key, file, in_tmp)),
+                Err(e) => Err(e),
+            };
             let (maildir, new_key, file, in_tmp) = match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -322,9 +348,9 @@ impl Store {
     }
 
     /// Makes the copies of every transaction in `ids` durable and visible, together: first
-    /// every tmp file is made durable (see `syncer`: one syncfs, or concurrent fsyncs), then
-    /// each is renamed into new/ (named with its size), then each new/ directory involved is
-    /// made durable once. Each transaction succeeds or fails as a whole; a failed one leaves
+    /// every copy is made durable (see `syncer`: one syncfs, or concurrent fsyncs), then each
+    /// is linked or renamed into new/ (named with its size), then each new/ directory involved
+    /// is made durable once, with the link counts of the copies linked into it. Each transaction succeeds or fails as a whole; a failed one leaves
     /// nothing behind. A delivered one reports, per copy, the account and the file name in
     /// new/.
     pub fn commit(&mut self, ids: &[u64]) -> Vec<(u64, Result<Delivered, DeliveryError>)> {
@@ -366,8 +392,8 @@ impl Store {
                 }
             }
         }
-        // Phase 2: every copy of every transaction renamed into new/. A failure rolls back
-        // that transaction's renamed copies.
+        // Phase 2: every copy of every transaction linked or renamed into new/. A failure
+        // rolls back that transaction's copies already there.
         let mut published: Vec<(u64, Vec<Copy>, Published)> = Vec::new();
         for (id, copies) in ready {
             let mut done: Vec<(usize, String)> = Vec::new();
@@ -384,7 +410,27 @@ impl Store {
                 let r = if c.in_tmp {
                     c.maildir.publish(&c.name, &new_name)
                 } else {
-                    c.maildir.link_new(&c.fd, &new_name)
+                    match c.maildir.link_new(&c.fd, &new_name) {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            // Space, a name taken, a failing disk: this link. Anything
+                            // else (a security module, no /proc, EXDEV, EPERM...): linking
+                            // this way does not work here, so later copies on this
+                            // filesystem, the client's retry among them, are named.
+                            if !matches!(
+                                e,
+                                Errno::EEXIST
+                                    | Errno::ENOSPC
+                                    | Errno::EDQUOT
+                                    | Errno::EIO
+                                    | Errno::EROFS
+                            ) {
+                                self.use_named(c.new_key.map(|k| k.0), &format!("linkat: {e}"));
+                            }
+                            Err(DeliveryError::io(e, format!("link into new/{new_name}")))
+                        }
+                        Err(e) => Err(e),
+                    }
                 };
                 if let Err(e) = r {
                     self.maildirs.remove(&c.account);
@@ -431,15 +477,39 @@ impl Store {
                 dev: c.new_key.map(|k| k.0),
             })
             .collect();
-        let mut dir_results = if linked.is_empty() {
-            self.syncer.sync_dirs(&dir_targets)
+        // A new/ directory on a filesystem where copies were linked is synced with them (one
+        // syncfs covers both where the syncer chooses it, and a failed one falls back to an
+        // fsync of each); any other directory is fsynced (found in review: a named copy's
+        // new/ on FUSE must not count on a syncfs that does not reach it).
+        let linked_devs: Vec<u64> = linked.iter().filter_map(|t| t.dev).collect();
+        let (with_links, alone): (Vec<usize>, Vec<usize>) = (0..dir_targets.len())
+            .partition(|&i| dir_targets[i].dev.is_some_and(|d| linked_devs.contains(&d)));
+        let mut by_dir: Vec<Option<Result<(), Errno>>> = vec![None; dir_targets.len()];
+        let alone_targets: Vec<Target> = alone.iter().map(|&i| dir_targets[i].clone()).collect();
+        for (&i, r) in alone.iter().zip(self.syncer.sync_dirs(&alone_targets)) {
+            by_dir[i] = Some(r);
+        }
+        let together: Vec<Target> = with_links
+            .iter()
+            .map(|&i| dir_targets[i].clone())
+            .chain(linked.iter().cloned())
+            .collect();
+        let mut together_results = if together.is_empty() {
+            Vec::new()
         } else {
-            let all: Vec<Target> = dir_targets.iter().chain(&linked).cloned().collect();
-            self.syncer.sync(&all)
+            self.syncer.sync(&together)
         };
-        let mut linked_results = dir_results
-            .split_off(dir_targets.len().min(dir_results.len()))
+        let mut linked_results = together_results
+            .split_off(with_links.len().min(together_results.len()))
             .into_iter();
+        for (&i, r) in with_links.iter().zip(together_results) {
+            by_dir[i] = Some(r);
+        }
+        // A directory without a result (a syncer that answered short) counts as failed.
+        let dir_results: Vec<Result<(), Errno>> = by_dir
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Errno::EIO)))
+            .collect();
         let failed_dir = |md: &Arc<Maildir>, key: DirKey| -> Option<String> {
             dirs.iter()
                 .zip(&dir_results)

@@ -11,10 +11,13 @@
 //!   early.
 //!
 //! After a syncfs, each file still asks for its own writeback error (sync_file_range), since
-//! syncfs reports an error only to its first caller. Directories are always fsynced.
+//! syncfs reports an error only to its first caller. Directories are fsynced ([`Syncer::sync_dirs`]),
+//! except where the store passes a new/ directory to [`Syncer::sync`] with the copies just
+//! linked into it, on their filesystem: the syncfs that writes their link counts writes it
+//! too, and a failed syncfs falls back to an fsync of each.
 //!
 //! It must not decide what is made durable or in what order: the store calls it for the files
-//! of a batch, then renames, then calls it for the new/ directories. The pool's threads only
+//! of a batch, then links or renames them, then calls it for the new/ directories. The pool's threads only
 //! call fsync, which needs no identity; they block the signals the agent blocks (inherited).
 
 use std::os::fd::{AsFd, OwnedFd};
