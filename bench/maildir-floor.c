@@ -7,11 +7,13 @@
  * (src/delivery/syncer.rs): one fsync for a batch of one file; for more, one syncfs, then
  * sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER) per file for its own writeback error.
  *
- *   mode 0 (inboxd):  open tmp/NAME O_CREAT|O_EXCL, write; first barrier; rename
- *                     tmp/NAME -> new/NAME; fsync new/
- *   mode 1 (variant): open tmp/ O_TMPFILE, write; first barrier; linkat /proc/self/fd/N ->
+ *   mode 0 (named):   open tmp/NAME O_CREAT|O_EXCL, write; first barrier; rename
+ *                     tmp/NAME -> new/NAME; fsync new/   (inboxd up to commit c91343a, and
+ *                     still where tmp/'s filesystem has no O_TMPFILE)
+ *   mode 1 (unnamed): open tmp/ O_TMPFILE, write; first barrier; linkat /proc/self/fd/N ->
  *                     new/NAME; syncfs (it writes every dirty inode, the files' new link
- *                     counts among them; an fsync of new/ is not documented to)
+ *                     counts among them; an fsync of new/ is not documented to)   (inboxd
+ *                     since commit 232ebb9, on a quiet host)
  *
  * Prints the batch latency (p50, p90), files per second and the CPU (user + system, from
  * getrusage) of this process per file; work the kernel does in its own threads (the flusher
