@@ -220,6 +220,75 @@ fn tmp_not_writable() {
     );
 }
 
+/// The user's new/ not writable (0500): the copy is made in tmp/ but cannot be linked into
+/// new/. The transaction gets 450 4.2.0 (a mailbox the recipient may not write, like tmp/)
+/// and nothing is left; the account's copies are named from
+/// then on (logged), so the retry meets the classic path, which is refused the same way; once
+/// new/ is writable again the mail is delivered, and another account still gets unnamed
+/// copies.
+#[test]
+fn new_not_writable() {
+    if skip_unless_root("new_not_writable") {
+        return;
+    }
+    let home = PathBuf::from("/home/inboxd-ronew");
+    let (uid, gid) = account("inboxd-ronew", &home, true);
+    for d in ["Maildir", "Maildir/tmp", "Maildir/new", "Maildir/cur"] {
+        let p = home.join(d);
+        std::fs::create_dir(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+    }
+    let new = home.join("Maildir/new");
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let (jones_home, _) = ensure_user("Jones");
+    let (server, _aliases) = start_system();
+    let first = server.deliver(&["inboxd-ronew"], &message(&token()));
+    assert!(first.starts_with("450 4.2.0"), "{first}");
+    let lines = server.log_until("event=not_delivered");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("event=named_copies account=inboxd-ronew")),
+        "{lines:#?}"
+    );
+    let first_why = lines.last().unwrap().clone();
+    assert!(
+        first_why.contains("link into new/") && first_why.contains("EACCES"),
+        "{first_why}"
+    );
+    // The retry: named, created in tmp/ and refused at the rename, nothing left behind.
+    let retry = server.deliver(&["inboxd-ronew"], &message(&token()));
+    assert!(retry.starts_with("450 4.2.0"), "{retry}");
+    let why = log_line(&server, "event=not_delivered");
+    assert!(
+        why.contains("rename into new/") && why.contains("EACCES"),
+        "{why}"
+    );
+    assert!(emptied(&home.join("Maildir/tmp")), "nothing left in tmp/");
+    assert!(new_files(&home.join("Maildir")).is_empty());
+    // Writable again: delivered (named). Another account is not affected.
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let tok = token();
+    let ok = server.deliver(&["inboxd-ronew"], &message(&tok));
+    assert!(ok.starts_with("250 "), "{ok}");
+    assert_eq!(messages_with(&home.join("Maildir"), &tok).len(), 1);
+    let other = token();
+    assert!(server
+        .deliver(&["Jones"], &message(&other))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&jones_home.join("Maildir"), &other).len(), 1);
+    assert!(
+        !server
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("event=named_copies account=Jones")),
+        "Jones's copies stay unnamed"
+    );
+    row("Maildir/new not writable (0500)", &first, &first_why);
+    drop(server);
+    remove_account("inboxd-ronew");
+}
+
 /// A user makes ~/Maildir, or one of its directories, a symlink: to a directory root owns
 /// (where root could write and the user cannot), or to one of their own. inboxd never follows
 /// it: 4xx, and nothing is written at either end.

@@ -293,7 +293,7 @@ impl Maildir {
             }
         })
         .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
-        .map_err(|e| DeliveryError::io(e, format!("rename into new/{new_name}")))
+        .map_err(|e| DeliveryError::access(e, format!("rename into new/{new_name}")))
     }
 
     /// Best-effort removal, for clean-up after a failure.

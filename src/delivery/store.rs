@@ -76,10 +76,23 @@ pub struct Store {
     syncer: Syncer,
     /// Whether copies may be created unnamed: linking them needs /proc/self/fd.
     unnamed: bool,
-    /// Filesystems (st_dev of new/) where that did not work: copies there are named.
+    /// Filesystems (st_dev of new/) without O_TMPFILE: copies there are named.
     named_devs: HashSet<u64>,
+    /// Accounts whose last link into new/ failed (a security module, a new/ the user made
+    /// unwritable, ...): their copies are named, so the retry takes the classic path and
+    /// one account's trouble does not change anyone else's delivery.
+    named_accounts: HashSet<String>,
     counter: u64,
     pid: u32,
+}
+
+/// Whether copies can be created unnamed: linking one into new/ goes through /proc/self/fd.
+fn unnamed_possible() -> bool {
+    let ok = std::path::Path::new("/proc/self/fd").is_dir();
+    if !ok {
+        info!("event=named_copies reason=\"no /proc/self/fd\": every copy is created in tmp/ with a name and renamed");
+    }
+    ok
 }
 
 /// Undoes a transaction that failed while publishing: its copies already in new/ are
@@ -120,8 +133,9 @@ impl Store {
             maildirs: HashMap::new(),
             cleaned: HashMap::new(),
             syncer: Syncer::new(Policy::Adaptive),
-            unnamed: std::path::Path::new("/proc/self/fd").is_dir(),
+            unnamed: unnamed_possible(),
             named_devs: HashSet::new(),
+            named_accounts: HashSet::new(),
             counter: 0,
             pid: std::process::id(),
         }
@@ -240,12 +254,16 @@ impl Store {
     /// `tmp/<name>` (`true`). A filesystem of unknown identity gets named copies.
     fn create_copy(
         &mut self,
+        account: &str,
         md: &Maildir,
         key: DirKey,
         name: &str,
     ) -> Result<(std::fs::File, bool), DeliveryError> {
         let dev = key.map(|k| k.0);
-        if self.unnamed && dev.is_some_and(|d| !self.named_devs.contains(&d)) {
+        if self.unnamed
+            && dev.is_some_and(|d| !self.named_devs.contains(&d))
+            && !self.named_accounts.contains(account)
+        {
             match md.create_unnamed()? {
                 Ok(file) => return Ok((file, false)),
                 Err(e) => self.use_named(dev, &format!("O_TMPFILE: {e}")),
@@ -260,6 +278,16 @@ impl Store {
             if self.named_devs.insert(d) {
                 info!("event=named_copies dev={d} reason={why:?}: copies on this filesystem are created in tmp/ with a name and renamed");
             }
+        }
+    }
+
+    /// From now on, `account`'s copies are created named (logged once per account).
+    fn use_named_for(&mut self, account: &str, why: &str) {
+        if self.named_accounts.len() >= 4096 {
+            self.named_accounts.clear();
+        }
+        if self.named_accounts.insert(account.to_string()) {
+            info!("event=named_copies account={account} reason={why:?}: this account's copies are created in tmp/ with a name and renamed");
         }
     }
 
@@ -284,7 +312,7 @@ impl Store {
             let name = self.unique();
             let r = match self.maildir(account) {
                 Ok((md, key)) => self
-                    .create_copy(&md, key, &name)
+                    .create_copy(account, &md, key, &name)
                     .map(|(file, in_tmp)| (md, key, file, in_tmp)),
                 Err(e) => Err(e),
             };
@@ -413,10 +441,11 @@ impl Store {
                     match c.maildir.link_new(&c.fd, &new_name) {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => {
-                            // Space, a name taken, a failing disk: this link. Anything
-                            // else (a security module, no /proc, EXDEV, EPERM...): linking
-                            // this way does not work here, so later copies on this
-                            // filesystem, the client's retry among them, are named.
+                            // Space or quota, a name taken, a failing or read-only disk:
+                            // this link failed. Anything else (a security module, a new/
+                            // the user made unwritable, EXDEV, EPERM...): this account's
+                            // later copies, the client's retry among them, are named, and
+                            // meet the classic path's own checks (found in review).
                             if !matches!(
                                 e,
                                 Errno::EEXIST
@@ -425,9 +454,12 @@ impl Store {
                                     | Errno::EIO
                                     | Errno::EROFS
                             ) {
-                                self.use_named(c.new_key.map(|k| k.0), &format!("linkat: {e}"));
+                                self.use_named_for(&c.account, &format!("linkat: {e}"));
                             }
-                            Err(DeliveryError::io(e, format!("link into new/{new_name}")))
+                            Err(DeliveryError::access(
+                                e,
+                                format!("link into new/{new_name}"),
+                            ))
                         }
                         Err(e) => Err(e),
                     }
