@@ -193,18 +193,24 @@ fn maildir_is_a_file() {
     );
 }
 
-#[test]
-fn tmp_not_writable() {
-    if skip_unless_root("tmp_not_writable") {
-        return;
-    }
-    let home = PathBuf::from("/home/inboxd-rotmp");
-    let (uid, gid) = account("inboxd-rotmp", &home, true);
+/// An account with a home and a Maildir (tmp/, new/, cur/) of its own, at /home/NAME.
+fn account_with_maildir(name: &str) -> PathBuf {
+    let home = PathBuf::from(format!("/home/{name}"));
+    let (uid, gid) = account(name, &home, true);
     for d in ["Maildir", "Maildir/tmp", "Maildir/new", "Maildir/cur"] {
         let p = home.join(d);
         std::fs::create_dir(&p).unwrap();
         std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
     }
+    home
+}
+
+#[test]
+fn tmp_not_writable() {
+    if skip_unless_root("tmp_not_writable") {
+        return;
+    }
+    let home = account_with_maildir("inboxd-rotmp");
     std::fs::set_permissions(
         home.join("Maildir/tmp"),
         std::fs::Permissions::from_mode(0o500),
@@ -222,22 +228,15 @@ fn tmp_not_writable() {
 
 /// The user's new/ not writable (0500): the copy is made in tmp/ but cannot be linked into
 /// new/. The transaction gets 450 4.2.0 (a mailbox the recipient may not write, like tmp/)
-/// and nothing is left; the account's copies are named from
-/// then on (logged), so the retry meets the classic path, which is refused the same way; once
-/// new/ is writable again the mail is delivered, and another account still gets unnamed
-/// copies.
+/// and nothing is left; the account's copies are named from then on (logged), so the retry
+/// meets the classic path, which is refused the same way; once new/ is writable again the
+/// mail is delivered, and another account is not switched.
 #[test]
 fn new_not_writable() {
     if skip_unless_root("new_not_writable") {
         return;
     }
-    let home = PathBuf::from("/home/inboxd-ronew");
-    let (uid, gid) = account("inboxd-ronew", &home, true);
-    for d in ["Maildir", "Maildir/tmp", "Maildir/new", "Maildir/cur"] {
-        let p = home.join(d);
-        std::fs::create_dir(&p).unwrap();
-        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
-    }
+    let home = account_with_maildir("inboxd-ronew");
     let new = home.join("Maildir/new");
     std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o500)).unwrap();
     let (jones_home, _) = ensure_user("Jones");
