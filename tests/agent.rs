@@ -286,8 +286,7 @@ fn allowed_root_and_receiver_death_cleans_up() {
 
 #[test]
 fn symlinked_maildir_is_refused_by_the_agent() {
-    if !is_root() {
-        eprintln!("symlinked_maildir_is_refused_by_the_agent: skipped, needs root");
+    if skip_unless_root("symlinked_maildir_is_refused_by_the_agent") {
         return;
     }
     let name = "inboxdagentsym";

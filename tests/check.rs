@@ -64,8 +64,7 @@ fn a_clean_configuration_has_no_problems() {
 
 #[test]
 fn problems_are_reported_one_line_each() {
-    if !is_root() {
-        eprintln!("problems_are_reported_one_line_each: skipped, needs root");
+    if skip_unless_root("problems_are_reported_one_line_each") {
         return;
     }
     let dir = TempDir::new("check-problems");
@@ -124,8 +123,7 @@ fn problems_are_reported_one_line_each() {
 /// Maildir yet, are problems, each with the reply such mail gets (tests/faults.rs shows it).
 #[test]
 fn broken_homes_are_problems() {
-    if !is_root() {
-        eprintln!("broken_homes_are_problems: skipped, needs root");
+    if skip_unless_root("broken_homes_are_problems") {
         return;
     }
     let ro = ensure_user("inboxdchk4");

@@ -89,20 +89,14 @@ fn whole_and_streamed_messages_are_stored_alike() {
 
 #[test]
 fn a_whole_message_that_cannot_be_written_is_refused_and_leaves_nothing() {
-    if !is_root() {
-        eprintln!("a_whole_message_that_cannot_be_written_is_refused_and_leaves_nothing: skipped, needs root");
+    if skip_unless_root("a_whole_message_that_cannot_be_written_is_refused_and_leaves_nothing") {
         return;
     }
     // A file size limit the data does not fit: the agent's write fails with EFBIG (552
     // 5.2.2, see server_limits.rs for the streamed case), for a message sent whole.
     let dir = TempDir::new("datapathsfbig");
-    let mut cmd = std::process::Command::new("sh");
-    cmd.args([
-        "-c",
-        "ulimit -f 4 && exec \"$0\" \"$@\"", // 4 blocks of 1 KiB
-        env!("CARGO_BIN_EXE_inboxd"),
-    ]);
-    let server = Server::spawn_in(cmd, dir.path(), &[]);
+    // 4 blocks of 512 octets: 2 KiB.
+    let server = Server::start_in_with_fsize_limit(dir.path(), 4);
     let md = dir.path().join("nobody");
     let tok_a = token();
     let mut a = server.open_data(&["nobody"]);

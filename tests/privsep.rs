@@ -7,14 +7,6 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-fn skip_unless_root(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("{test}: skipped, needs root");
-        return true;
-    }
-    false
-}
-
 fn agent_of(server: &Server) -> u32 {
     let kids = proc_children(server.child.id());
     assert_eq!(kids.len(), 1, "one delivery agent: {kids:?}");

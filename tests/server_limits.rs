@@ -131,14 +131,8 @@ fn connections_per_client_address_are_limited() {
 #[test]
 fn file_size_limit_gives_552_not_a_dead_server() {
     let dir = TempDir::new("fsize");
-    let mut cmd = std::process::Command::new("sh");
-    // dash's ulimit -f counts 512-byte blocks: 32 KiB (/proc/PID/limits says 32768).
-    cmd.args([
-        "-c",
-        "ulimit -f 64 && exec \"$0\" \"$@\"",
-        env!("CARGO_BIN_EXE_inboxd"),
-    ]);
-    let server = Server::spawn_in(cmd, dir.path(), &[]);
+    // 64 blocks of 512 octets: 32 KiB.
+    let server = Server::start_in_with_fsize_limit(dir.path(), 64);
     let lines: String = (0..200).map(|_| "z".repeat(900) + "\r\n").collect();
     let end = server.deliver(&["root"], &format!("{}{lines}", message(&token())));
     assert!(end.starts_with("552 5.2.2"), "{end}");

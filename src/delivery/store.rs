@@ -259,25 +259,24 @@ impl Store {
         key: DirKey,
         name: &str,
     ) -> Result<(std::fs::File, bool), DeliveryError> {
-        let dev = key.map(|k| k.0);
-        if self.unnamed
-            && dev.is_some_and(|d| !self.named_devs.contains(&d))
-            && !self.named_accounts.contains(account)
-        {
-            match md.create_unnamed()? {
-                Ok(file) => return Ok((file, false)),
-                Err(e) => self.use_named(dev, &format!("O_TMPFILE: {e}")),
+        if let Some((dev, _)) = key {
+            if self.unnamed
+                && !self.named_devs.contains(&dev)
+                && !self.named_accounts.contains(account)
+            {
+                match md.create_unnamed()? {
+                    Ok(file) => return Ok((file, false)),
+                    Err(e) => self.use_named(dev, &format!("O_TMPFILE: {e}")),
+                }
             }
         }
         Ok((md.create_tmp(name)?, true))
     }
 
     /// From now on, copies on filesystem `dev` are created named (logged once per filesystem).
-    fn use_named(&mut self, dev: Option<u64>, why: &str) {
-        if let Some(d) = dev {
-            if self.named_devs.insert(d) {
-                info!("event=named_copies dev={d} reason={why:?}: copies on this filesystem are created in tmp/ with a name and renamed");
-            }
+    fn use_named(&mut self, dev: u64, why: &str) {
+        if self.named_devs.insert(dev) {
+            info!("event=named_copies dev={dev} reason={why:?}: copies on this filesystem are created in tmp/ with a name and renamed");
         }
     }
 
@@ -378,9 +377,9 @@ impl Store {
     /// Makes the copies of every transaction in `ids` durable and visible, together: first
     /// every copy is made durable (see `syncer`: one syncfs, or concurrent fsyncs), then each
     /// is linked or renamed into new/ (named with its size), then each new/ directory involved
-    /// is made durable once, with the link counts of the copies linked into it. Each transaction succeeds or fails as a whole; a failed one leaves
-    /// nothing behind. A delivered one reports, per copy, the account and the file name in
-    /// new/.
+    /// is made durable once, with the link counts of the copies linked into it. Each
+    /// transaction succeeds or fails as a whole; a failed one leaves nothing behind. A
+    /// delivered one reports, per copy, the account and the file name in new/.
     pub fn commit(&mut self, ids: &[u64]) -> Vec<(u64, Result<Delivered, DeliveryError>)> {
         let mut results = Vec::with_capacity(ids.len());
         let mut batch: Vec<(u64, Vec<Copy>)> = Vec::new();
@@ -561,8 +560,8 @@ impl Store {
                 .filter(|c| !c.in_tmp)
                 .filter_map(|c| match linked_results.next() {
                     Some(Ok(())) => None,
-                    Some(Err(e)) => Some(format!("sync of new/{}: {e}", c.name)),
-                    None => Some(format!("sync of new/{}: no result", c.name)),
+                    Some(Err(e)) => Some(format!("sync of linked copy {}: {e}", c.name)),
+                    None => Some(format!("sync of linked copy {}: no result", c.name)),
                 })
                 .collect();
             let failed = copies

@@ -79,6 +79,18 @@ impl Server {
         Server::spawn(cmd, args)
     }
 
+    /// Like [`Server::start_in`], under a file size limit (RLIMIT_FSIZE) of `blocks` of 512
+    /// octets (dash's `ulimit -f` unit; /proc/PID/limits shows the octets).
+    pub fn start_in_with_fsize_limit(dir: &Path, blocks: u32) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -f {blocks} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_inboxd"),
+        ]);
+        Server::spawn_in(cmd, dir, &[])
+    }
+
     pub fn spawn(mut cmd: Command, args: &[&str]) -> Server {
         ensure_receiver_user();
         let mut child = cmd
@@ -465,7 +477,7 @@ pub fn start_system() -> (Server, TempDir) {
 
 pub fn skip_unless_root(test: &str) -> bool {
     if !is_root() {
-        eprintln!("{test}: skipped, needs root (creates accounts, writes as them)");
+        eprintln!("{test}: skipped, needs root");
         return true;
     }
     false
