@@ -482,8 +482,9 @@ impl Store {
         // Phase 3: each new/ directory involved made durable once, *after* every rename or
         // link into it, so no answer goes out before its directory entry is durable; and
         // with them every linked copy, whose new link count an fsync of new/ does not
-        // promise to write (one syncfs covers both where the syncer chooses it). A directory
-        // whose identity is unknown is synced on its own.
+        // promise to write (one syncfs covers both where the syncer chooses it, followed by
+        // one more flush: `Syncer::sync_last`). A directory whose identity is unknown is
+        // synced on its own.
         let mut dirs: Vec<(DirKey, Arc<Maildir>)> = Vec::new();
         for (_, copies, _) in &published {
             for c in copies {
@@ -528,7 +529,7 @@ impl Store {
         let mut together_results = if together.is_empty() {
             Vec::new()
         } else {
-            self.syncer.sync(&together)
+            self.syncer.sync_last(&together)
         };
         let mut linked_results = together_results
             .split_off(with_links.len().min(together_results.len()))
