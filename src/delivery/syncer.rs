@@ -148,32 +148,44 @@ fn fsync(fd: &OwnedFd) -> Result<(), Errno> {
 
 /// One syncfs per filesystem in the batch, and with `trailing_flush` an fsync of one of its
 /// targets after it (see [`Syncer::sync_last`]). If either fails, the files on that
-/// filesystem are fsynced one by one, so each gets its own answer.
+/// filesystem are fsynced one by one, so each gets its own answer; the target whose
+/// trailing fsync failed keeps that failure (found in review: an error an fsync reports is
+/// not reported to the next fsync of the same file, so asking again could answer Ok).
 fn by_syncfs(targets: &[Target], trailing_flush: bool) -> Vec<Result<(), Errno>> {
-    let mut devs: Vec<(u64, Result<(), Errno>)> = Vec::new();
-    for t in targets {
+    // Per filesystem: the syncfs (and trailing fsync) result, and the index of the target
+    // whose trailing fsync failed.
+    let mut devs: Vec<(u64, Result<(), Errno>, Option<usize>)> = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
         let Some(dev) = t.dev else { continue };
-        if devs.iter().any(|(d, _)| *d == dev) {
+        if devs.iter().any(|(d, _, _)| *d == dev) {
             continue;
         }
         let mut r = nix::unistd::syncfs(t.fd.as_fd());
+        let mut failed_flush = None;
         if r.is_ok() && trailing_flush {
             r = fsync(&t.fd);
+            if r.is_err() {
+                failed_flush = Some(i);
+            }
         }
         if let Err(e) = r {
             warn!("syncfs (or the fsync after it) failed ({e}); fsyncing each file instead");
         }
-        devs.push((dev, r));
+        devs.push((dev, r, failed_flush));
     }
     targets
         .iter()
-        .map(|t| match devs.iter().find(|(d, _)| Some(*d) == t.dev) {
-            // syncfs reports a writeback error once, to whoever asks first (an earlier
-            // batch, say), so each file asks for its own (found in review, reproduced on a
-            // failing loop device): waiting on its writeback says whether its data made it.
-            Some((_, Ok(()))) => crate::sys::wait_for_writeback(t.fd.as_fd()),
-            _ => fsync(&t.fd),
-        })
+        .enumerate()
+        .map(
+            |(i, t)| match devs.iter().find(|(d, _, _)| Some(*d) == t.dev) {
+                // syncfs reports a writeback error once, to whoever asks first (an earlier
+                // batch, say), so each file asks for its own (found in review, reproduced on a
+                // failing loop device): waiting on its writeback says whether its data made it.
+                Some((_, Ok(()), _)) => crate::sys::wait_for_writeback(t.fd.as_fd()),
+                Some((_, Err(e), Some(j))) if *j == i => Err(*e),
+                _ => fsync(&t.fd),
+            },
+        )
         .collect()
 }
 
@@ -288,6 +300,22 @@ mod tests {
             assert_eq!(r.len(), 40);
             assert!(r.iter().all(|r| r.is_ok()), "last={last}: {r:?}");
         }
+        // A trailing fsync that fails (a socket: syncfs of its filesystem works, fsync is
+        // EINVAL) fails that target, and the others on its "filesystem" are fsynced one by
+        // one. (That the failure is kept rather than asked again cannot be told apart here:
+        // a socket fails every fsync; a disk's writeback error is reported once.)
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut mixed = vec![Target {
+            fd: Arc::new(OwnedFd::from(sock)),
+            dev: Some(2),
+        }];
+        mixed.extend(targets.iter().take(3).map(|t| Target {
+            fd: t.fd.clone(),
+            dev: Some(2),
+        }));
+        let r = by_syncfs(&mixed, true);
+        assert_eq!(r[0], Err(Errno::EINVAL));
+        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
         // A descriptor that cannot be fsynced gets its own error, whatever the others do.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         targets[7] = Target {
