@@ -92,8 +92,9 @@ impl Syncer {
     /// device's own buffers, some of them written only after that flush; a filesystem
     /// that keeps metadata there (ext4 without a journal: inodes, directory blocks) can
     /// then return from syncfs with a new link count or directory entry still in a
-    /// volatile cache. Read in the kernel's source; `reliability/power-cut` cannot show
-    /// it (its disk takes one request at a time).
+    /// volatile cache. Read in the kernel's source, not seen: `reliability/power-cut`
+    /// found no such loss at an exact cut, and cannot show a flush overtaking a write in
+    /// flight (its disk takes one request at a time).
     pub fn sync_last(&mut self, targets: &[Target]) -> Vec<Result<(), Errno>> {
         self.sync_as(targets, true)
     }
