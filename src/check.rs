@@ -1,7 +1,8 @@
 //! `inboxd check`: a doctor that reports, one plain line each, what a sysadmin would
 //! otherwise find the hard way: unusable options, aliases that reach nobody (root and
 //! postmaster above all), accounts whose Maildir is not theirs, is a symlink or can be
-//! written by others, and listen addresses already taken.
+//! written by others, listen addresses already taken, and Maildirs on an ext4 without a
+//! journal.
 //!
 //! Owns only looking: it opens, stats and binds (and at once closes) but never creates,
 //! changes or delivers anything. Lines start with `problem:` (inboxd will refuse or fail
@@ -44,7 +45,8 @@ pub fn run(config: &Config) -> Report {
     let aliases = check_aliases_file(config, &mut r);
     check_aliases(config, privileged, &aliases, &mut r);
     check_listen(config, &mut r);
-    check_accounts(config, &mut r);
+    let dirs = check_accounts(config, &mut r);
+    check_journals(&dirs, &mut r);
     if !config.hostname.contains('.') {
         r.note(format!(
             "hostname {:?} is not fully qualified; give one with --hostname",
@@ -192,7 +194,10 @@ fn local_accounts() -> Vec<(String, u32, PathBuf)> {
     out
 }
 
-fn check_accounts(config: &Config, r: &mut Report) {
+/// Checks every account's Maildir; returns the directories mail would be written under
+/// (the `--maildir-root`, or each usable home), for [`check_journals`].
+fn check_accounts(config: &Config, r: &mut Report) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = config.maildir_root.iter().cloned().collect();
     for (name, uid, home) in local_accounts() {
         if uid == 0 && !config.allow_root_delivery {
             continue;
@@ -207,7 +212,64 @@ fn check_accounts(config: &Config, r: &mut Report) {
                 }
             },
         };
+        if config.maildir_root.is_none() {
+            if let Some(home) = maildir.parent() {
+                dirs.push(home.to_path_buf());
+            }
+        }
         check_maildir(&name, uid, &maildir, r);
+    }
+    dirs
+}
+
+/// Notes each filesystem mail goes to that is an ext4 without a journal. There a power cut
+/// can lose mail already delivered: a half-written change of a directory (growing into an
+/// indexed one) loses entries that were durable, whatever the deliverer fsynced
+/// (`reliability/power-cut`, README "Power cut"). A journalled ext4 has an entry
+/// `<device>-<inode>` in /proc/fs/jbd2; without that directory nothing is said.
+fn check_journals(dirs: &[PathBuf], r: &mut Report) {
+    let Ok(journals) = std::fs::read_dir("/proc/fs/jbd2") else {
+        return;
+    };
+    let journals: Vec<String> = journals
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut seen = Vec::new();
+    for dir in dirs {
+        let Ok(m) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if seen.contains(&m.dev()) {
+            continue;
+        }
+        seen.push(m.dev());
+        let Ok(fs) = nix::sys::statfs::statfs(dir) else {
+            continue;
+        };
+        if fs.filesystem_type() != nix::sys::statfs::EXT4_SUPER_MAGIC {
+            continue;
+        }
+        let (major, minor) = (
+            nix::sys::stat::major(m.dev()),
+            nix::sys::stat::minor(m.dev()),
+        );
+        // /sys/dev/block/MAJOR:MINOR links to the device's directory, named as jbd2 names it.
+        let Ok(target) = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")) else {
+            continue;
+        };
+        let Some(device) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if !journals.iter().any(|j| {
+            j.strip_prefix(device.as_str())
+                .is_some_and(|rest| rest.starts_with('-'))
+        }) {
+            r.note(format!(
+                "{} is on an ext4 without a journal ({device}): a power cut can lose mail already delivered there (README \"Power cut\"); a journalled filesystem keeps it",
+                dir.display()
+            ));
+        }
     }
 }
 

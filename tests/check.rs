@@ -176,3 +176,53 @@ fn broken_homes_are_problems() {
         assert!(out.contains(needle), "{needle:?} not in:\n{out}");
     }
 }
+
+/// A Maildir root on an ext4 without a journal gets a note; on a journalled one, none.
+/// Both are small images mounted through loop devices (as root; skipped without them).
+#[test]
+fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
+    if skip_unless_root("a_maildir_root_on_an_ext4_without_a_journal_is_noted") {
+        return;
+    }
+    if !std::path::Path::new("/proc/fs/jbd2").is_dir() {
+        eprintln!("skipped: no /proc/fs/jbd2 on this kernel");
+        return;
+    }
+    let dir = TempDir::new("check-journal");
+    for (features, noted) in [("^has_journal", true), ("has_journal", false)] {
+        let img = dir.path().join(format!("{features}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", features])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mkfs.ext4 -O {features}");
+        let mnt = dir.path().join(format!("{features}.mnt"));
+        std::fs::create_dir(&mnt).unwrap();
+        let st = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        if !st.success() {
+            eprintln!("skipped: cannot mount an image through a loop device");
+            return;
+        }
+        let _mount = Mount(mnt.clone());
+        std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (_, out) = check(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--maildir-root",
+            mnt.to_str().unwrap(),
+        ]);
+        let note = format!("note: {} is on an ext4 without a journal", mnt.display());
+        assert_eq!(out.contains(&note), noted, "{features}: {out}");
+    }
+}

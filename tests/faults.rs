@@ -457,16 +457,6 @@ fn hard_links_and_symlinks_planted_in_the_maildir() {
 }
 
 /// Unmounts on drop.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        // Lazily: the agent, which outlives the receiver by a moment, may still hold a
-        // directory open in there.
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A full filesystem mid-transaction (a 1 MiB tmpfs the test mounts, holding one user's home):
 /// that user's mail gets 452 4.3.1 and leaves nothing in tmp/ or new/; meanwhile another user
 /// on another filesystem gets mail, in a second session that is open at the same time; a

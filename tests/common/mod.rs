@@ -475,6 +475,20 @@ pub fn start_system() -> (Server, TempDir) {
     (server, dir)
 }
 
+/// A filesystem the test mounted, unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // Lazily: the agent, which outlives the receiver by a moment, may still hold a
+        // directory open in there.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 pub fn skip_unless_root(test: &str) -> bool {
     if !is_root() {
         eprintln!("{test}: skipped, needs root");
