@@ -221,9 +221,9 @@ impl Maildir {
     }
 
     /// Creates a copy with no name yet in tmp/ (O_TMPFILE: mode 0600, owned by the recipient,
-    /// invisible to everyone until [`Maildir::link_new`]). `Ok(None)`, with the reason, when
-    /// tmp/'s filesystem cannot (EOPNOTSUPP, or EISDIR from a kernel without O_TMPFILE): the
-    /// caller then creates a named copy.
+    /// invisible to everyone until [`Maildir::link_new`]). `Ok(Err(errno))` when tmp/'s
+    /// filesystem cannot (EOPNOTSUPP, or EISDIR from a kernel without O_TMPFILE): the caller
+    /// then creates a named copy.
     pub fn create_unnamed(&self) -> Result<Result<File, Errno>, DeliveryError> {
         let flags = OFlag::O_WRONLY | OFlag::O_TMPFILE | OFlag::O_CLOEXEC;
         let r = as_user(self.owner.uid, self.owner.gid, || {
