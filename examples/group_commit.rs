@@ -84,6 +84,7 @@ fn run(
 ) -> (f64, f64, f64, f64) {
     let newdir = File::open(root.join("new")).expect("open new/");
     let dev = nix::sys::stat::fstat(newdir.as_fd()).expect("fstat").st_dev;
+    let kind = inboxd::delivery::fskind::of(&newdir, dev);
     let mut syncer = Syncer::new(match strategy {
         "fsync" => Policy::SerialFsync,
         "parallel" => Policy::ParallelFsync,
@@ -113,6 +114,7 @@ fn run(
             .map(|(f, _, _)| Target {
                 fd: Arc::new(OwnedFd::from(f.try_clone().expect("dup"))),
                 dev: Some(dev),
+                kind,
             })
             .collect();
         let results = match strategy {

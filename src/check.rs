@@ -228,13 +228,6 @@ fn check_accounts(config: &Config, r: &mut Report) -> Vec<PathBuf> {
 /// (`reliability/power-cut`, README "Power cut"). A journalled ext4 has an entry
 /// `<device>-<inode>` in /proc/fs/jbd2; without that directory nothing is said.
 fn check_journals(dirs: &[PathBuf], r: &mut Report) {
-    let Ok(journals) = std::fs::read_dir("/proc/fs/jbd2") else {
-        return;
-    };
-    let journals: Vec<String> = journals
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
     let mut seen = Vec::new();
     for dir in dirs {
         let Ok(m) = std::fs::metadata(dir) else {
@@ -250,23 +243,13 @@ fn check_journals(dirs: &[PathBuf], r: &mut Report) {
         if fs.filesystem_type() != nix::sys::statfs::EXT4_SUPER_MAGIC {
             continue;
         }
-        let (major, minor) = (
-            nix::sys::stat::major(m.dev()),
-            nix::sys::stat::minor(m.dev()),
-        );
-        // /sys/dev/block/MAJOR:MINOR links to the device's directory, named as jbd2 names it.
-        let Ok(target) = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")) else {
-            continue;
-        };
-        let Some(device) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-            continue;
-        };
-        if !journals.iter().any(|j| {
-            j.strip_prefix(device.as_str())
-                .is_some_and(|rest| rest.starts_with('-'))
-        }) {
+        if crate::delivery::fskind::ext4_journal(m.dev()) == Some(false) {
+            let (major, minor) = (
+                nix::sys::stat::major(m.dev()),
+                nix::sys::stat::minor(m.dev()),
+            );
             r.note(format!(
-                "{} is on an ext4 without a journal ({device}): a power cut can lose mail already delivered there (README \"Power cut\"); a journalled filesystem keeps it",
+                "{} is on an ext4 without a journal (device {major}:{minor}): a power cut can lose mail already delivered there (README \"Power cut\"); a journalled filesystem keeps it",
                 dir.display()
             ));
         }

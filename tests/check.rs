@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use inboxd::delivery::fskind::{self, FsKind};
 use std::process::Command;
 
 fn check(args: &[&str]) -> (i32, String) {
@@ -177,8 +178,10 @@ fn broken_homes_are_problems() {
     }
 }
 
-/// A Maildir root on an ext4 without a journal gets a note; on a journalled one, none.
-/// Both are small images mounted through loop devices (as root; skipped without them).
+/// A Maildir root on an ext4 without a journal gets a note; on a journalled one, none. The
+/// group commit tells the two apart the same way: only the journalled one's syncfs counts as
+/// ending with a commit (no flush after it). Both are small images mounted through loop
+/// devices (as root; skipped without them).
 #[test]
 fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
     if skip_unless_root("a_maildir_root_on_an_ext4_without_a_journal_is_noted") {
@@ -224,5 +227,13 @@ fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
         ]);
         let note = format!("note: {} is on an ext4 without a journal", mnt.display());
         assert_eq!(out.contains(&note), noted, "{features}: {out}");
+        let root = std::fs::File::open(&mnt).unwrap();
+        let dev = std::os::unix::fs::MetadataExt::dev(&root.metadata().unwrap());
+        let want = if noted {
+            FsKind::NeedsFlush
+        } else {
+            FsKind::Commits
+        };
+        assert_eq!(fskind::of(&root, dev), want, "{features}");
     }
 }

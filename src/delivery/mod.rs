@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod channel;
 pub mod client;
+pub mod fskind;
 pub mod fuzz;
 pub mod maildir;
 pub mod privileges;

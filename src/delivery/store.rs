@@ -18,6 +18,7 @@ use log::{info, warn};
 use nix::errno::Errno;
 use nix::sys::stat::fstat;
 
+use super::fskind::{self, FsKind};
 use super::maildir::{Maildir, Owner};
 use super::syncer::{Policy, Syncer, Target};
 use super::{escape_host, privileges, DeliveryError, Layout};
@@ -49,6 +50,9 @@ const TMP_CLEAN_EVERY: Duration = Duration::from_secs(3600);
 struct Opened {
     maildir: Arc<Maildir>,
     new_key: DirKey,
+    /// How syncfs behaves on new/'s filesystem, learnt when the Maildir was opened (its
+    /// descriptors keep that filesystem mounted for as long as the answer is used).
+    kind: FsKind,
     at: Instant,
 }
 
@@ -57,6 +61,7 @@ struct Copy {
     account: String,
     maildir: Arc<Maildir>,
     new_key: DirKey,
+    kind: FsKind,
     /// The unique name: of the file in tmp/ if `in_tmp`, and the start of its name in new/.
     name: String,
     /// Whether the copy has a name in tmp/ (to rename); otherwise it has none (to link).
@@ -158,15 +163,19 @@ impl Store {
     }
 
     /// The account's Maildir: reused if opened less than [`MAILDIR_TTL`] ago.
-    fn maildir(&mut self, account: &str) -> Result<(Arc<Maildir>, DirKey), DeliveryError> {
+    fn maildir(&mut self, account: &str) -> Result<(Arc<Maildir>, DirKey, FsKind), DeliveryError> {
         let now = Instant::now();
         if let Some(o) = self.maildirs.get(account) {
             if now.duration_since(o.at) < MAILDIR_TTL {
-                return Ok((o.maildir.clone(), o.new_key));
+                return Ok((o.maildir.clone(), o.new_key, o.kind));
             }
         }
         let maildir = Arc::new(self.open_maildir(account)?);
         let new_key = maildir.new_dir_key();
+        let kind = match new_key {
+            Some((dev, _)) => fskind::of(maildir.new_fd().as_fd(), dev),
+            None => FsKind::NeedsFlush,
+        };
         if self
             .cleaned
             .get(account)
@@ -196,10 +205,11 @@ impl Store {
             Opened {
                 maildir: maildir.clone(),
                 new_key,
+                kind,
                 at: now,
             },
         );
-        Ok((maildir, new_key))
+        Ok((maildir, new_key, kind))
     }
 
     /// Forgets an opened Maildir after a failure in it: the next delivery walks afresh.
@@ -310,12 +320,12 @@ impl Store {
             }
             let name = self.unique();
             let r = match self.maildir(account) {
-                Ok((md, key)) => self
+                Ok((md, key, kind)) => self
                     .create_copy(account, &md, key, &name)
-                    .map(|(file, in_tmp)| (md, key, file, in_tmp)),
+                    .map(|(file, in_tmp)| (md, key, kind, file, in_tmp)),
                 Err(e) => Err(e),
             };
-            let (maildir, new_key, file, in_tmp) = match r {
+            let (maildir, new_key, kind, file, in_tmp) = match r {
                 Ok(x) => x,
                 Err(e) => {
                     warn!("delivery to {account:?} cannot start: {e}");
@@ -330,6 +340,7 @@ impl Store {
                 account: account.clone(),
                 maildir,
                 new_key,
+                kind,
                 name,
                 in_tmp,
                 fd,
@@ -399,6 +410,7 @@ impl Store {
             .map(|c| Target {
                 fd: c.fd.clone(),
                 dev: c.new_key.map(|k| k.0),
+                kind: c.kind,
             })
             .collect();
         let mut synced = self.syncer.sync(&targets).into_iter();
@@ -483,21 +495,23 @@ impl Store {
         // link into it, so no answer goes out before its directory entry is durable; and
         // with them every linked copy, whose new link count an fsync of new/ does not
         // promise to write (one syncfs covers both where the syncer chooses it, followed by
-        // one more flush: `Syncer::sync_last`). A directory whose identity is unknown is
+        // one more flush where that filesystem's syncfs does not end with a commit:
+        // `Syncer::sync_last`, `fskind`). A directory whose identity is unknown is
         // synced on its own.
-        let mut dirs: Vec<(DirKey, Arc<Maildir>)> = Vec::new();
+        let mut dirs: Vec<(DirKey, Arc<Maildir>, FsKind)> = Vec::new();
         for (_, copies, _) in &published {
             for c in copies {
-                if c.new_key.is_none() || !dirs.iter().any(|(k, _)| *k == c.new_key) {
-                    dirs.push((c.new_key, c.maildir.clone()));
+                if c.new_key.is_none() || !dirs.iter().any(|(k, _, _)| *k == c.new_key) {
+                    dirs.push((c.new_key, c.maildir.clone(), c.kind));
                 }
             }
         }
         let dir_targets: Vec<Target> = dirs
             .iter()
-            .map(|(k, md)| Target {
+            .map(|(k, md, kind)| Target {
                 fd: md.new_fd(),
                 dev: k.map(|k| k.0),
+                kind: *kind,
             })
             .collect();
         let linked: Vec<Target> = published
@@ -507,6 +521,7 @@ impl Store {
             .map(|c| Target {
                 fd: c.fd.clone(),
                 dev: c.new_key.map(|k| k.0),
+                kind: c.kind,
             })
             .collect();
         // A new/ directory on a filesystem where copies were linked is synced with them (one
@@ -545,7 +560,7 @@ impl Store {
         let failed_dir = |md: &Arc<Maildir>, key: DirKey| -> Option<String> {
             dirs.iter()
                 .zip(&dir_results)
-                .find(|((k, m), _)| {
+                .find(|((k, m, _), _)| {
                     if key.is_some() {
                         *k == key
                     } else {

@@ -14,8 +14,9 @@
 //! syncfs reports an error only to its first caller. Directories are fsynced ([`Syncer::sync_dirs`]),
 //! except where the store passes a new/ directory to [`Syncer::sync_last`] with the copies
 //! just linked into it, on their filesystem: the syncfs that writes their link counts writes
-//! it too, an fsync after it flushes the disk's cache once more (see `sync_last`), and a
-//! failure of either falls back to an fsync of each.
+//! it too, an fsync after it flushes the disk's cache once more where the filesystem's
+//! syncfs does not end with a commit (see `sync_last` and `fskind`), and a failure of either
+//! falls back to an fsync of each.
 //!
 //! It must not decide what is made durable or in what order: the store calls it for the files
 //! of a batch, then links or renames them, then calls it for the new/ directories. The pool's threads only
@@ -27,6 +28,8 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use nix::errno::Errno;
+
+use super::fskind::FsKind;
 
 /// Above this much dirty or in-flight page cache on the host (bytes), a batch is not made
 /// durable with syncfs, which would write (and wait for) all of it.
@@ -40,6 +43,8 @@ const POOL_THREADS: usize = 16;
 pub struct Target {
     pub fd: Arc<OwnedFd>,
     pub dev: Option<u64>,
+    /// How syncfs behaves on that filesystem ([`FsKind::NeedsFlush`] when not known).
+    pub kind: FsKind,
 }
 
 /// How a batch is made durable; `Adaptive` is what the agent uses, the others are for
@@ -86,8 +91,9 @@ impl Syncer {
     }
 
     /// Like [`Syncer::sync`], for the barrier after which answers go out: where a syncfs
-    /// was used, it is followed by an fsync, so that the disk's cache is flushed once more
-    /// after every write the syncfs made. The kernel's syncfs (sync_filesystem in
+    /// was used on a filesystem whose syncfs does not end with a commit ([`FsKind`]), it is
+    /// followed by an fsync, so that the disk's cache is flushed once more after every write
+    /// the syncfs made. The kernel's syncfs (sync_filesystem in
     /// fs/sync.c) asks the filesystem to flush (->sync_fs) before it waits on the block
     /// device's own buffers, some of them written only after that flush; a filesystem
     /// that keeps metadata there (ext4 without a journal: inodes, directory blocks) can
@@ -147,12 +153,12 @@ fn fsync(fd: &OwnedFd) -> Result<(), Errno> {
     nix::unistd::fsync(fd.as_fd())
 }
 
-/// One syncfs per filesystem in the batch, and with `trailing_flush` an fsync of one of its
-/// targets after it (see [`Syncer::sync_last`]). If either fails, the files on that
+/// One syncfs per filesystem in the batch, and with `last` an fsync of one of its targets
+/// after it where the filesystem needs that flush (see [`Syncer::sync_last`]). If either fails, the files on that
 /// filesystem are fsynced one by one, so each gets its own answer; the target whose
 /// trailing fsync failed keeps that failure (found in review: an error an fsync reports is
 /// not reported to the next fsync of the same file, so asking again could answer Ok).
-fn by_syncfs(targets: &[Target], trailing_flush: bool) -> Vec<Result<(), Errno>> {
+fn by_syncfs(targets: &[Target], last: bool) -> Vec<Result<(), Errno>> {
     // Per filesystem: the syncfs (and trailing fsync) result, and the index of the target
     // whose trailing fsync failed.
     let mut devs: Vec<(u64, Result<(), Errno>, Option<usize>)> = Vec::new();
@@ -163,7 +169,7 @@ fn by_syncfs(targets: &[Target], trailing_flush: bool) -> Vec<Result<(), Errno>>
         }
         let mut r = nix::unistd::syncfs(t.fd.as_fd());
         let mut failed_flush = None;
-        if r.is_ok() && trailing_flush {
+        if r.is_ok() && last && t.kind == FsKind::NeedsFlush {
             r = fsync(&t.fd);
             if r.is_err() {
                 failed_flush = Some(i);
@@ -286,6 +292,7 @@ mod tests {
             targets.push(Target {
                 fd: Arc::new(OwnedFd::from(f)),
                 dev: Some(1),
+                kind: FsKind::NeedsFlush,
             });
         }
         for policy in [Policy::Adaptive, Policy::ParallelFsync, Policy::SerialFsync] {
@@ -309,19 +316,37 @@ mod tests {
         let mut mixed = vec![Target {
             fd: Arc::new(OwnedFd::from(sock)),
             dev: Some(2),
+            kind: FsKind::NeedsFlush,
         }];
         mixed.extend(targets.iter().take(3).map(|t| Target {
             fd: t.fd.clone(),
             dev: Some(2),
+            kind: FsKind::NeedsFlush,
         }));
         let r = by_syncfs(&mixed, true);
         assert_eq!(r[0], Err(Errno::EINVAL));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
+        // On a filesystem whose syncfs ends with a commit there is no fsync after it: the
+        // socket's answer is then its own writeback wait's (sync_file_range: ESPIPE), and
+        // the others on that filesystem are answered by theirs, not fsynced again.
+        for t in &mut mixed {
+            t.kind = FsKind::Commits;
+        }
+        let r = by_syncfs(&mixed, true);
+        assert_eq!(r[0], Err(Errno::ESPIPE));
+        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
+        // Nor before a barrier that is not the last, on either kind.
+        assert_eq!(by_syncfs(&mixed, false)[0], Err(Errno::ESPIPE));
+        for t in &mut mixed {
+            t.kind = FsKind::NeedsFlush;
+        }
+        assert_eq!(by_syncfs(&mixed, false)[0], Err(Errno::ESPIPE));
         // A descriptor that cannot be fsynced gets its own error, whatever the others do.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         targets[7] = Target {
             fd: Arc::new(OwnedFd::from(a)),
             dev: None,
+            kind: FsKind::NeedsFlush,
         };
         let mut s = Syncer::new(Policy::ParallelFsync);
         let r = s.sync(&targets);
