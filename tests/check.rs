@@ -193,32 +193,10 @@ fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
     }
     let dir = TempDir::new("check-journal");
     for (features, noted) in [("^has_journal", true), ("has_journal", false)] {
-        let img = dir.path().join(format!("{features}.img"));
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
-        let st = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-O", features])
-            .arg(&img)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mkfs.ext4 -O {features}");
-        let mnt = dir.path().join(format!("{features}.mnt"));
-        std::fs::create_dir(&mnt).unwrap();
-        let st = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        if !st.success() {
+        let Some((mnt, _mount)) = mount_ext4_image(dir.path(), features) else {
             eprintln!("skipped: cannot mount an image through a loop device");
             return;
-        }
-        let _mount = Mount(mnt.clone());
-        std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        };
         let (_, out) = check(&[
             "--listen",
             "127.0.0.1:0",
@@ -235,5 +213,55 @@ fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
             FsKind::Commits
         };
         assert_eq!(fskind::of(&root, dev), want, "{features}");
+    }
+}
+
+/// The group commit leaves the flush after a syncfs out on the journalled ext4 and makes it
+/// on the one without a journal: the agent's counts, logged when it ends, say which way each
+/// barrier went. Each image gets 6 messages, one session at a time; a message's last barrier
+/// (its new/ with its copy) is a syncfs unless the host has more than 4 MiB of dirty data,
+/// which a sync(2) before each message makes unlikely.
+#[test]
+fn the_flush_after_syncfs_is_made_only_where_syncfs_does_not_commit() {
+    if skip_unless_root("the_flush_after_syncfs_is_made_only_where_syncfs_does_not_commit") {
+        return;
+    }
+    if !std::path::Path::new("/proc/fs/jbd2").is_dir() {
+        eprintln!("skipped: no /proc/fs/jbd2 on this kernel");
+        return;
+    }
+    let dir = TempDir::new("sync-stats");
+    for (features, commits) in [("has_journal", true), ("^has_journal", false)] {
+        let Some((mnt, _mount)) = mount_ext4_image(dir.path(), features) else {
+            eprintln!("skipped: cannot mount an image through a loop device");
+            return;
+        };
+        let server = Server::start_in(&mnt, &[]);
+        for _ in 0..6 {
+            nix::unistd::sync();
+            let end = server.deliver(&["root"], &message(&token()));
+            assert!(end.starts_with("250 2.0.0"), "{features}: {end}");
+        }
+        server.signal(nix::sys::signal::Signal::SIGTERM);
+        let lines = server.log_until("event=sync_stats");
+        let stats = lines.last().unwrap();
+        let count = |key: &str| -> u64 {
+            let field = stats
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("{key} in {stats}"));
+            field.parse().unwrap()
+        };
+        let (flushed, trusted) = (count("flush_after_syncfs"), count("syncfs_commit_enough"));
+        assert!(
+            flushed + trusted >= 1,
+            "{features}: no last barrier by syncfs: {stats}"
+        );
+        if commits {
+            assert_eq!(flushed, 0, "{features}: {stats}");
+        } else {
+            assert_eq!(trusted, 0, "{features}: {stats}");
+        }
+        drop(server);
     }
 }

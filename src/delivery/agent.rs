@@ -99,6 +99,7 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     }
     store.abort_all();
     info!("delivery agent: receiver closed");
+    info!("event=sync_stats {}", store.sync_stats());
     Ok(())
 }
 

@@ -13,7 +13,9 @@
 //!   inode and directory change made before it, and waits for the commit, whose record goes
 //!   to the disk behind a cache flush (and with FUA, or a flush after it where the disk has
 //!   no FUA); it adds a flush where the commit would send none;
-//! - XFS: `xfs_fs_sync_fs` forces the log synchronously, the same for XFS's log;
+//! - XFS: `xfs_fs_sync_fs` forces the log synchronously, the same for XFS's log (a
+//!   realtime device, where files whose directory says so keep their data, is not flushed
+//!   by it, nor by the fsync of new/ that this would save: Maildirs there are not covered);
 //! - Btrfs: `btrfs_sync_fs` commits the transaction, whose superblocks are written behind a
 //!   flush of every device;
 //! - ext4 without a journal: its inodes and directory blocks live in the block device's
@@ -55,7 +57,9 @@ pub fn of(fd: impl AsFd, dev: u64) -> FsKind {
 /// Whether the ext4 on device `dev` (st_dev) runs a journal: jbd2 lists each journal it runs
 /// in /proc/fs/jbd2 as `<device>-<journal inode>`, and /sys/dev/block/MAJOR:MINOR names the
 /// device the same way. `None` when either cannot be read (no /proc or /sys, a restricted
-/// view of them, a device that is not a block device such as Btrfs's).
+/// view of them, a device that is not a block device such as Btrfs's). A journal on a
+/// device of its own is listed under that device's name alone, so such an ext4 reads as
+/// `Some(false)`: it keeps the flush, and `inboxd check` notes it as without a journal.
 pub fn ext4_journal(dev: u64) -> Option<bool> {
     let journals = std::fs::read_dir("/proc/fs/jbd2").ok()?;
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));

@@ -379,6 +379,11 @@ impl Store {
     }
 
     /// Removes the tmp files of every open transaction.
+    /// How the group commit's barriers went so far (logged when the agent ends).
+    pub fn sync_stats(&self) -> super::syncer::SyncStats {
+        self.syncer.stats()
+    }
+
     pub fn abort_all(&mut self) {
         for (_, c) in self.pending.drain() {
             discard(c);

@@ -68,16 +68,53 @@ struct Pool {
 pub struct Syncer {
     policy: Policy,
     pool: Option<Pool>,
+    stats: SyncStats,
+}
+
+/// How the barriers went since the agent started: logged when it ends, so a test or a
+/// benchmark can tell which way its batches were made durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Barriers made by fsync (one target, a fixed policy, a host with dirty data, or
+    /// directories alone).
+    pub fsync_barriers: u64,
+    /// syncfs calls, one per filesystem per barrier.
+    pub syncfs: u64,
+    /// Of those, before answers: followed by an fsync for one more flush ...
+    pub flush_after_syncfs: u64,
+    /// ... or not, on a filesystem whose syncfs ends with a commit.
+    pub syncfs_commit_enough: u64,
+}
+
+impl std::fmt::Display for SyncStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fsync_barriers={} syncfs={} flush_after_syncfs={} syncfs_commit_enough={}",
+            self.fsync_barriers, self.syncfs, self.flush_after_syncfs, self.syncfs_commit_enough
+        )
+    }
 }
 
 impl Syncer {
     pub fn new(policy: Policy) -> Syncer {
-        Syncer { policy, pool: None }
+        Syncer {
+            policy,
+            pool: None,
+            stats: SyncStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> SyncStats {
+        self.stats
     }
 
     /// Makes directories durable: always one fsync each (concurrently), never syncfs, whose
     /// error reporting cannot be asked per directory afterwards.
     pub fn sync_dirs(&mut self, targets: &[Target]) -> Vec<Result<(), Errno>> {
+        if !targets.is_empty() {
+            self.stats.fsync_barriers += 1;
+        }
         if targets.len() <= 1 {
             return targets.iter().map(|t| fsync(&t.fd)).collect();
         }
@@ -110,8 +147,9 @@ impl Syncer {
             return Vec::new();
         }
         if self.policy == Policy::Adaptive && targets.len() > 1 && little_dirty() {
-            return by_syncfs(targets, last);
+            return by_syncfs(targets, last, &mut self.stats);
         }
+        self.stats.fsync_barriers += 1;
         if self.policy == Policy::SerialFsync || targets.len() == 1 {
             return targets.iter().map(|t| fsync(&t.fd)).collect();
         }
@@ -158,7 +196,7 @@ fn fsync(fd: &OwnedFd) -> Result<(), Errno> {
 /// filesystem are fsynced one by one, so each gets its own answer; the target whose
 /// trailing fsync failed keeps that failure (found in review: an error an fsync reports is
 /// not reported to the next fsync of the same file, so asking again could answer Ok).
-fn by_syncfs(targets: &[Target], last: bool) -> Vec<Result<(), Errno>> {
+fn by_syncfs(targets: &[Target], last: bool, stats: &mut SyncStats) -> Vec<Result<(), Errno>> {
     // Per filesystem: the syncfs (and trailing fsync) result, and the index of the target
     // whose trailing fsync failed.
     let mut devs: Vec<(u64, Result<(), Errno>, Option<usize>)> = Vec::new();
@@ -168,8 +206,18 @@ fn by_syncfs(targets: &[Target], last: bool) -> Vec<Result<(), Errno>> {
             continue;
         }
         let mut r = nix::unistd::syncfs(t.fd.as_fd());
+        stats.syncfs += 1;
         let mut failed_flush = None;
-        if r.is_ok() && last && t.kind == FsKind::NeedsFlush {
+        // The flush is left out only if every target on this filesystem says its syncfs
+        // commits (they all do, or none: the kind is the filesystem's; found in review).
+        let commits = targets
+            .iter()
+            .filter(|u| u.dev == Some(dev))
+            .all(|u| u.kind == FsKind::Commits);
+        if r.is_ok() && last && commits {
+            stats.syncfs_commit_enough += 1;
+        } else if r.is_ok() && last {
+            stats.flush_after_syncfs += 1;
             r = fsync(&t.fd);
             if r.is_err() {
                 failed_flush = Some(i);
@@ -304,7 +352,7 @@ mod tests {
         }
         // The syncfs path, with and without the fsync after it, answers each target too.
         for last in [false, true] {
-            let r = by_syncfs(&targets, last);
+            let r = by_syncfs(&targets, last, &mut SyncStats::default());
             assert_eq!(r.len(), 40);
             assert!(r.iter().all(|r| r.is_ok()), "last={last}: {r:?}");
         }
@@ -323,24 +371,45 @@ mod tests {
             dev: Some(2),
             kind: FsKind::NeedsFlush,
         }));
-        let r = by_syncfs(&mixed, true);
+        let mut st = SyncStats::default();
+        let r = by_syncfs(&mixed, true, &mut st);
         assert_eq!(r[0], Err(Errno::EINVAL));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(
+            (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough),
+            (1, 1, 0)
+        );
         // On a filesystem whose syncfs ends with a commit there is no fsync after it: the
-        // socket's answer is then its own writeback wait's (sync_file_range: ESPIPE), and
-        // the others on that filesystem are answered by theirs, not fsynced again.
+        // socket's answer is then its own writeback wait's (sync_file_range: ESPIPE).
         for t in &mut mixed {
             t.kind = FsKind::Commits;
         }
-        let r = by_syncfs(&mixed, true);
+        let mut st = SyncStats::default();
+        let r = by_syncfs(&mixed, true, &mut st);
         assert_eq!(r[0], Err(Errno::ESPIPE));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        // Nor before a barrier that is not the last, on either kind.
-        assert_eq!(by_syncfs(&mixed, false)[0], Err(Errno::ESPIPE));
-        for t in &mut mixed {
-            t.kind = FsKind::NeedsFlush;
+        assert_eq!(
+            (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough),
+            (1, 0, 1)
+        );
+        // One target on that filesystem not known to commit is enough to keep the flush,
+        // whichever comes first.
+        mixed[2].kind = FsKind::NeedsFlush;
+        let mut st = SyncStats::default();
+        assert_eq!(by_syncfs(&mixed, true, &mut st)[0], Err(Errno::EINVAL));
+        assert_eq!((st.flush_after_syncfs, st.syncfs_commit_enough), (1, 0));
+        // Nor is there one before a barrier that is not the last, on either kind.
+        for kind in [FsKind::Commits, FsKind::NeedsFlush] {
+            for t in &mut mixed {
+                t.kind = kind;
+            }
+            let mut st = SyncStats::default();
+            assert_eq!(by_syncfs(&mixed, false, &mut st)[0], Err(Errno::ESPIPE));
+            assert_eq!(
+                (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough),
+                (1, 0, 0)
+            );
         }
-        assert_eq!(by_syncfs(&mixed, false)[0], Err(Errno::ESPIPE));
         // A descriptor that cannot be fsynced gets its own error, whatever the others do.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         targets[7] = Target {

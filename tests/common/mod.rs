@@ -476,6 +476,37 @@ pub fn start_system() -> (Server, TempDir) {
 }
 
 /// A filesystem the test mounted, unmounted on drop.
+/// A 32 MiB ext4 image made with `mkfs.ext4 -O features` in `dir`, mounted through a loop
+/// device at `dir/<features>.mnt` (mode 0755), or `None` where the loop mount fails.
+pub fn mount_ext4_image(dir: &Path, features: &str) -> Option<(PathBuf, Mount)> {
+    let img = dir.join(format!("{features}.img"));
+    std::fs::File::create(&img)
+        .expect("create image")
+        .set_len(32 << 20)
+        .expect("size image");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", features])
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(st.success(), "mkfs.ext4 -O {features}");
+    let mnt = dir.join(format!("{features}.mnt"));
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let st = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    if !st.success() {
+        return None;
+    }
+    let guard = Mount(mnt.clone());
+    std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    Some((mnt, guard))
+}
+
 pub struct Mount(pub PathBuf);
 
 impl Drop for Mount {
