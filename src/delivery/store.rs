@@ -378,12 +378,13 @@ impl Store {
         }
     }
 
-    /// Removes the tmp files of every open transaction.
-    /// How the group commit's barriers went so far (logged when the agent ends).
+    /// How the group commit's barriers went so far (logged when the agent's receiver
+    /// closes).
     pub fn sync_stats(&self) -> super::syncer::SyncStats {
         self.syncer.stats()
     }
 
+    /// Removes the tmp files of every open transaction.
     pub fn abort_all(&mut self) {
         for (_, c) in self.pending.drain() {
             discard(c);
