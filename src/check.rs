@@ -244,12 +244,9 @@ fn check_journals(dirs: &[PathBuf], r: &mut Report) {
             continue;
         }
         if crate::delivery::fskind::ext4_journal(m.dev()) == Some(false) {
-            let (major, minor) = (
-                nix::sys::stat::major(m.dev()),
-                nix::sys::stat::minor(m.dev()),
-            );
+            let device = crate::delivery::fskind::device_name(m.dev()).unwrap_or_default();
             r.note(format!(
-                "{} is on an ext4 without a journal (device {major}:{minor}): a power cut can lose mail already delivered there (README \"Power cut\"); a journalled filesystem keeps it",
+                "{} is on an ext4 without a journal ({device}): a power cut can lose mail already delivered there (README \"Power cut\"); a journalled filesystem keeps it",
                 dir.display()
             ));
         }

@@ -62,14 +62,20 @@ pub fn of(fd: impl AsFd, dev: u64) -> FsKind {
 /// `Some(false)`: it keeps the flush, and `inboxd check` notes it as without a journal.
 pub fn ext4_journal(dev: u64) -> Option<bool> {
     let journals = std::fs::read_dir("/proc/fs/jbd2").ok()?;
-    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let target = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
-    let device = target.file_name()?.to_string_lossy().into_owned();
+    let device = device_name(dev)?;
     Some(
         journals
             .filter_map(|e| e.ok())
             .any(|e| names_journal_of(&e.file_name().to_string_lossy(), &device)),
     )
+}
+
+/// The kernel's name of block device `dev` (`vda`, `loop3`), from the link
+/// /sys/dev/block/MAJOR:MINOR.
+pub fn device_name(dev: u64) -> Option<String> {
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let target = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
 }
 
 /// Whether a /proc/fs/jbd2 entry is the journal of `device` (`vda-8` is vda's, not vda1's).
