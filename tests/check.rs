@@ -184,19 +184,12 @@ fn broken_homes_are_problems() {
 /// devices (as root; skipped without them).
 #[test]
 fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
-    if skip_unless_root("a_maildir_root_on_an_ext4_without_a_journal_is_noted") {
+    let Some((_dir, images)) = ext4_images("a_maildir_root_on_an_ext4_without_a_journal_is_noted")
+    else {
         return;
-    }
-    if !std::path::Path::new("/proc/fs/jbd2").is_dir() {
-        eprintln!("skipped: no /proc/fs/jbd2 on this kernel");
-        return;
-    }
-    let dir = TempDir::new("check-journal");
-    for (features, noted) in [("^has_journal", true), ("has_journal", false)] {
-        let Some((mnt, _mount)) = mount_ext4_image(dir.path(), features) else {
-            eprintln!("skipped: cannot mount an image through a loop device");
-            return;
-        };
+    };
+    for (features, mnt, _mount) in &images {
+        let noted = features.starts_with('^');
         let (_, out) = check(&[
             "--listen",
             "127.0.0.1:0",
@@ -205,7 +198,7 @@ fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
         ]);
         let note = format!("note: {} is on an ext4 without a journal", mnt.display());
         assert_eq!(out.contains(&note), noted, "{features}: {out}");
-        let root = std::fs::File::open(&mnt).unwrap();
+        let root = std::fs::File::open(mnt).unwrap();
         let dev = std::os::unix::fs::MetadataExt::dev(&root.metadata().unwrap());
         let want = if noted {
             FsKind::NeedsFlush
@@ -223,21 +216,14 @@ fn a_maildir_root_on_an_ext4_without_a_journal_is_noted() {
 /// which a sync(2) before each message makes unlikely.
 #[test]
 fn the_flush_after_syncfs_is_made_only_where_syncfs_does_not_commit() {
-    if skip_unless_root("the_flush_after_syncfs_is_made_only_where_syncfs_does_not_commit") {
+    let Some((_dir, images)) =
+        ext4_images("the_flush_after_syncfs_is_made_only_where_syncfs_does_not_commit")
+    else {
         return;
-    }
-    let dir = TempDir::new("sync-stats");
-    for (features, commits) in [("has_journal", true), ("^has_journal", false)] {
-        let Some((mnt, _mount)) = mount_ext4_image(dir.path(), features) else {
-            eprintln!("skipped: cannot mount an image through a loop device");
-            return;
-        };
-        // Looked at once a journalled ext4 is mounted (jbd2 may be a module loaded then).
-        if !std::path::Path::new("/proc/fs/jbd2").is_dir() {
-            eprintln!("skipped: no /proc/fs/jbd2 on this kernel");
-            return;
-        }
-        let server = Server::start_in(&mnt, &[]);
+    };
+    for (features, mnt, _mount) in &images {
+        let commits = !features.starts_with('^');
+        let server = Server::start_in(mnt, &[]);
         for _ in 0..6 {
             nix::unistd::sync();
             let end = server.deliver(&["root"], &message(&token()));
@@ -265,4 +251,32 @@ fn the_flush_after_syncfs_is_made_only_where_syncfs_does_not_commit() {
         }
         drop(server);
     }
+}
+
+/// An image's mkfs features, its mount point, and the guard that unmounts it.
+type Image = (&'static str, std::path::PathBuf, Mount);
+
+/// For `test`: two ext4 images mounted through loop devices, one without a journal
+/// (`^has_journal`) and one with (`has_journal`), or `None` (said on stderr) when not run as
+/// root, where they cannot be mounted or
+/// this kernel lists no journals in /proc/fs/jbd2 (looked at once a journalled ext4 is
+/// mounted: jbd2 may be a module that mount loads).
+fn ext4_images(test: &str) -> Option<(TempDir, Vec<Image>)> {
+    if skip_unless_root(test) {
+        return None;
+    }
+    let dir = TempDir::new("ext4-images");
+    let mut images = Vec::new();
+    for features in ["^has_journal", "has_journal"] {
+        let Some((mnt, mount)) = mount_ext4_image(dir.path(), features) else {
+            eprintln!("skipped: cannot mount an image through a loop device");
+            return None;
+        };
+        images.push((features, mnt, mount));
+    }
+    if !std::path::Path::new("/proc/fs/jbd2").is_dir() {
+        eprintln!("skipped: no /proc/fs/jbd2 on this kernel");
+        return None;
+    }
+    Some((dir, images))
 }

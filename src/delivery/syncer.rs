@@ -329,6 +329,11 @@ mod tests {
         assert_eq!(dirty_bytes("Dirty: x kB\nWriteback: 0 kB\n"), None);
     }
 
+    /// (syncfs calls, flushes after them, syncfs calls trusted to commit)
+    fn counts(st: &SyncStats) -> (u64, u64, u64) {
+        (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough)
+    }
+
     #[test]
     fn every_policy_answers_each_target_in_order() {
         let dir = std::env::temp_dir().join(format!("inboxd-syncer-{}", std::process::id()));
@@ -375,10 +380,7 @@ mod tests {
         let r = by_syncfs(&mixed, true, &mut st);
         assert_eq!(r[0], Err(Errno::EINVAL));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(
-            (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough),
-            (1, 1, 0)
-        );
+        assert_eq!(counts(&st), (1, 1, 0));
         // On a filesystem whose syncfs ends with a commit there is no fsync after it: the
         // socket's answer is then its own writeback wait's (sync_file_range: ESPIPE).
         for t in &mut mixed {
@@ -388,10 +390,7 @@ mod tests {
         let r = by_syncfs(&mixed, true, &mut st);
         assert_eq!(r[0], Err(Errno::ESPIPE));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(
-            (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough),
-            (1, 0, 1)
-        );
+        assert_eq!(counts(&st), (1, 0, 1));
         // One target on that filesystem not known to commit is enough to keep the flush,
         // whichever comes first.
         mixed[2].kind = FsKind::NeedsFlush;
@@ -405,10 +404,7 @@ mod tests {
             }
             let mut st = SyncStats::default();
             assert_eq!(by_syncfs(&mixed, false, &mut st)[0], Err(Errno::ESPIPE));
-            assert_eq!(
-                (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough),
-                (1, 0, 0)
-            );
+            assert_eq!(counts(&st), (1, 0, 0));
         }
         // A descriptor that cannot be fsynced gets its own error, whatever the others do.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
