@@ -35,7 +35,10 @@ def main():
         by = {t: [r for r in g if r["target"] == t] for t in ("inboxd", "postfix", "dovecot-lmtp")}
         rate = {t: med(v, "msgs_per_s") for t, v in by.items()}
         cpu = {t: med(v, "server_cpu_ms_per_msg") for t, v in by.items()}
-        snk = med([r for r in sink if int(r["sessions"]) == s], "msgs_per_s")
+        # smtp-sink driven by smtpload, the load generator that drives the servers (the
+        # smtp-source runs beside them are for reference only: a different client).
+        snk = med([r for r in sink if int(r["sessions"]) == s
+                   and r.get("driver", "smtpload") == "smtpload"], "msgs_per_s")
 
         def ratio(a, b):
             return "%.2f" % (a / b) if a and b else "-"
