@@ -105,6 +105,7 @@ impl Syncer {
         }
     }
 
+    /// The counts so far.
     pub fn stats(&self) -> SyncStats {
         self.stats
     }
@@ -192,10 +193,11 @@ fn fsync(fd: &OwnedFd) -> Result<(), Errno> {
 }
 
 /// One syncfs per filesystem in the batch, and with `last` an fsync of one of its targets
-/// after it where the filesystem needs that flush (see [`Syncer::sync_last`]). If either fails, the files on that
-/// filesystem are fsynced one by one, so each gets its own answer; the target whose
-/// trailing fsync failed keeps that failure (found in review: an error an fsync reports is
-/// not reported to the next fsync of the same file, so asking again could answer Ok).
+/// after it where the filesystem needs that flush (see [`Syncer::sync_last`]). If either
+/// fails, the files on that filesystem are fsynced one by one, so each gets its own answer;
+/// the target whose trailing fsync failed keeps that failure (found in review: an error an
+/// fsync reports is not reported to the next fsync of the same file, so asking again could
+/// answer Ok).
 fn by_syncfs(targets: &[Target], last: bool, stats: &mut SyncStats) -> Vec<Result<(), Errno>> {
     // Per filesystem: the syncfs (and trailing fsync) result, and the index of the target
     // whose trailing fsync failed.
@@ -208,19 +210,21 @@ fn by_syncfs(targets: &[Target], last: bool, stats: &mut SyncStats) -> Vec<Resul
         let mut r = nix::unistd::syncfs(t.fd.as_fd());
         stats.syncfs += 1;
         let mut failed_flush = None;
-        // The flush is left out only if every target on this filesystem says its syncfs
-        // commits (they all do, or none: the kind is the filesystem's; found in review).
-        let commits = targets
-            .iter()
-            .filter(|u| u.dev == Some(dev))
-            .all(|u| u.kind == FsKind::Commits);
-        if r.is_ok() && last && commits {
-            stats.syncfs_commit_enough += 1;
-        } else if r.is_ok() && last {
-            stats.flush_after_syncfs += 1;
-            r = fsync(&t.fd);
-            if r.is_err() {
-                failed_flush = Some(i);
+        if r.is_ok() && last {
+            // The flush is left out only if every target on this filesystem says its syncfs
+            // commits (they all do, or none: the kind is the filesystem's; found in review).
+            let commits = targets
+                .iter()
+                .filter(|u| u.dev == Some(dev))
+                .all(|u| u.kind == FsKind::Commits);
+            if commits {
+                stats.syncfs_commit_enough += 1;
+            } else {
+                stats.flush_after_syncfs += 1;
+                r = fsync(&t.fd);
+                if r.is_err() {
+                    failed_flush = Some(i);
+                }
             }
         }
         if let Err(e) = r {
