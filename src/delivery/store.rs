@@ -174,7 +174,7 @@ impl Store {
         let new_key = maildir.new_dir_key();
         let kind = match new_key {
             Some((dev, _)) => fskind::of(maildir.new_fd().as_fd(), dev),
-            None => FsKind::NeedsFlush,
+            None => FsKind::FsyncOnly,
         };
         if self
             .cleaned
@@ -502,7 +502,7 @@ impl Store {
         // with them every linked copy, whose new link count an fsync of new/ does not
         // promise to write (one syncfs covers both where the syncer chooses it, followed by
         // one more flush where that filesystem's syncfs does not end with a commit:
-        // `Syncer::sync_last`, `fskind`). A directory whose identity is unknown is
+        // `Syncer::sync`, `fskind`). A directory whose identity is unknown is
         // synced on its own.
         let mut dirs: Vec<(DirKey, Arc<Maildir>, FsKind)> = Vec::new();
         for (_, copies, _) in &published {
@@ -550,7 +550,7 @@ impl Store {
         let mut together_results = if together.is_empty() {
             Vec::new()
         } else {
-            self.syncer.sync_last(&together)
+            self.syncer.sync(&together)
         };
         let mut linked_results = together_results
             .split_off(with_links.len().min(together_results.len()))

@@ -10,13 +10,17 @@
 //!   everybody's dirty data (measured: 40 files/s beside a streaming writer) and push it out
 //!   early.
 //!
-//! After a syncfs, each file still asks for its own writeback error (sync_file_range), since
-//! syncfs reports an error only to its first caller. Directories are fsynced ([`Syncer::sync_dirs`]),
-//! except where the store passes a new/ directory to [`Syncer::sync_last`] with the copies
-//! just linked into it, on their filesystem: the syncfs that writes their link counts writes
-//! it too, an fsync after it flushes the disk's cache once more where the filesystem's
-//! syncfs does not end with a commit (see `sync_last` and `fskind`), and a failure of either
-//! falls back to an fsync of each.
+//! syncfs is used only on filesystems whose syncfs writes every change ([`FsKind`]: ext4, XFS,
+//! Btrfs); files and directories anywhere else get an fsync each. Where that filesystem's
+//! syncfs does not end with a commit (ext4 without a journal), every syncfs is followed by an
+//! fsync, which flushes the disk's cache once more after every write the syncfs made: for the
+//! first barrier too, or a directory block that something else writes before the last
+//! barrier could reach the disk before the file's inode (found in review). After a syncfs,
+//! each file still asks for its own writeback error (sync_file_range), since syncfs reports an
+//! error only to its first caller. Directories are fsynced ([`Syncer::sync_dirs`]), except
+//! where the store passes a new/ directory to [`Syncer::sync`] with the copies just linked
+//! into it, on their filesystem: the syncfs that writes their link counts writes it too, and
+//! a failure falls back to an fsync of each.
 //!
 //! It must not decide what is made durable or in what order: the store calls it for the files
 //! of a batch, then links or renames them, then calls it for the new/ directories. The pool's threads only
@@ -80,7 +84,7 @@ pub struct SyncStats {
     pub fsync_barriers: u64,
     /// syncfs calls, one per filesystem per barrier.
     pub syncfs: u64,
-    /// Of those, before answers: followed by an fsync for one more flush ...
+    /// Of those: followed by an fsync for one more flush ...
     pub flush_after_syncfs: u64,
     /// ... or not, on a filesystem whose syncfs ends with a commit.
     pub syncfs_commit_enough: u64,
@@ -122,39 +126,105 @@ impl Syncer {
         self.parallel_fsync(targets)
     }
 
-    /// Makes every target durable; one result per target, in order. For a barrier that
-    /// comes before writes that depend on it (the store's first one: files, then links).
+    /// Makes every target durable; one result per target, in order.
     pub fn sync(&mut self, targets: &[Target]) -> Vec<Result<(), Errno>> {
-        self.sync_as(targets, false)
-    }
-
-    /// Like [`Syncer::sync`], for the barrier after which answers go out: where a syncfs
-    /// was used on a filesystem whose syncfs does not end with a commit ([`FsKind`]), it is
-    /// followed by an fsync, so that the disk's cache is flushed once more after every write
-    /// the syncfs made. The kernel's syncfs (sync_filesystem in
-    /// fs/sync.c) asks the filesystem to flush (->sync_fs) before it waits on the block
-    /// device's own buffers, some of them written only after that flush; a filesystem
-    /// that keeps metadata there (ext4 without a journal: inodes, directory blocks) can
-    /// then return from syncfs with a new link count or directory entry still in a
-    /// volatile cache. Read in the kernel's source, not seen: `reliability/power-cut`
-    /// found no such loss at an exact cut, and cannot show a flush overtaking a write in
-    /// flight (its disk takes one request at a time).
-    pub fn sync_last(&mut self, targets: &[Target]) -> Vec<Result<(), Errno>> {
-        self.sync_as(targets, true)
-    }
-
-    fn sync_as(&mut self, targets: &[Target], last: bool) -> Vec<Result<(), Errno>> {
         if targets.is_empty() {
             return Vec::new();
         }
-        if self.policy == Policy::Adaptive && targets.len() > 1 && little_dirty() {
-            return by_syncfs(targets, last, &mut self.stats);
+        let by_syncfs = targets.iter().filter(|t| syncfs_covers(t)).count();
+        if self.policy == Policy::Adaptive && by_syncfs > 1 && little_dirty() {
+            return self.by_syncfs(targets);
         }
         self.stats.fsync_barriers += 1;
         if self.policy == Policy::SerialFsync || targets.len() == 1 {
             return targets.iter().map(|t| fsync(&t.fd)).collect();
         }
         self.parallel_fsync(targets)
+    }
+
+    /// One syncfs per filesystem whose syncfs writes every change, followed by an fsync of
+    /// one of its targets where that filesystem's syncfs does not end with a commit (the
+    /// kernel's syncfs, sync_filesystem in fs/sync.c, asks the filesystem to flush, through
+    /// ->sync_fs, before it writes the block device's own buffers, where ext4 without a
+    /// journal keeps inodes and directory blocks; read in the kernel's source, not seen:
+    /// `reliability/power-cut` found no loss at an exact cut, and cannot show a flush
+    /// overtaking a write in flight). If either fails, the files on that filesystem are
+    /// fsynced one by one, so each gets its own answer; the target whose trailing fsync
+    /// failed keeps that failure (found in review: an error an fsync reports is not reported
+    /// to the next fsync of the same file, so asking again could answer Ok). Targets on any
+    /// other filesystem, or on an unknown one, are fsynced.
+    fn by_syncfs(&mut self, targets: &[Target]) -> Vec<Result<(), Errno>> {
+        // Per filesystem: the syncfs (and trailing fsync) result, and the index of the target
+        // whose trailing fsync failed.
+        let mut devs: Vec<(u64, Result<(), Errno>, Option<usize>)> = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let Some(dev) = t.dev.filter(|_| syncfs_covers(t)) else {
+                continue;
+            };
+            if devs.iter().any(|(d, _, _)| *d == dev) {
+                continue;
+            }
+            let mut r = nix::unistd::syncfs(t.fd.as_fd());
+            self.stats.syncfs += 1;
+            let mut failed_flush = None;
+            if r.is_ok() {
+                // The flush is left out only if every target on this filesystem says its
+                // syncfs commits (they all do, or none: the kind is the filesystem's; found in
+                // review).
+                let commits = targets
+                    .iter()
+                    .filter(|u| u.dev == Some(dev) && syncfs_covers(u))
+                    .all(|u| u.kind == FsKind::Commits);
+                if commits {
+                    self.stats.syncfs_commit_enough += 1;
+                } else {
+                    self.stats.flush_after_syncfs += 1;
+                    r = fsync(&t.fd);
+                    if r.is_err() {
+                        failed_flush = Some(i);
+                    }
+                }
+            }
+            if let Err(e) = r {
+                warn!("syncfs (or the fsync after it) failed ({e}); fsyncing each file instead");
+            }
+            devs.push((dev, r, failed_flush));
+        }
+        let mut results: Vec<Option<Result<(), Errno>>> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let dev = t.dev.filter(|_| syncfs_covers(t))?;
+                match devs.iter().find(|(d, _, _)| *d == dev) {
+                    // syncfs reports a writeback error once, to whoever asks first (an earlier
+                    // batch, say), so each file asks for its own (found in review, reproduced
+                    // on a failing loop device): waiting on its writeback says whether its
+                    // data made it.
+                    Some((_, Ok(()), _)) => Some(crate::sys::wait_for_writeback(t.fd.as_fd())),
+                    Some((_, Err(e), Some(j))) if *j == i => Some(Err(*e)),
+                    _ => None,
+                }
+            })
+            .collect();
+        // Everything else: an fsync each, at once.
+        let rest: Vec<usize> = (0..targets.len())
+            .filter(|&i| results[i].is_none())
+            .collect();
+        if !rest.is_empty() {
+            let rest_targets: Vec<Target> = rest.iter().map(|&i| targets[i].clone()).collect();
+            let done = if rest_targets.len() == 1 {
+                vec![fsync(&rest_targets[0].fd)]
+            } else {
+                self.parallel_fsync(&rest_targets)
+            };
+            for (&i, r) in rest.iter().zip(done) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Errno::EIO)))
+            .collect()
     }
 
     fn parallel_fsync(&mut self, targets: &[Target]) -> Vec<Result<(), Errno>> {
@@ -192,60 +262,9 @@ fn fsync(fd: &OwnedFd) -> Result<(), Errno> {
     nix::unistd::fsync(fd.as_fd())
 }
 
-/// One syncfs per filesystem in the batch, and with `last` an fsync of one of its targets
-/// after it where the filesystem needs that flush (see [`Syncer::sync_last`]). If either
-/// fails, the files on that filesystem are fsynced one by one, so each gets its own answer;
-/// the target whose trailing fsync failed keeps that failure (found in review: an error an
-/// fsync reports is not reported to the next fsync of the same file, so asking again could
-/// answer Ok).
-fn by_syncfs(targets: &[Target], last: bool, stats: &mut SyncStats) -> Vec<Result<(), Errno>> {
-    // Per filesystem: the syncfs (and trailing fsync) result, and the index of the target
-    // whose trailing fsync failed.
-    let mut devs: Vec<(u64, Result<(), Errno>, Option<usize>)> = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
-        let Some(dev) = t.dev else { continue };
-        if devs.iter().any(|(d, _, _)| *d == dev) {
-            continue;
-        }
-        let mut r = nix::unistd::syncfs(t.fd.as_fd());
-        stats.syncfs += 1;
-        let mut failed_flush = None;
-        if r.is_ok() && last {
-            // The flush is left out only if every target on this filesystem says its syncfs
-            // commits (they all do, or none: the kind is the filesystem's; found in review).
-            let commits = targets
-                .iter()
-                .filter(|u| u.dev == Some(dev))
-                .all(|u| u.kind == FsKind::Commits);
-            if commits {
-                stats.syncfs_commit_enough += 1;
-            } else {
-                stats.flush_after_syncfs += 1;
-                r = fsync(&t.fd);
-                if r.is_err() {
-                    failed_flush = Some(i);
-                }
-            }
-        }
-        if let Err(e) = r {
-            warn!("syncfs (or the fsync after it) failed ({e}); fsyncing each file instead");
-        }
-        devs.push((dev, r, failed_flush));
-    }
-    targets
-        .iter()
-        .enumerate()
-        .map(
-            |(i, t)| match devs.iter().find(|(d, _, _)| Some(*d) == t.dev) {
-                // syncfs reports a writeback error once, to whoever asks first (an earlier
-                // batch, say), so each file asks for its own (found in review, reproduced on a
-                // failing loop device): waiting on its writeback says whether its data made it.
-                Some((_, Ok(()), _)) => crate::sys::wait_for_writeback(t.fd.as_fd()),
-                Some((_, Err(e), Some(j))) if *j == i => Err(*e),
-                _ => fsync(&t.fd),
-            },
-        )
-        .collect()
+/// Whether a syncfs of the target's filesystem writes the target's changes.
+fn syncfs_covers(t: &Target) -> bool {
+    t.dev.is_some() && t.kind.syncfs_writes_all()
 }
 
 /// Whether the host's dirty and under-writeback page cache is small enough that syncfs costs
@@ -354,17 +373,16 @@ mod tests {
         }
         for policy in [Policy::Adaptive, Policy::ParallelFsync, Policy::SerialFsync] {
             let mut s = Syncer::new(policy);
-            for r in [s.sync(&targets), s.sync_last(&targets)] {
-                assert_eq!(r.len(), 40);
-                assert!(r.iter().all(|r| r.is_ok()), "{policy:?}: {r:?}");
-            }
-        }
-        // The syncfs path, with and without the fsync after it, answers each target too.
-        for last in [false, true] {
-            let r = by_syncfs(&targets, last, &mut SyncStats::default());
+            let r = s.sync(&targets);
             assert_eq!(r.len(), 40);
-            assert!(r.iter().all(|r| r.is_ok()), "last={last}: {r:?}");
+            assert!(r.iter().all(|r| r.is_ok()), "{policy:?}: {r:?}");
         }
+        // The syncfs path answers each target too.
+        let mut s = Syncer::new(Policy::Adaptive);
+        let r = s.by_syncfs(&targets);
+        assert_eq!(r.len(), 40);
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(counts(&s.stats()), (1, 1, 0));
         // A trailing fsync that fails (a socket: syncfs of its filesystem works, fsync is
         // EINVAL) fails that target, and the others on its "filesystem" are fsynced one by
         // one. (That the failure is kept rather than asked again cannot be told apart here:
@@ -380,36 +398,45 @@ mod tests {
             dev: Some(2),
             kind: FsKind::NeedsFlush,
         }));
-        let mut st = SyncStats::default();
-        let r = by_syncfs(&mixed, true, &mut st);
+        let mut s = Syncer::new(Policy::Adaptive);
+        let r = s.by_syncfs(&mixed);
         assert_eq!(r[0], Err(Errno::EINVAL));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(counts(&st), (1, 1, 0));
+        assert_eq!(counts(&s.stats()), (1, 1, 0));
         // On a filesystem whose syncfs ends with a commit there is no fsync after it: the
         // socket's answer is then its own writeback wait's (sync_file_range: ESPIPE).
         for t in &mut mixed {
             t.kind = FsKind::Commits;
         }
-        let mut st = SyncStats::default();
-        let r = by_syncfs(&mixed, true, &mut st);
+        let mut s = Syncer::new(Policy::Adaptive);
+        let r = s.by_syncfs(&mixed);
         assert_eq!(r[0], Err(Errno::ESPIPE));
         assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(counts(&st), (1, 0, 1));
+        assert_eq!(counts(&s.stats()), (1, 0, 1));
         // One target on that filesystem not known to commit is enough to keep the flush,
         // whichever comes first.
         mixed[2].kind = FsKind::NeedsFlush;
-        let mut st = SyncStats::default();
-        assert_eq!(by_syncfs(&mixed, true, &mut st)[0], Err(Errno::EINVAL));
-        assert_eq!((st.flush_after_syncfs, st.syncfs_commit_enough), (1, 0));
-        // Nor is there one before a barrier that is not the last, on either kind.
-        for kind in [FsKind::Commits, FsKind::NeedsFlush] {
-            for t in &mut mixed {
-                t.kind = kind;
-            }
-            let mut st = SyncStats::default();
-            assert_eq!(by_syncfs(&mixed, false, &mut st)[0], Err(Errno::ESPIPE));
-            assert_eq!(counts(&st), (1, 0, 0));
+        let mut s = Syncer::new(Policy::Adaptive);
+        assert_eq!(s.by_syncfs(&mixed)[0], Err(Errno::EINVAL));
+        assert_eq!(counts(&s.stats()), (1, 1, 0));
+        // On a filesystem whose syncfs is not trusted (FUSE, say) there is no syncfs at all:
+        // each target is fsynced (the socket: EINVAL), and the others are answered too.
+        for t in &mut mixed {
+            t.kind = FsKind::FsyncOnly;
         }
+        let mut s = Syncer::new(Policy::Adaptive);
+        let r = s.by_syncfs(&mixed);
+        assert_eq!(r[0], Err(Errno::EINVAL));
+        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(counts(&s.stats()), (0, 0, 0));
+        // Mixed in one batch: syncfs for the trusted filesystem's targets only.
+        mixed[1].kind = FsKind::Commits;
+        mixed[2].kind = FsKind::Commits;
+        let mut s = Syncer::new(Policy::Adaptive);
+        let r = s.by_syncfs(&mixed);
+        assert_eq!(r[0], Err(Errno::EINVAL));
+        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(counts(&s.stats()), (1, 0, 1));
         // A descriptor that cannot be fsynced gets its own error, whatever the others do.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         targets[7] = Target {
