@@ -537,7 +537,6 @@ mod tests {
             recipients: (0..accounts)
                 .map(|i| Recipient {
                     forward_path: ForwardPath::Postmaster(format!("p{i}")),
-                    accounts: vec![format!("user{i}")],
                 })
                 .collect(),
             body: None,
@@ -548,6 +547,7 @@ mod tests {
                 local: "192.0.2.2".parse().unwrap(),
             },
             size: 0,
+            accounts: (0..accounts).map(|i| format!("user{i}")).collect(),
         }
     }
 

@@ -461,11 +461,14 @@ impl Server {
                     c.id
                 );
                 c.waiting_since = None;
-                c.session.delivery_outcome(Err(Reply::new(
-                    451,
-                    "4.3.0",
-                    "Local delivery timed out, try again later",
-                )));
+                c.session.delivery_outcome(
+                    Err(Reply::new(
+                        451,
+                        "4.3.0",
+                        "Local delivery timed out, try again later",
+                    )),
+                    now,
+                );
                 let id = c.id;
                 self.delivery.abort(id);
             } else {
@@ -592,7 +595,7 @@ impl Server {
                         RcptVerdict::TemporaryFailure
                     }
                 };
-                c.session.recipient_verdict(verdict);
+                c.session.recipient_verdict(verdict, Instant::now());
             }
             Event::DataStart(tx) => {
                 let id = format!("{}{:X}.{}", self.id_prefix, c.id, tx.number);
@@ -634,7 +637,7 @@ impl Server {
                 );
             }
             if id == current.id {
-                current.session.delivery_outcome(outcome);
+                current.session.delivery_outcome(outcome, Instant::now());
             } else {
                 self.parked.push((id, outcome));
             }
@@ -656,7 +659,7 @@ impl Server {
         for (id, outcome) in std::mem::take(&mut self.parked) {
             let token = Token(id as usize);
             if let Some(c) = self.conns.get_mut(&token) {
-                c.session.delivery_outcome(outcome);
+                c.session.delivery_outcome(outcome, Instant::now());
                 self.drive(token, buf);
             }
         }

@@ -294,8 +294,9 @@ fn check_transaction(tx: &Transaction) {
         if let ForwardPath::Mailbox(m) = &r.forward_path {
             check_mailbox(m);
         }
-        assert!(!r.accounts.is_empty(), "a recipient without accounts");
     }
+    assert!(!tx.accounts.is_empty(), "a transaction without accounts");
+    assert!(tx.accounts.len() <= crate::smtp::session::MAX_ACCOUNTS);
     // The trace fields built from it hold only printable ASCII and tabs, and every line after
     // the first of a field is a continuation: nothing the client sent can start a header.
     let header = Trace::new(tx, "mx.test", "ID", 0).for_account("alice", "mx.test");
@@ -361,21 +362,27 @@ pub fn session(data: &[u8]) {
             b'A' | b'N' | b'F' | b'U' if pending_rcpt => {
                 hold = false;
                 pending_rcpt = false;
-                s.recipient_verdict(match op {
-                    b'A' => RcptVerdict::Accept(vec!["alice".into()]),
-                    b'N' => RcptVerdict::NoSuchUser,
-                    b'F' => RcptVerdict::TemporaryFailure,
-                    _ => RcptVerdict::Uid0Refused,
-                });
+                s.recipient_verdict(
+                    match op {
+                        b'A' => RcptVerdict::Accept(vec!["alice".into()]),
+                        b'N' => RcptVerdict::NoSuchUser,
+                        b'F' => RcptVerdict::TemporaryFailure,
+                        _ => RcptVerdict::Uid0Refused,
+                    },
+                    now,
+                );
             }
             b'D' | b'E' if pending_delivery => {
                 hold = false;
                 pending_delivery = false;
-                s.delivery_outcome(if op == b'D' {
-                    Ok(())
-                } else {
-                    Err(Reply::new(452, "4.3.1", "Insufficient system storage"))
-                });
+                s.delivery_outcome(
+                    if op == b'D' {
+                        Ok(())
+                    } else {
+                        Err(Reply::new(452, "4.3.1", "Insufficient system storage"))
+                    },
+                    now,
+                );
             }
             b'A' | b'N' | b'F' | b'U' | b'D' | b'E' => {}
             b'H' => hold = true,
@@ -422,7 +429,7 @@ pub fn session(data: &[u8]) {
                         check_transaction(&tx);
                         assert!(
                             data_bytes as u64 <= tx.size,
-                            "more data decoded than received"
+                            "more data decoded than counted"
                         );
                         in_data = false;
                         pending_delivery = true;
@@ -443,10 +450,10 @@ pub fn session(data: &[u8]) {
             }
             if pending_rcpt {
                 pending_rcpt = false;
-                s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+                s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]), now);
             } else {
                 pending_delivery = false;
-                s.delivery_outcome(Ok(()));
+                s.delivery_outcome(Ok(()), now);
             }
         }
         assert_eq!(closed, s.is_closed(), "Close event and state disagree");

@@ -63,11 +63,11 @@ pub struct Peer {
     pub local: IpAddr,
 }
 
-/// One accepted forward-path and the accounts it resolved to (an alias may name several).
+/// One accepted forward-path (the accounts it resolved to are in
+/// [`Transaction::accounts`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recipient {
     pub forward_path: ForwardPath,
-    pub accounts: Vec<String>,
 }
 
 /// A mail transaction (RFC 5321 3.3): reverse-path, forward-paths, and what the trace fields
@@ -82,20 +82,37 @@ pub struct Transaction {
     pub helo: String,
     pub esmtp: bool,
     pub peer: Peer,
-    /// Octets of mail data received, as sent (CRLF, dot-stuffed).
+    /// The message's size as RFC 1870 counts it (section 4): CRLF line ends, without the
+    /// dots of dot-stuffing and without the final dot.
     pub size: u64,
+    /// Every account the accepted forward-paths resolved to, each once, in first-seen order
+    /// (at most [`MAX_ACCOUNTS`]). Kept as recipients are accepted, not rebuilt per RCPT:
+    /// a client naming a large alias again and again must cost a pass over this list, not
+    /// over every earlier recipient's accounts (found in review: quadratic, and an account
+    /// list held per forward-path).
+    pub accounts: Vec<String>,
 }
 
 impl Transaction {
     /// Every account this transaction delivers to, each once, in first-seen order.
     pub fn accounts(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for a in self.recipients.iter().flat_map(|r| r.accounts.iter()) {
-            if !out.contains(a) {
-                out.push(a.clone());
+        self.accounts.clone()
+    }
+
+    /// Whether adding `accounts` would take the transaction over [`MAX_ACCOUNTS`]. Stops at
+    /// the first account over the limit, so a huge alias costs at most that many lookups in
+    /// a set and comparisons with the (bounded) accounts already held.
+    fn over_limit_with(&self, accounts: &[String]) -> bool {
+        let mut new = std::collections::HashSet::new();
+        for a in accounts {
+            if !self.accounts.contains(a)
+                && new.insert(a.as_str())
+                && self.accounts.len() + new.len() > MAX_ACCOUNTS
+            {
+                return true;
             }
         }
-        out
+        false
     }
 }
 
@@ -175,6 +192,9 @@ pub struct Session {
     deadline: Option<Instant>,
     /// The client closed its sending side.
     peer_eof: bool,
+    /// The server is shutting down while a lookup or delivery is outstanding: its answer
+    /// goes out first, then the 421.
+    shutdown_pending: bool,
 }
 
 impl Session {
@@ -196,6 +216,7 @@ impl Session {
             errors: 0,
             deadline: None,
             peer_eof: false,
+            shutdown_pending: false,
         };
         let greeting = format!("{} ESMTP inboxd ready", s.config.hostname);
         s.reply(Reply::plain(220, vec![greeting]));
@@ -244,7 +265,10 @@ impl Session {
 
     /// Ends the session with 421 if its deadline has passed (RFC 5321 4.5.3.2).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.is_closed() {
+        // While a lookup or delivery is outstanding the client is not the one being waited
+        // for (RFC 5321 4.5.3.2.7 times the wait for its next command); the server bounds
+        // that wait, and the answer starts the command timeout afresh.
+        if self.is_closed() || self.is_waiting() {
             return;
         }
         if self.deadline.is_some_and(|d| now >= d) {
@@ -259,8 +283,15 @@ impl Session {
     }
 
     /// Tells the session that the server is shutting down: 421 and close (RFC 5321 3.8).
+    /// A session waiting for its delivery's outcome (or a lookup) gets that answer first:
+    /// a commit already sent to the agent completes, and a 421 in its place would make the
+    /// client send the message again (found in review).
     pub fn shutdown(&mut self) {
         if matches!(self.phase, Phase::Closed) {
+            return;
+        }
+        if self.is_waiting() {
+            self.shutdown_pending = true;
             return;
         }
         self.abort_data();
@@ -325,8 +356,9 @@ impl Session {
         matches!(self.phase, Phase::AwaitRecipient(_) | Phase::AwaitDelivery)
     }
 
-    /// The answer to the outstanding [`Event::RecipientToCheck`]. Ignored if none is.
-    pub fn recipient_verdict(&mut self, verdict: RcptVerdict) {
+    /// The answer to the outstanding [`Event::RecipientToCheck`], at `now`. Ignored if none
+    /// is.
+    pub fn recipient_verdict(&mut self, verdict: RcptVerdict, now: Instant) {
         let Phase::AwaitRecipient(_) = self.phase else {
             return;
         };
@@ -342,10 +374,12 @@ impl Session {
             }
             RcptVerdict::Accept(accounts) if !accounts.is_empty() => {
                 if let Some(tx) = self.tx.as_mut() {
-                    tx.recipients.push(Recipient {
-                        forward_path,
-                        accounts,
-                    });
+                    tx.recipients.push(Recipient { forward_path });
+                    for a in accounts {
+                        if !tx.accounts.contains(&a) {
+                            tx.accounts.push(a);
+                        }
+                    }
                 }
                 Reply::new(250, "2.1.5", "Recipient OK")
             }
@@ -365,15 +399,31 @@ impl Session {
             ),
         };
         self.reply(r);
-        self.process();
+        // The wait for the client's next command starts now (found in review: a slow lookup
+        // or commit left the deadline set at the command that started it, so the answer
+        // could be followed at once by a 421 timeout).
+        self.touch(now);
+        self.after_answer();
     }
 
-    /// The answer to the outstanding [`Event::EndOfData`]. Ignored if none is.
-    pub fn delivery_outcome(&mut self, outcome: DeliveryOutcome) {
+    /// Goes on after a lookup's or a delivery's answer: with the client's next commands,
+    /// or, if the server began shutting down meanwhile, with the 421.
+    fn after_answer(&mut self) {
+        if self.shutdown_pending {
+            self.shutdown_pending = false;
+            self.shutdown();
+        } else {
+            self.process();
+        }
+    }
+
+    /// The answer to the outstanding [`Event::EndOfData`], at `now`. Ignored if none is.
+    pub fn delivery_outcome(&mut self, outcome: DeliveryOutcome, now: Instant) {
         let Phase::AwaitDelivery = self.phase else {
             return;
         };
         self.phase = Phase::Command;
+        self.touch(now);
         let number = self.tx.as_ref().map_or(0, |t| t.number);
         self.tx = None;
         let r = match outcome {
@@ -381,23 +431,16 @@ impl Session {
             Err(r) => r,
         };
         self.reply(r);
-        self.process();
+        self.after_answer();
     }
 
     // ---- internals ----
 
     /// Whether adding `accounts` would take the transaction over [`MAX_ACCOUNTS`].
     fn too_many(&self, accounts: &[String]) -> bool {
-        let Some(tx) = self.tx.as_ref() else {
-            return false;
-        };
-        let mut all = tx.accounts();
-        for a in accounts {
-            if !all.contains(a) {
-                all.push(a.clone());
-            }
-        }
-        all.len() > MAX_ACCOUNTS
+        self.tx
+            .as_ref()
+            .is_some_and(|tx| tx.over_limit_with(accounts))
     }
 
     fn touch(&mut self, now: Instant) {
@@ -607,6 +650,7 @@ impl Session {
             esmtp,
             peer: self.peer,
             size: 0,
+            accounts: Vec::new(),
         });
         self.reply(Reply::new(250, "2.1.0", "Sender OK"));
     }
@@ -643,6 +687,15 @@ impl Session {
                 m.local_part.clone()
             }
         };
+        // The same forward-path again (RFC 5321 allows it): its accounts are already in the
+        // transaction, so it is not looked up again; a client repeating a large alias costs
+        // one comparison per recipient, not one expansion (found in review).
+        if let Some(tx) = self.tx.as_mut() {
+            if tx.recipients.iter().any(|r| r.forward_path == path) {
+                tx.recipients.push(Recipient { forward_path: path });
+                return self.reply(Reply::new(250, "2.1.5", "Recipient OK"));
+            }
+        }
         self.phase = Phase::AwaitRecipient(path);
         self.events
             .push_back(Event::RecipientToCheck { local_part });
@@ -705,7 +758,11 @@ impl Session {
         let mut chunk = Vec::with_capacity(pending.len());
         let (used, end) = st.decoder.feed(pending, &mut chunk);
         self.consumed += used;
-        tx.size += used as u64;
+        // The decoded data has LF line ends: each counts as the CRLF it was (found in review:
+        // the wire octets, stuffing dots and final dot included, refused a message of
+        // exactly the size advertised).
+        let lines = chunk.iter().filter(|&&b| b == b'\n').count();
+        tx.size += (chunk.len() + lines) as u64;
         let mut newly_failed = false;
         if st.fault.is_none() {
             let fault = if tx.size > self.config.max_message_size {
@@ -841,7 +898,7 @@ mod tests {
             s.poll_event(),
             Some(Event::RecipientToCheck { .. })
         ));
-        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]), now);
     }
 
     #[test]
@@ -893,7 +950,7 @@ mod tests {
             text(&mut s),
             "250 mx.test greets c\r\n250 2.1.0 Sender OK\r\n"
         );
-        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]), t0);
         assert_eq!(text(&mut s), "250 2.1.5 Recipient OK\r\n250 2.0.0 OK\r\n");
         assert!(s.wants_read());
     }
@@ -953,7 +1010,7 @@ mod tests {
         s.receive(b".\r\n", t0);
         while let Some(ev) = s.poll_event() {
             if let Event::EndOfData(_) = ev {
-                s.delivery_outcome(Ok(()));
+                s.delivery_outcome(Ok(()), t0);
             }
         }
         s.receive(b"NOOP\r\n", t0);
@@ -962,6 +1019,120 @@ mod tests {
         s.take_output();
         s.handle_timeout(t0 + Duration::from_secs(900));
         assert!(s.take_output().is_empty(), "no second 421 after close");
+    }
+
+    #[test]
+    fn the_wait_for_the_next_command_starts_at_the_answer() {
+        // Found in review: a commit slower than the command timeout was answered with its
+        // 250 and, at once, a 421 timeout.
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        with_recipient(&mut s, t0);
+        s.receive(b"DATA\r\nx\r\n.\r\n", t0);
+        assert!(s.is_waiting());
+        assert_eq!(s.next_deadline(), None);
+        let later = t0 + Duration::from_secs(1000);
+        s.handle_timeout(later);
+        s.delivery_outcome(Ok(()), later);
+        s.handle_timeout(later + Duration::from_secs(1));
+        let out = text(&mut s);
+        assert!(
+            out.ends_with("250 2.0.0 Delivered, transaction 1\r\n"),
+            "{out}"
+        );
+        assert_eq!(s.next_deadline(), Some(later + Duration::from_secs(300)));
+        // The same after a slow recipient lookup.
+        s.receive(b"MAIL FROM:<>\r\nRCPT TO:<bob@localhost>\r\n", later);
+        while s.poll_event().is_some() {}
+        let later2 = later + Duration::from_secs(1000);
+        s.handle_timeout(later2);
+        s.recipient_verdict(RcptVerdict::NoSuchUser, later2);
+        assert!(!text(&mut s).contains("421"));
+        assert_eq!(s.next_deadline(), Some(later2 + Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn a_shutdown_during_a_commit_waits_for_its_outcome() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        with_recipient(&mut s, t0);
+        s.receive(b"DATA\r\nx\r\n.\r\nNOOP\r\n", t0);
+        while s.poll_event().is_some() {}
+        s.take_output();
+        s.shutdown();
+        assert!(!s.is_closed());
+        assert!(s.take_output().is_empty(), "no 421 before the outcome");
+        s.delivery_outcome(Ok(()), t0);
+        let out = text(&mut s);
+        assert!(
+            out.starts_with("250 2.0.0 Delivered") && out.contains("\r\n421 4.3.2"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("250 2.0.0 OK"),
+            "the pipelined NOOP is not answered"
+        );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn a_repeated_forward_path_is_not_looked_up_again() {
+        // Found in review: each RCPT to a large alias re-expanded it, and the check of the
+        // account limit was quadratic.
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        with_recipient(&mut s, t0);
+        s.take_output();
+        for _ in 0..50 {
+            s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+        }
+        assert!(s.poll_event().is_none(), "no second lookup");
+        assert_eq!(text(&mut s).matches("250 2.1.5").count(), 50);
+        // A single alias over the account limit is refused without comparing every name.
+        s.receive(b"RCPT TO:<everyone@localhost>\r\n", t0);
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        let huge: Vec<String> = (0..100_000).map(|i| format!("user{i}")).collect();
+        s.recipient_verdict(RcptVerdict::Accept(huge), t0);
+        assert!(text(&mut s).starts_with("452 4.5.3"));
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_size_limit_is_accepted() {
+        // RFC 1870 4: the size counts CRLF line ends but neither stuffing dots nor the final
+        // dot (found in review: the wire octets were counted).
+        let t0 = Instant::now();
+        let mut config = (*session(t0).config).clone();
+        config.max_message_size = 100;
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let peer = Peer {
+            remote: ip,
+            local: ip,
+        };
+        for (body, ok) in [
+            (format!("{}\r\n", "a".repeat(98)), true),
+            (format!("{}\r\n", "a".repeat(99)), false),
+            (format!("..{}\r\n", "a".repeat(97)), true),
+        ] {
+            let mut s = Session::new(Rc::new(config.clone()), peer, t0);
+            with_recipient(&mut s, t0);
+            s.take_output();
+            s.receive(format!("DATA\r\n{body}.\r\n").as_bytes(), t0);
+            let mut size = None;
+            while let Some(ev) = s.poll_event() {
+                if let Event::EndOfData(tx) = ev {
+                    size = Some(tx.size);
+                }
+            }
+            let out = text(&mut s);
+            assert_eq!(size.is_some(), ok, "{body:?}: {out}");
+            assert_eq!(size.is_none(), out.contains("552 5.3.4"), "{out}");
+            if let Some(n) = size {
+                assert_eq!(n, 100);
+            }
+        }
     }
 
     #[test]
@@ -977,14 +1148,14 @@ mod tests {
         let mut s = Session::new(Rc::new(config), peer, t0);
         s.take_output();
         s.receive(b"HELO c\r\nMAIL FROM:<>\r\n", t0);
-        for _ in 0..MAX_ACCOUNTS + 1 {
-            s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+        for i in 0..MAX_ACCOUNTS + 1 {
+            s.receive(format!("RCPT TO:<u{i}@localhost>\r\n").as_bytes(), t0);
         }
         let mut n = 0;
         while let Some(ev) = s.poll_event() {
             if let Event::RecipientToCheck { .. } = ev {
                 n += 1;
-                s.recipient_verdict(RcptVerdict::Accept(vec![format!("user{n}")]));
+                s.recipient_verdict(RcptVerdict::Accept(vec![format!("user{n}")]), t0);
             }
         }
         let out = text(&mut s);
@@ -1003,7 +1174,7 @@ mod tests {
         for _ in 0..150 {
             s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
             if let Some(Event::RecipientToCheck { .. }) = s.poll_event() {
-                s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]));
+                s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]), t0);
             }
         }
         let out = text(&mut s);
@@ -1026,7 +1197,7 @@ mod tests {
             s.receive(&data, t0);
             while let Some(ev) = s.poll_event() {
                 if let Event::EndOfData(_) = ev {
-                    s.delivery_outcome(Ok(()));
+                    s.delivery_outcome(Ok(()), t0);
                 }
             }
             let out = text(&mut s);

@@ -78,9 +78,9 @@ impl World {
     fn pump(&mut self) {
         while let Some(ev) = self.session.poll_event() {
             match ev {
-                Event::RecipientToCheck { local_part } => {
-                    self.session.recipient_verdict(World::verdict(&local_part))
-                }
+                Event::RecipientToCheck { local_part } => self
+                    .session
+                    .recipient_verdict(World::verdict(&local_part), self.now),
                 Event::DataStart(_) => {
                     self.message.clear();
                     self.in_data = true;
@@ -96,7 +96,7 @@ impl World {
                 Event::EndOfData(tx) => {
                     self.accounts = tx.accounts();
                     self.in_data = false;
-                    self.session.delivery_outcome(Ok(()));
+                    self.session.delivery_outcome(Ok(()), self.now);
                 }
                 Event::Close => self.closed = true,
             }
