@@ -104,6 +104,21 @@ pub enum PathError {
     TooLong,
 }
 
+/// Whether `s` is, as a whole, a `Domain` or an `address-literal` (RFC 5321 4.1.2, 4.1.3):
+/// what EHLO and HELO should carry.
+pub fn is_domain_or_literal(s: &str) -> bool {
+    let mut p = Parser {
+        s: s.as_bytes(),
+        i: 0,
+    };
+    let ok = if s.starts_with('[') {
+        p.address_literal().is_ok()
+    } else {
+        p.domain().is_ok()
+    };
+    ok && p.i == s.len()
+}
+
 /// Parses `<...>` at the start of `s`. Returns the reverse-path and the rest after `>`.
 pub fn parse_reverse_path(s: &[u8]) -> Result<(ReversePath, &[u8]), PathError> {
     if s.starts_with(b"<>") {
@@ -311,13 +326,16 @@ impl Parser<'_> {
         if !self.eat(b']') || inner.is_empty() {
             return Err(PathError::Syntax);
         }
-        if let Some(v6) = inner.strip_prefix("IPv6:").or(inner.strip_prefix("ipv6:")) {
-            let a: Ipv6Addr = v6.parse().map_err(|_| PathError::Syntax)?;
+        // The tag is case-insensitive, as every ABNF string is (RFC 5234 2.3; found in review:
+        // `[IPV6:::1]` was taken as a general literal and refused as relaying).
+        if inner.len() > 5 && inner.as_bytes()[..5].eq_ignore_ascii_case(b"IPv6:") {
+            let a: Ipv6Addr = inner[5..].parse().map_err(|_| PathError::Syntax)?;
             return Ok(Domain::Literal(IpAddr::V6(a)));
         }
         if inner.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-            let a: Ipv4Addr = inner.parse().map_err(|_| PathError::Syntax)?;
-            return Ok(Domain::Literal(IpAddr::V4(a)));
+            return ipv4_literal(inner)
+                .map(|a| Domain::Literal(IpAddr::V4(a)))
+                .ok_or(PathError::Syntax);
         }
         // General-address-literal = Standardized-tag ":" 1*dcontent
         match inner.split_once(':') {
@@ -329,9 +347,52 @@ impl Parser<'_> {
     }
 }
 
+/// `IPv4-address-literal = Snum 3("."  Snum)`, `Snum = 1*3DIGIT` of at most 255: leading
+/// zeros allowed (found in review: `[127.000.000.001]` was refused; Rust's parser rejects
+/// them).
+fn ipv4_literal(s: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for o in &mut octets {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 {
+            return None;
+        }
+        *o = p.parse::<u8>().ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helo_names_are_domains_or_address_literals() {
+        for ok in [
+            "mx.example",
+            "a",
+            "[192.0.2.1]",
+            "[IPv6:::1]",
+            "x-1.example.",
+        ] {
+            assert_eq!(is_domain_or_literal(ok), !ok.ends_with('.'), "{ok}");
+        }
+        for bad in ["x(y\"z;", "a..b", "-a", "[1.2.3]", "a b", "", "[x]"] {
+            assert!(!is_domain_or_literal(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ipv4_literals_take_leading_zeros_and_ipv6_tags_any_case() {
+        assert_eq!(ipv4_literal("127.000.000.001"), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(ipv4_literal("256.0.0.1"), None);
+        assert_eq!(ipv4_literal("1.2.3"), None);
+        assert_eq!(ipv4_literal("1.2.3.4.5"), None);
+        assert_eq!(ipv4_literal("0001.2.3.4"), None);
+        let m = mb("<alice@[IPV6:::1]>");
+        assert_eq!(m.domain, Domain::Literal("::1".parse().unwrap()));
+    }
 
     fn fwd(s: &str) -> Result<ForwardPath, PathError> {
         parse_forward_path(s.as_bytes()).map(|(p, _)| p)

@@ -195,6 +195,10 @@ pub struct Session {
     /// The server is shutting down while a lookup or delivery is outstanding: its answer
     /// goes out first, then the 421.
     shutdown_pending: bool,
+    /// The last MAIL was refused and no transaction has started since: the RCPTs and DATA a
+    /// pipelining client sent behind it get 503 without counting as errors (RFC 2920 3.1;
+    /// found in review: 20 recipients behind a refused MAIL ended the session).
+    mail_refused: bool,
 }
 
 impl Session {
@@ -217,6 +221,7 @@ impl Session {
             deadline: None,
             peer_eof: false,
             shutdown_pending: false,
+            mail_refused: false,
         };
         let greeting = format!("{} ESMTP inboxd ready", s.config.hostname);
         s.reply(Reply::plain(220, vec![greeting]));
@@ -480,6 +485,15 @@ impl Session {
     /// A command error: counted, and the session is ended with 421 once there are too many
     /// (an abusive or broken client; the counted reply is replaced, so every command still gets
     /// exactly one reply).
+    /// A RCPT or DATA without a transaction: an error, unless it followed a refused MAIL.
+    fn out_of_sequence(&mut self, r: Reply) {
+        if self.mail_refused {
+            self.reply(r);
+        } else {
+            self.error(r);
+        }
+    }
+
     fn error(&mut self, r: Reply) {
         self.errors += 1;
         if self.errors >= self.config.max_errors {
@@ -544,6 +558,8 @@ impl Session {
         let line = pending[..pos].to_vec();
         self.consumed += pos + 2;
         self.scanned = 0;
+        let is_mail = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"MAIL");
+        let transactions = self.transactions;
         if std::mem::take(&mut self.discarding) || line.len() + 2 > MAX_COMMAND_LINE {
             self.error(Reply::new(500, "5.5.2", "Line too long"));
         } else if line.iter().any(|&b| b == b'\r' || b == b'\n') {
@@ -560,6 +576,9 @@ impl Session {
                 Err(r) => self.error(r),
             }
         }
+        if is_mail {
+            self.mail_refused = self.transactions == transactions;
+        }
         true
     }
 
@@ -569,6 +588,7 @@ impl Session {
             Command::Ehlo(name) => {
                 // RFC 5321 4.1.4: EHLO also resets the transaction.
                 self.tx = None;
+                self.mail_refused = false;
                 self.greeted = Some((name.clone(), true));
                 let lines = vec![
                     format!("{host} greets {name}"),
@@ -582,6 +602,7 @@ impl Session {
             }
             Command::Helo(name) => {
                 self.tx = None;
+                self.mail_refused = false;
                 self.greeted = Some((name.clone(), false));
                 self.reply(Reply::plain(250, vec![format!("{host} greets {name}")]));
             }
@@ -590,6 +611,7 @@ impl Session {
             Command::Data => self.data_command(),
             Command::Rset => {
                 self.tx = None;
+                self.mail_refused = false;
                 self.reply(Reply::new(250, "2.0.0", "Reset OK"));
             }
             Command::Noop => self.reply(Reply::new(250, "2.0.0", "OK")),
@@ -657,7 +679,7 @@ impl Session {
 
     fn rcpt(&mut self, path: ForwardPath) {
         let Some(tx) = self.tx.as_ref() else {
-            return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+            return self.out_of_sequence(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
         };
         if tx.recipients.len() >= self.config.max_recipients {
             // RFC 5321 4.5.3.1.10: 452 for too many recipients; not counted as an error.
@@ -723,7 +745,7 @@ impl Session {
 
     fn data_command(&mut self) {
         let Some(tx) = self.tx.as_ref() else {
-            return self.error(Reply::new(503, "5.5.1", "Need MAIL before DATA"));
+            return self.out_of_sequence(Reply::new(503, "5.5.1", "Need MAIL before DATA"));
         };
         if tx.recipients.is_empty() {
             // RFC 2920 3.1: 554 to DATA when no recipient was accepted.
@@ -1073,6 +1095,32 @@ mod tests {
             "the pipelined NOOP is not answered"
         );
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn recipients_pipelined_behind_a_refused_mail_are_not_errors() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.take_output();
+        let mut group = b"EHLO c\r\nMAIL FROM:<> SIZE=999999999\r\n".to_vec();
+        for _ in 0..30 {
+            group.extend_from_slice(b"RCPT TO:<alice@localhost>\r\n");
+        }
+        group.extend_from_slice(b"DATA\r\nNOOP\r\n");
+        s.receive(&group, t0);
+        let out = text(&mut s);
+        assert!(out.contains("552 5.3.4"), "{out}");
+        assert_eq!(out.matches("503 5.5.1 Need MAIL before RCPT").count(), 30);
+        assert!(!out.contains("421"), "{out}");
+        assert!(out.ends_with("250 2.0.0 OK\r\n"), "{out}");
+        // Without a refused MAIL before them, they are errors as before.
+        let mut s = session(t0);
+        s.take_output();
+        s.receive(b"EHLO c\r\n", t0);
+        for _ in 0..30 {
+            s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+        }
+        assert!(text(&mut s).contains("421 4.7.0"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! and does no I/O. The Received field names the client and us, never any recipient, so a
 //! copy does not reveal who else the message went to.
 
-use super::path::ReversePath;
+use super::path::{is_domain_or_literal, ReversePath};
 use super::session::{delivered_to, Transaction};
 
 /// `Return-Path:` and `Received:` for a transaction; `Delivered-To:` is added per account by
@@ -24,11 +24,19 @@ impl Trace {
         };
         let with = if tx.esmtp { "ESMTP" } else { "SMTP" };
         // RFC 5321 4.4: "from" the client's greeting name and address, "by" us, "with" the
-        // protocol (RFC 3848), an id, then the date after ";".
+        // protocol (RFC 3848), an id, then the date after ";". A greeting name that is not a
+        // domain or an address literal would break that syntax (found in review: an
+        // unbalanced "(" swallowed the rest of the field), so the client's address stands in
+        // for it and the name goes into a comment, quoted (RFC 5322 3.2.2).
+        let ip = address_literal(tx.peer.remote);
+        let from = if is_domain_or_literal(&tx.helo) {
+            format!("{} ({ip})", tx.helo)
+        } else {
+            format!("{ip} (helo={})", comment_text(&tx.helo))
+        };
         let received = format!(
-            "Received: from {} ({})\n\tby {} (inboxd) with {} id {};\n\t{}\n",
-            sanitize(&tx.helo),
-            address_literal(tx.peer.remote),
+            "Received: from {}\n\tby {} (inboxd) with {} id {};\n\t{}\n",
+            from,
             hostname,
             with,
             id,
@@ -60,6 +68,19 @@ fn address_literal(ip: std::net::IpAddr) -> String {
             None => format!("[IPv6:{a}]"),
         },
     }
+}
+
+/// Client-supplied text inside a comment: [`sanitize`]d, with `(`, `)` and `\` escaped
+/// as quoted-pairs so that the comment ends where ours does.
+fn comment_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in sanitize(s).chars() {
+        if matches!(c, '(' | ')' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Client-supplied text in a header field: visible ASCII only, so nothing can end the field
@@ -120,6 +141,40 @@ mod tests {
         assert_eq!(
             rfc5322_date(1_795_474_501),
             "Mon, 23 Nov 2026 22:55:01 +0000"
+        );
+    }
+
+    fn received_for(helo: &str) -> String {
+        let tx = Transaction {
+            number: 1,
+            reverse_path: ReversePath::Null,
+            recipients: Vec::new(),
+            body: None,
+            helo: helo.to_string(),
+            esmtp: true,
+            peer: crate::smtp::session::Peer {
+                remote: "192.0.2.1".parse().unwrap(),
+                local: "192.0.2.2".parse().unwrap(),
+            },
+            size: 0,
+            accounts: Vec::new(),
+        };
+        Trace::new(&tx, "mx.test", "ID1", 0).received
+    }
+
+    #[test]
+    fn a_greeting_name_that_is_no_domain_goes_into_a_comment() {
+        assert_eq!(
+            received_for("client.example"),
+            "Received: from client.example ([192.0.2.1])\n\tby mx.test (inboxd) with ESMTP \
+             id ID1;\n\tThu, 1 Jan 1970 00:00:00 +0000\n"
+        );
+        assert!(received_for("[192.0.2.9]").starts_with("Received: from [192.0.2.9] ([192.0.2.1])"));
+        // Found in review: an unbalanced "(" or a ";" broke the field's syntax.
+        assert_eq!(
+            received_for("x(y\"z;\\)"),
+            "Received: from [192.0.2.1] (helo=x\\(y\"z;\\\\\\))\n\tby mx.test (inboxd) with \
+             ESMTP id ID1;\n\tThu, 1 Jan 1970 00:00:00 +0000\n"
         );
     }
 
