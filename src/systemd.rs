@@ -107,6 +107,22 @@ pub fn listen_fds() -> Result<Vec<TcpListener>, String> {
                 what()
             ));
         }
+        // A Unix socket would pass the checks above and then fail every accept (found in
+        // review): SMTP here is TCP.
+        let family = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+        )
+        .ok()
+        .and_then(|a| nix::sys::socket::SockaddrLike::family(&a));
+        if !matches!(
+            family,
+            Some(nix::sys::socket::AddressFamily::Inet | nix::sys::socket::AddressFamily::Inet6)
+        ) {
+            return Err(format!(
+                "{} is not a TCP socket (inboxd.socket needs ListenStream=ADDRESS:PORT or PORT)",
+                what()
+            ));
+        }
         let l = TcpListener::from(fd);
         l.set_nonblocking(true)
             .map_err(|e| format!("{}: {e}", what()))?;

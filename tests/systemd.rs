@@ -134,3 +134,43 @@ fn listen_fds_for_another_process_are_ignored() {
     let mut c = server.connect();
     assert!(c.cmd("NOOP").starts_with("250 "));
 }
+
+/// A Unix socket passed as the listener: refused at start, with the reason (found in review:
+/// it passed the checks and then every accept failed).
+#[test]
+fn a_passed_unix_socket_is_refused_at_start() {
+    let dir = TempDir::new("unixactivation");
+    let path = dir.path().join("l.sock");
+    let script = ACTIVATE.replace(
+        "s = socket.socket()\ns.bind((\"127.0.0.1\", 0))",
+        &format!(
+            "s = socket.socket(socket.AF_UNIX)\ns.bind({:?})",
+            path.display().to_string()
+        ),
+    );
+    assert_ne!(script, ACTIVATE);
+    let errfile = dir.path().join("stderr");
+    let mut child = Command::new("python3")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_inboxd")])
+        .args(["--listen", "127.0.0.1:0", "--maildir-root"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errfile).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let err = std::fs::read_to_string(&errfile).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "still running: {err}");
+    assert!(err.contains("is not a TCP socket"), "{err}");
+}

@@ -150,7 +150,7 @@ impl Connection {
                     self.out_pos = 0;
                     self.write_failed = true;
                     self.eof = true;
-                    self.session.peer_closed();
+                    self.session.client_gone();
                     return false;
                 }
             }

@@ -40,6 +40,8 @@ const AGENT_TOKEN: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = usize::MAX - 3;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
+/// Accept errors of other kinds in a row on one listener after which accepting pauses too.
+const ODD_ACCEPT_ERRORS: u32 = 64;
 /// How long a closing connection may take to take its last reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long a client waits for the delivery agent's answer before it gets 451.
@@ -357,6 +359,7 @@ impl Server {
             return;
         }
         for i in 0..self.listeners.len() {
+            let mut odd_errors = 0;
             loop {
                 if self.conns.len() >= self.max_connections {
                     if !self.at_capacity {
@@ -389,8 +392,19 @@ impl Server {
                                 self.accept_paused_until = Some(now + ACCEPT_PAUSE);
                                 return;
                             }
-                            // ECONNABORTED and friends concern one client only.
+                            // ECONNABORTED and friends concern one client only; an error
+                            // that keeps coming is the listener's, and must not spin the
+                            // loop (found in review).
                             _ => {
+                                odd_errors += 1;
+                                if odd_errors >= ODD_ACCEPT_ERRORS {
+                                    error!(
+                                        "accept: {e} ({odd_errors} times in a row); pausing \
+                                         accepts for {ACCEPT_PAUSE:?}"
+                                    );
+                                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                                    return;
+                                }
                                 debug!("accept: {e}");
                                 continue;
                             }
@@ -738,6 +752,13 @@ impl Server {
         // epoll set, one system call fewer per connection.
         info!("event=close session={:x}", c.id);
         drop(c);
+        // The closed connection's timer entry stays in the heap until it comes due; when
+        // such entries outnumber the live ones, they go (linear, so amortized per close).
+        if self.timers.entries() > 2 * self.conns.len() + 1024 {
+            let conns = &self.conns;
+            self.timers
+                .retain(|tok, at| conns.get(&tok).is_some_and(|c| c.timer_at == Some(at)));
+        }
         if self.at_capacity && self.conns.len() < self.max_connections {
             self.at_capacity = false;
             self.accept(Instant::now());

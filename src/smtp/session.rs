@@ -268,6 +268,23 @@ impl Session {
         self.process();
     }
 
+    /// Nothing more can reach the client (a write to it failed): its unprocessed commands
+    /// are dropped, not answered, and the session closes now, or once an outstanding lookup
+    /// or delivery has been answered (found in review: a pipelined backlog stopped
+    /// [`Session::peer_closed`] at the reply limit, and the dead session kept its slot until
+    /// its timeout).
+    pub fn client_gone(&mut self) {
+        self.peer_eof = true;
+        self.output.clear();
+        self.input.clear();
+        self.consumed = 0;
+        self.scanned = 0;
+        if !self.is_waiting() {
+            self.abort_data();
+            self.close();
+        }
+    }
+
     /// Ends the session with 421 if its deadline has passed (RFC 5321 4.5.3.2).
     pub fn handle_timeout(&mut self, now: Instant) {
         // While a lookup or delivery is outstanding the client is not the one being waited
@@ -1094,6 +1111,25 @@ mod tests {
             !out.contains("250 2.0.0 OK"),
             "the pipelined NOOP is not answered"
         );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn a_client_that_is_gone_ends_the_session_whatever_it_had_pipelined() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&b"NOOP\r\n".repeat(10_000), t0);
+        assert!(!s.is_closed());
+        s.client_gone();
+        assert!(s.is_closed());
+        // While a commit is outstanding it waits for the outcome, then closes.
+        let mut s = session(t0);
+        with_recipient(&mut s, t0);
+        s.receive(b"DATA\r\nx\r\n.\r\nNOOP\r\n", t0);
+        while s.poll_event().is_some() {}
+        s.client_gone();
+        assert!(!s.is_closed());
+        s.delivery_outcome(Ok(()), t0);
         assert!(s.is_closed());
     }
 
