@@ -217,3 +217,37 @@ fn tmp_files_older_than_36_hours_are_cleaned() {
     assert_eq!(messages_with(&md, &tok).len(), 1);
     assert!(server.wait_log("event=tmp_cleaned account=root files=1"));
 }
+
+/// One cleaning pass removes at most 100 old files (found in review: a user who filled their
+/// tmp/ with old files held up every delivery while the agent removed them all).
+#[test]
+fn one_cleaning_pass_removes_at_most_100_files() {
+    let dir = TempDir::new("tmpcleancap");
+    let md = dir.path().join("root");
+    for d in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(md.join(d)).unwrap();
+    }
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 3600);
+    for i in 0..150 {
+        let f = md.join("tmp").join(format!("{i}.M1P1Q1.crashed"));
+        std::fs::write(&f, "partial").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(long_ago)
+                    .set_modified(long_ago),
+            )
+            .unwrap();
+    }
+    let server = Server::start_in(dir.path(), &[]);
+    let tok = token();
+    assert!(server
+        .deliver(&["root"], &message(&tok))
+        .starts_with("250 "));
+    assert!(server.wait_log("event=tmp_cleaned account=root files=100"));
+    assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 50);
+    assert_eq!(messages_with(&md, &tok).len(), 1);
+}

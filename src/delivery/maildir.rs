@@ -31,6 +31,11 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_CLOEXEC);
 
+/// Entries of tmp/ one cleaning pass looks at ([`Maildir::clean_tmp`]).
+pub const TMP_SCAN_LIMIT: usize = 1000;
+/// Files one cleaning pass removes at most.
+pub const TMP_REMOVE_LIMIT: usize = 100;
+
 /// Who owns the Maildir and whose identity we write with.
 #[derive(Debug, Clone, Copy)]
 pub struct Owner {
@@ -303,12 +308,15 @@ impl Maildir {
         });
     }
 
-    /// Best-effort removal of an already published file (rolling back a partial commit).
-    pub fn remove_new(&self, name: &str) {
-        let _ = as_user(self.owner.uid, self.owner.gid, || {
+    /// Removal of an already published file (rolling back a partial commit). Fails when the
+    /// file is gone from new/ already (a mail reader moved it to cur/) or cannot be removed.
+    pub fn remove_new(&self, name: &str) -> Result<(), Errno> {
+        let r = as_user(self.owner.uid, self.owner.gid, || {
             unlinkat(&self.new, name, UnlinkatFlags::NoRemoveDir)
-        });
-        let _ = fsync(&self.new);
+        })
+        .and_then(|r| r);
+        let synced = fsync(&self.new);
+        r.and(synced)
     }
 
     /// Removes files in tmp/ neither read nor written (atime, mtime) for `age` or longer: what a
@@ -316,13 +324,19 @@ impl Maildir {
     /// crash) left there, or another program's.
     /// maildir(5) says 36 hours. Only regular files directly in tmp/ are considered, and it
     /// runs as the recipient. Returns how many were removed; errors stop it quietly (it is
-    /// housekeeping, never a reason to refuse mail).
+    /// housekeeping, never a reason to refuse mail). One pass looks at the first
+    /// [`TMP_SCAN_LIMIT`] entries only and removes at most [`TMP_REMOVE_LIMIT`] files: it
+    /// runs on the agent's only thread, before a delivery, and a user who filled their tmp/
+    /// with a million old files must not hold up everybody's mail (found in review).
     pub fn clean_tmp(&self, age: std::time::Duration, now_unix: i64) -> usize {
         let limit = now_unix - age.as_secs() as i64;
         let work = || -> Result<usize, Errno> {
             let mut dir = nix::dir::Dir::openat(&self.tmp, ".", DIR_FLAGS, Mode::empty())?;
             let mut old = Vec::new();
-            for entry in dir.iter() {
+            for entry in dir.iter().take(TMP_SCAN_LIMIT) {
+                if old.len() >= TMP_REMOVE_LIMIT {
+                    break;
+                }
                 let entry = entry?;
                 let name = entry.file_name().to_owned();
                 if name.as_bytes().starts_with(b".") {

@@ -75,6 +75,12 @@ pub struct Store {
     layout: Layout,
     allow_root: bool,
     pending: HashMap<u64, Vec<Copy>>,
+    /// Copies (open descriptors) in `pending`, and how many may be open at once: half the
+    /// agent's descriptor limit, so that a flood of open transactions (or a receiver that
+    /// was taken over) gets a 451 for the next one rather than leaving the agent without
+    /// descriptors for anybody's delivery (found in review).
+    open_copies: usize,
+    max_open_copies: usize,
     maildirs: HashMap<String, Opened>,
     /// When each account's tmp/ was last cleaned.
     cleaned: HashMap<String, Instant>,
@@ -104,7 +110,17 @@ fn unnamed_possible() -> bool {
 /// removed again (so the client's retry does not duplicate them), then its tmp files.
 fn rollback(id: u64, copies: Vec<Copy>, done: &Published, e: &DeliveryError) {
     for (i, name) in done {
-        copies[*i].maildir.remove_new(name);
+        // Found in review: a copy a mail reader has already moved out of new/ cannot be
+        // taken back, and the client's retry after the 4xx will deliver it again. Said here,
+        // so the postmaster can tell a duplicate's origin.
+        if let Err(err) = copies[*i].maildir.remove_new(name) {
+            warn!(
+                "event=rollback_incomplete transaction={id} account={} file=new/{name} \
+                 error={err:?}: this copy stays delivered; the client's retry will \
+                 deliver it again",
+                copies[*i].account
+            );
+        }
     }
     warn!("transaction {id}: delivery failed while publishing, rolled back: {e}");
     discard(copies);
@@ -118,6 +134,14 @@ fn discard(copies: Vec<Copy>) {
             c.maildir.remove_tmp(&c.name);
         }
     }
+}
+
+/// Half the soft limit on open descriptors (at least 64): the copies of open transactions
+/// may use that many, the rest is left for Maildirs, the syncer and the channel.
+fn max_open_copies() -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / 2).unwrap_or(usize::MAX).max(64)
 }
 
 impl Drop for Store {
@@ -135,6 +159,8 @@ impl Store {
             layout,
             allow_root,
             pending: HashMap::new(),
+            open_copies: 0,
+            max_open_copies: max_open_copies(),
             maildirs: HashMap::new(),
             cleaned: HashMap::new(),
             syncer: Syncer::new(Policy::Adaptive),
@@ -312,6 +338,17 @@ impl Store {
                 "transaction {id} is already open"
             )));
         }
+        let wanted = accounts
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| !accounts[..*i].contains(a))
+            .count();
+        if self.open_copies + wanted > self.max_open_copies {
+            return Err(DeliveryError::Io(format!(
+                "{} copies already open, at most {} at once",
+                self.open_copies, self.max_open_copies
+            )));
+        }
         let mut copies: Vec<Copy> = Vec::new();
         let mut out = Vec::new();
         for account in accounts {
@@ -346,6 +383,7 @@ impl Store {
                 fd,
             });
         }
+        self.open_copies += copies.len();
         self.pending.insert(id, copies);
         Ok(out)
     }
@@ -374,6 +412,7 @@ impl Store {
     /// Removes the tmp files of `id` (nothing of it becomes visible).
     pub fn abort(&mut self, id: u64) {
         if let Some(c) = self.pending.remove(&id) {
+            self.open_copies = self.open_copies.saturating_sub(c.len());
             discard(c);
         }
     }
@@ -389,6 +428,7 @@ impl Store {
         for (_, c) in self.pending.drain() {
             discard(c);
         }
+        self.open_copies = 0;
     }
 
     /// Makes the copies of every transaction in `ids` durable and visible, together: first
@@ -402,7 +442,10 @@ impl Store {
         let mut batch: Vec<(u64, Vec<Copy>)> = Vec::new();
         for &id in ids {
             match self.pending.remove(&id) {
-                Some(copies) => batch.push((id, copies)),
+                Some(copies) => {
+                    self.open_copies = self.open_copies.saturating_sub(copies.len());
+                    batch.push((id, copies))
+                }
                 None => results.push((
                     id,
                     Err(DeliveryError::Io(format!("no open transaction {id}"))),
@@ -603,5 +646,34 @@ impl Store {
             results.push((id, Ok(delivered)));
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_copies_are_capped() {
+        let dir = std::env::temp_dir().join(format!("inboxd-store-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let layout = Layout::root(&dir).unwrap();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .unwrap()
+            .name;
+        let mut store = Store::new("host.test", layout, true);
+        store.max_open_copies = 3;
+        let two = [me.clone(), me.clone()];
+        for id in 1..=3 {
+            assert!(store.open(id, &two).is_ok(), "transaction {id}");
+        }
+        assert!(matches!(store.open(4, &two), Err(DeliveryError::Io(_))));
+        store.abort(1);
+        assert!(store.open(4, &two).is_ok());
+        assert_eq!(store.open_copies, 3);
+        store.abort_all();
+        assert_eq!(store.open_copies, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
