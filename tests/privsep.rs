@@ -34,7 +34,7 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
     assert!(capeff.ends_with("0000000000000000"), "{capeff}");
     let agent = agent_of(&server);
     assert_eq!(proc_uids(agent), vec![0; 4], "agent uids");
-    // The agent keeps CAP_CHOWN, CAP_DAC_READ_SEARCH, CAP_SETGID and CAP_SETUID only (it
+    // The agent keeps CAP_CHOWN, CAP_SETGID and CAP_SETUID only (it
     // may still be starting: "listening" is logged by the receiver).
     let field = |name: &str| {
         let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
@@ -49,8 +49,8 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(field("NoNewPrivs:"), "1");
-    assert_eq!(field("CapPrm:"), "00000000000000c5");
-    assert_eq!(field("CapEff:"), "00000000000000c5");
+    assert_eq!(field("CapPrm:"), "00000000000000c1");
+    assert_eq!(field("CapEff:"), "00000000000000c1");
     assert_eq!(field("CapInh:"), "0000000000000000");
     // And mail still arrives, owned by its recipient.
     let tok = token();
@@ -199,7 +199,8 @@ fn a_stalled_agent_does_not_stall_the_receiver() {
 
 /// Where the bounding set lacks CAP_DAC_READ_SEARCH (Docker's default, a strict
 /// CapabilityBoundingSet=), the agent keeps what it can and still delivers (found in review:
-/// capset failed with EPERM and inboxd exited 75).
+/// capset failed with EPERM and inboxd exited 75). The agent no longer asks for it at all,
+/// so this is now its usual set.
 #[test]
 fn the_agent_starts_without_cap_dac_read_search() {
     if skip_unless_root("the_agent_starts_without_cap_dac_read_search") {

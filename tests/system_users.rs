@@ -23,7 +23,7 @@ fn rfc821_appendix_f_with_system_accounts() {
         "Green must not exist"
     );
     // Brown's home is private (0700, the default of many distributions): the agent, which
-    // keeps only CAP_DAC_READ_SEARCH of root's file overrides, must still walk into it.
+    // keeps none of root's file overrides, must still walk into it.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&brown_home, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (server, _aliases) = start_system();
@@ -122,4 +122,35 @@ fn uid0_is_refused_unless_allowed() {
     assert!(c.cmd("HELO client.example").starts_with("250 "));
     assert!(c.cmd("MAIL FROM:<a@client.example>").starts_with("250 "));
     assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
+}
+
+/// A home only its owner may read (0700), reached by an agent without CAP_DAC_READ_SEARCH:
+/// the agent opens the home with O_PATH, which asks for no permission on it, as on NFS with
+/// root_squash, where root is nobody (found in review: it was opened for reading, so such
+/// homes got 450). The Maildir is missing and gets made as the user.
+#[test]
+fn a_private_home_gets_mail_without_reading_it_as_root() {
+    if skip_unless_root("a_private_home_gets_mail_without_reading_it_as_root") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    ensure_user("Jones");
+    let (home, _) = ensure_user("inboxd-private");
+    let _ = std::fs::remove_dir_all(home.join("Maildir"));
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = TempDir::new("privatehome");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "root: Jones\n").unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--bounding-set",
+        "-dac_read_search",
+        "--",
+        env!("CARGO_BIN_EXE_inboxd"),
+    ]);
+    let server = Server::spawn(cmd, &["--aliases", aliases.to_str().unwrap()]);
+    let tok = token();
+    let reply = server.deliver(&["inboxd-private"], &message(&tok));
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(messages_with(&home.join("Maildir"), &tok).len(), 1);
 }

@@ -36,6 +36,12 @@ pub const TMP_SCAN_LIMIT: usize = 1000;
 /// Files one cleaning pass removes at most.
 pub const TMP_REMOVE_LIMIT: usize = 100;
 
+/// A directory held only to walk from and to fstat: no read or search permission needed.
+const PATH_FLAGS: OFlag = OFlag::O_PATH
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
 /// Who owns the Maildir and whose identity we write with.
 #[derive(Debug, Clone, Copy)]
 pub struct Owner {
@@ -84,8 +90,16 @@ fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, Deliv
                 Ok(()) | Err(Errno::EEXIST) => {}
                 Err(e) => return Err(DeliveryError::access(e, format!("mkdir {name}"))),
             }
-            // The new entry must survive a crash before anything inside it is trusted.
-            fsync(parent).map_err(|e| DeliveryError::io(e, "fsync of parent directory"))?;
+            // The new entry must survive a crash before anything inside it is trusted. A
+            // parent held with O_PATH (a home) cannot be fsynced: it is opened for that, as
+            // the recipient, who owns it.
+            let synced = match fsync(parent) {
+                Err(Errno::EBADF) => {
+                    openat(parent, ".", DIR_FLAGS, Mode::empty()).and_then(|p| fsync(&p))
+                }
+                r => r,
+            };
+            synced.map_err(|e| DeliveryError::io(e, "fsync of parent directory"))?;
             openat(parent, name, DIR_FLAGS, Mode::empty())
                 .map_err(|e| open_error(e, parent, name, name))?
         }
@@ -155,7 +169,9 @@ impl Maildir {
         super::privileges::as_root();
         let home = home_path(home)?;
         let what = format!("home {}", home.display());
-        let home_fd = openat(AT_FDCWD, home, DIR_FLAGS, Mode::empty()).map_err(|e| match e {
+        // O_PATH: no read permission is asked for, so a home on NFS with root_squash (where
+        // root is nobody) still opens, as long as the path can be walked (found in review).
+        let home_fd = openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()).map_err(|e| match e {
             // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
             // waits at the sender while the administrator creates it).
             Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),

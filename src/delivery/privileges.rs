@@ -91,10 +91,12 @@ thread_local! {
 }
 
 /// The capabilities the delivery agent keeps, as bit numbers (linux/capability.h):
-/// CAP_CHOWN (handing a new `--maildir-root` entry to its account), CAP_DAC_READ_SEARCH
-/// (walking to a home directory only its owner may enter), CAP_SETGID and CAP_SETUID
-/// (taking a recipient's filesystem identity).
-const AGENT_CAPABILITIES: [u32; 4] = [0, 2, 6, 7];
+/// CAP_CHOWN (handing a new `--maildir-root` entry to its account), CAP_SETGID and
+/// CAP_SETUID (taking a recipient's filesystem identity). No file override: a home is
+/// opened with O_PATH, which asks for no permission on it, and everything inside it is done
+/// as its owner (CAP_DAC_READ_SEARCH, kept until a review found it let the agent read any
+/// file, is no longer needed).
+const AGENT_CAPABILITIES: [u32; 3] = [0, 6, 7];
 
 /// Started as root, the delivery agent gives up every other capability (it can no longer
 /// override file permissions, kill, trace, mount, use raw sockets, ...) and sets
@@ -105,13 +107,13 @@ pub fn keep_only_delivery_capabilities() -> Result<(), Errno> {
     }
     let wanted = AGENT_CAPABILITIES.iter().fold(0u64, |m, c| m | 1 << c);
     // capset can only keep what is permitted already: where the service manager or a
-    // container took some away (Docker has no CAP_DAC_READ_SEARCH), keep what is left.
+    // container took some away, keep what is left.
     let permitted = crate::sys::capget()?;
     let missing = wanted & !permitted;
     if missing != 0 {
         log::warn!(
             "delivery agent: capabilities {missing:#x} are not available (bounding set); \
-             without CAP_DAC_READ_SEARCH, homes only their owner may enter cannot get mail"
+             without CAP_SETUID and CAP_SETGID no copy can be written as its recipient"
         );
     }
     crate::sys::capset(wanted & permitted)?;

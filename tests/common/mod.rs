@@ -298,7 +298,12 @@ impl Client {
                 return String::from_utf8_lossy(&line).into_owned();
             }
             let mut tmp = [0u8; 4096];
-            let n = self.stream.read(&mut tmp).expect("read reply");
+            // A signal meant for another test's child can interrupt the read (seen once in
+            // faults.rs): read again.
+            let n = match self.stream.read(&mut tmp) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.expect("read reply"),
+            };
             assert!(
                 n > 0,
                 "connection closed; buffered {:?}",
