@@ -217,6 +217,13 @@ fn run(
     passed: Vec<std::net::TcpListener>,
     notifier: inboxd::systemd::Notifier,
 ) -> Result<(), (u8, String)> {
+    // SIGHUP asks a running server to re-read its aliases (newaliases sends it to every
+    // receiver): until the server reads signals, one must not kill it (found in review). It
+    // stays pending and is read, with the others, once the server runs.
+    let mut hup = nix::sys::signal::SigSet::empty();
+    hup.add(nix::sys::signal::Signal::SIGHUP);
+    hup.thread_block()
+        .map_err(|e| (EX_OSERR, format!("blocking SIGHUP: {e}")))?;
     let mut listeners = Vec::new();
     if passed.is_empty() {
         for addr in &config.listen {

@@ -557,14 +557,38 @@ fn running_servers() -> Vec<i32> {
         if cmdline.split(|&b| b == 0).any(|a| a == b"--delivery-agent") {
             continue;
         }
+        // Only a process that blocks SIGHUP reads it (a running server, through its
+        // signalfd); to any other inboxd (one still starting, which reads the aliases file
+        // afresh anyway, or `inboxd check`) it would be fatal (found in review).
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        if !blocks_sighup(&status) {
+            continue;
+        }
         out.push(pid);
     }
     out
 }
 
+/// Whether a /proc/PID/status says SIGHUP (signal 1, the mask's lowest bit) is blocked.
+fn blocks_sighup(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & 1 == 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_process_blocking_sighup_is_signalled() {
+        assert!(blocks_sighup("Name:\tinboxd\nSigBlk:\t0000000000014003\n"));
+        assert!(!blocks_sighup("Name:\tinboxd\nSigBlk:\t0000000000000000\n"));
+        assert!(!blocks_sighup("Name:\tinboxd\nSigBlk:\t0000000000000002\n"));
+        assert!(!blocks_sighup("Name:\tinboxd\n"));
+    }
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()

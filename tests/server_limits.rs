@@ -153,3 +153,19 @@ fn file_size_limit_gives_552_not_a_dead_server() {
         .starts_with("250 "));
     assert_eq!(messages_with(&md, &tok).len(), 1);
 }
+
+/// newaliases signals only inboxd processes that block SIGHUP (a running server reads it
+/// from its signalfd; to one still starting, or to `inboxd check`, it would be fatal: found in
+/// review). A running server does block it, and a reload works.
+#[test]
+fn a_running_server_blocks_sighup() {
+    let dir = TempDir::new("blockedhup");
+    let server = Server::start_in(dir.path(), &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap();
+    assert_eq!(blocked & 1, 1, "SIGHUP not blocked: {blocked:x}");
+}

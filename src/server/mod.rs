@@ -287,6 +287,9 @@ impl Server {
         while let Ok(Some(info)) = self.signals.read_signal() {
             let sig = Signal::try_from(info.ssi_signo as i32).ok();
             match sig {
+                // While stopping, a reload would announce READY=1 after STOPPING=1 (found in
+                // review): the aliases no longer matter.
+                Some(Signal::SIGHUP) if self.stopping => {}
                 Some(Signal::SIGHUP) => {
                     self.notify("RELOADING=1\nSTATUS=reloading the aliases");
                     self.reload_aliases();
