@@ -77,3 +77,45 @@ fn a_maildir_root_others_can_write_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not be writable by group or others"), "{err}");
 }
+
+/// A --maildir-root that is a symlink, or inside a directory others may write (not sticky),
+/// is refused: someone could point it at /etc (found in review).
+#[test]
+fn a_maildir_root_that_could_be_swapped_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::env::temp_dir().join(format!("inboxd-swap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(base.join("real")).unwrap();
+    std::fs::set_permissions(base.join("real"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+    let open_dir = base.join("open");
+    std::fs::create_dir_all(open_dir.join("mail")).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        open_dir.join("mail"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let run = |root: &std::path::Path| {
+        let out = inboxd(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--maildir-root",
+            root.to_str().unwrap(),
+        ]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&base.join("link"));
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("without following a symlink"), "{err}");
+    let (code, err) = run(&open_dir.join("mail"));
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("writable by nobody else, or be sticky"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}

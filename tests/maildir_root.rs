@@ -251,3 +251,25 @@ fn one_cleaning_pass_removes_at_most_100_files() {
     assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 50);
     assert_eq!(messages_with(&md, &tok).len(), 1);
 }
+
+/// An empty directory of root's in place of an account's (the agent killed between its mkdir
+/// and its chown) is handed to the account, not refused for ever (found in review).
+#[test]
+fn an_empty_root_owned_account_directory_is_handed_over() {
+    if skip_unless_root("an_empty_root_owned_account_directory_is_handed_over") {
+        return;
+    }
+    let dir = TempDir::new("handover");
+    let md = dir.path().join("nobody");
+    std::fs::create_dir(&md).unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let tok = token();
+    let reply = server.deliver(&["nobody"], &message(&tok));
+    assert!(reply.starts_with("250 "), "{reply}");
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&md).unwrap()),
+        nobody.uid.as_raw()
+    );
+    assert_eq!(messages_with(&md, &tok).len(), 1);
+}

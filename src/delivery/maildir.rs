@@ -109,6 +109,15 @@ fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, Deliv
     Ok(fd)
 }
 
+/// Whether the directory holds nothing but `.` and `..`.
+fn is_empty_dir(dir: &OwnedFd) -> bool {
+    nix::dir::Dir::openat(dir, ".", DIR_FLAGS, Mode::empty()).is_ok_and(|mut d| {
+        d.iter()
+            .filter_map(Result::ok)
+            .all(|e| matches!(e.file_name().to_bytes(), b"." | b".."))
+    })
+}
+
 /// [`DeliveryError::open`], told precisely what is in the way: opening a symlink or a file
 /// with O_NOFOLLOW|O_DIRECTORY gives ENOTDIR for both, and the log should say which. `entry`
 /// is what was opened relative to `parent`; `what` names it in the message.
@@ -211,6 +220,18 @@ impl Maildir {
             }
             Err(e) => return Err(open_error(e, root, account, account)),
         };
+        // An empty directory of root's here is one we made and could not hand over (the
+        // agent was killed between mkdir and chown, found in review): nobody else may write
+        // in the Maildir root. Hand it over now rather than refuse the account for ever.
+        if super::privileges::privileged()
+            && owner.uid.as_raw() != 0
+            && fstat(&md).is_ok_and(|st| st.st_uid == 0)
+            && is_empty_dir(&md)
+        {
+            fchown(&md, Some(owner.uid), Some(owner.gid))
+                .map_err(|e| DeliveryError::io(e, format!("chown {account}")))?;
+            fsync(&md).map_err(|e| DeliveryError::io(e, format!("fsync of {account}")))?;
+        }
         check_owner(&md, owner, account)?;
         as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
             .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?

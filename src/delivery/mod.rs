@@ -165,16 +165,36 @@ impl Layout {
     /// a `--maildir-root` directory. It must belong to the user running inboxd and be
     /// writable by nobody else: as root, inboxd creates the accounts' directories in it, and
     /// root must not work inside a directory that another user controls.
+    /// The directory itself must not be a symlink, and every directory above it must
+    /// belong to root or that user and be writable by nobody else (or be sticky, like /tmp),
+    /// so that nobody can put a symlink in its place (found in review: a symlink to /etc in a
+    /// directory a user controls would have had root create and chown /etc/<account>).
     pub fn root(path: &Path) -> std::io::Result<Layout> {
         std::fs::create_dir_all(path)?;
         let fd = open(
             path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map_err(std::io::Error::from)?;
+        .map_err(|e| {
+            std::io::Error::other(format!("cannot be opened without following a symlink: {e}"))
+        })?;
         let st = nix::sys::stat::fstat(&fd).map_err(std::io::Error::from)?;
         let me = nix::unistd::geteuid().as_raw();
+        let absolute = std::path::absolute(path)?;
+        for dir in absolute.ancestors().skip(1) {
+            let m = std::fs::metadata(dir)?;
+            let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions());
+            let owner = std::os::unix::fs::MetadataExt::uid(&m);
+            if (owner != 0 && owner != me) || (mode & 0o022 != 0 && mode & 0o1000 == 0) {
+                return Err(std::io::Error::other(format!(
+                    "{} (uid {owner}, mode {:o}) must belong to root or uid {me} and be \
+                     writable by nobody else, or be sticky",
+                    dir.display(),
+                    mode & 0o7777
+                )));
+            }
+        }
         if st.st_uid != me || st.st_mode & 0o022 != 0 {
             return Err(std::io::Error::other(format!(
                 "must belong to uid {me} and not be writable by group or others (it is uid {}, mode {:o})",
