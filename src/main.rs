@@ -23,6 +23,10 @@ const EX_OSERR: u8 = 71;
 const EX_TEMPFAIL: u8 = 75;
 const EX_CONFIG: u8 = 78;
 
+/// How long inboxd waits for its delivery agent to exit once the server has stopped (below
+/// the unit's TimeoutStopSec=30s).
+const AGENT_EXIT_WAIT: Duration = Duration::from_secs(20);
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Called as sendmail, mailq or newaliases (symbolic links to inboxd).
@@ -303,9 +307,27 @@ fn run(
     ));
     server.set_notifier(notifier);
     let result = server.run();
-    // The agent sees its socket close and exits once it has cleaned up.
+    // The agent sees its socket close and exits once it has cleaned up. An agent stuck in
+    // the kernel (a hung NFS home) is not waited for beyond AGENT_EXIT_WAIT (found in
+    // review): the service manager's stop timeout and its cgroup kill deal with it.
     drop(server);
-    let _ = agent.wait();
+    let until = std::time::Instant::now() + AGENT_EXIT_WAIT;
+    loop {
+        match agent.try_wait() {
+            Ok(None) if std::time::Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Ok(None) => {
+                warn!(
+                    "the delivery agent (pid {}) has not exited after {AGENT_EXIT_WAIT:?}; \
+                     not waiting for it",
+                    agent.id()
+                );
+                break;
+            }
+            _ => break,
+        }
+    }
     match result {
         Ok(()) => Ok(()),
         Err(e @ ServerError::AgentGone(_)) => Err((EX_TEMPFAIL, e.to_string())),

@@ -270,3 +270,27 @@ fn hung_up_transactions_do_not_pile_up_for_a_stalled_agent() {
     );
     assert!(list(&dir.path().join("nobody").join("tmp")).is_empty());
 }
+
+/// An agent that does not exit (stopped here; stuck in a hung filesystem in life) does not
+/// keep inboxd from exiting after SIGTERM: it waits 20 s for it, says so, and exits (found in
+/// review: the wait had no bound).
+#[test]
+fn inboxd_exits_without_an_agent_that_never_ends() {
+    let dir = TempDir::new("agentnoexit");
+    let server = Server::start_in(dir.path(), &[]);
+    let agent = agent_of(&server);
+    let _guard = stop(agent);
+    let started = std::time::Instant::now();
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        server.wait_log("has not exited after 20s; not waiting for it") || {
+            // wait_log gives up after 10 s: the warning comes after 20.
+            server.wait_log("has not exited after 20s; not waiting for it")
+                || server.wait_log("has not exited after 20s; not waiting for it")
+        }
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(19), "{waited:?}");
+    let status = server.stop();
+    assert!(status.success(), "{status:?}");
+}
