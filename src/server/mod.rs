@@ -615,7 +615,8 @@ impl Server {
                 c.session.recipient_verdict(verdict, Instant::now());
             }
             Event::DataStart(tx) => {
-                let id = format!("{}{:X}.{}", self.id_prefix, c.id, tx.number);
+                // An Atom (RFC 5321 4.4, the Received field's ID): start time, connection, transaction.
+                let id = format!("{}-{:X}-{}", self.id_prefix, c.id, tx.number);
                 let unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
