@@ -273,3 +273,22 @@ fn an_empty_root_owned_account_directory_is_handed_over() {
     );
     assert_eq!(messages_with(&md, &tok).len(), 1);
 }
+
+/// An account's directory that exists already (0700, its own) is opened again by a later
+/// agent, which may not read it as root (found by reliability/crash-test once the agent gave
+/// up CAP_DAC_READ_SEARCH: every opening after the first got EACCES and 450).
+#[test]
+fn an_existing_account_directory_is_opened_again() {
+    if skip_unless_root("an_existing_account_directory_is_opened_again") {
+        return;
+    }
+    let dir = TempDir::new("reopen");
+    for _ in 0..2 {
+        let server = Server::start_in(dir.path(), &[]);
+        let tok = token();
+        let reply = server.deliver(&["nobody"], &message(&tok));
+        assert!(reply.starts_with("250 "), "{reply}");
+        assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
+        assert!(server.stop().success());
+    }
+}

@@ -21,7 +21,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD};
 use nix::libc as libc_mode;
 use nix::sys::stat::{fstat, fstatat, mkdirat, Mode};
-use nix::unistd::{fchown, fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
+use nix::unistd::{fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use super::privileges::as_user;
 use super::DeliveryError;
@@ -109,7 +109,19 @@ fn open_dir(parent: &OwnedFd, name: &str, owner: Owner) -> Result<OwnedFd, Deliv
     Ok(fd)
 }
 
-/// Whether the directory holds nothing but `.` and `..`.
+/// chown of a directory held with O_PATH (fchown needs a descriptor opened for I/O).
+fn hand_over(dir: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryError> {
+    nix::unistd::fchownat(
+        dir,
+        c"",
+        Some(owner.uid),
+        Some(owner.gid),
+        AtFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| DeliveryError::io(e, format!("chown {what}")))
+}
+
+/// Whether the directory (one root may read: its own) holds nothing but `.` and `..`.
 fn is_empty_dir(dir: &OwnedFd) -> bool {
     nix::dir::Dir::openat(dir, ".", DIR_FLAGS, Mode::empty()).is_ok_and(|mut d| {
         d.iter()
@@ -202,18 +214,20 @@ impl Maildir {
         owner: Owner,
     ) -> Result<Maildir, DeliveryError> {
         super::privileges::as_root();
-        let md = match openat(root, account, DIR_FLAGS, Mode::empty()) {
+        // O_PATH: the account's directory is its own (0700), and the agent, which keeps no
+        // file override, may not read it as root (found by reliability/crash-test once
+        // CAP_DAC_READ_SEARCH was given up: every opening after the first got EACCES).
+        let md = match openat(root, account, PATH_FLAGS, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => {
                 match mkdirat(root, account, Mode::S_IRWXU) {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => return Err(DeliveryError::io(e, format!("mkdir {account}"))),
                 }
-                let fd = openat(root, account, DIR_FLAGS, Mode::empty())
+                let fd = openat(root, account, PATH_FLAGS, Mode::empty())
                     .map_err(|e| open_error(e, root, account, account))?;
                 if super::privileges::privileged() {
-                    fchown(&fd, Some(owner.uid), Some(owner.gid))
-                        .map_err(|e| DeliveryError::io(e, format!("chown {account}")))?;
+                    hand_over(&fd, owner, account)?;
                 }
                 fsync(root).map_err(|e| DeliveryError::io(e, "fsync of maildir root"))?;
                 fd
@@ -223,14 +237,13 @@ impl Maildir {
         // An empty directory of root's here is one we made and could not hand over (the
         // agent was killed between mkdir and chown, found in review): nobody else may write
         // in the Maildir root. Hand it over now rather than refuse the account for ever.
+        // (The subdirectories then made in it are fsynced with it, chown included.)
         if super::privileges::privileged()
             && owner.uid.as_raw() != 0
             && fstat(&md).is_ok_and(|st| st.st_uid == 0)
             && is_empty_dir(&md)
         {
-            fchown(&md, Some(owner.uid), Some(owner.gid))
-                .map_err(|e| DeliveryError::io(e, format!("chown {account}")))?;
-            fsync(&md).map_err(|e| DeliveryError::io(e, format!("fsync of {account}")))?;
+            hand_over(&md, owner, account)?;
         }
         check_owner(&md, owner, account)?;
         as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
