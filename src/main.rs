@@ -23,9 +23,9 @@ const EX_OSERR: u8 = 71;
 const EX_TEMPFAIL: u8 = 75;
 const EX_CONFIG: u8 = 78;
 
-/// How long inboxd waits for its delivery agent to exit once the server has stopped (below
-/// the unit's TimeoutStopSec=30s).
-const AGENT_EXIT_WAIT: Duration = Duration::from_secs(20);
+/// How long inboxd waits for its delivery agent to exit once the server has stopped (with
+/// the server's own stop, at most about 18 s, below the unit's TimeoutStopSec=30s).
+const AGENT_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

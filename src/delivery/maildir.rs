@@ -359,14 +359,16 @@ impl Maildir {
     }
 
     /// Removal of an already published file (rolling back a partial commit). Fails when the
-    /// file is gone from new/ already (a mail reader moved it to cur/) or cannot be removed.
+    /// file is gone from new/ already (a mail reader moved it to cur/) or cannot be removed;
+    /// the fsync of new/ after it is best effort (the copy is gone either way, and a crash
+    /// that brings it back brings back a complete message).
     pub fn remove_new(&self, name: &str) -> Result<(), Errno> {
         let r = as_user(self.owner.uid, self.owner.gid, || {
             unlinkat(&self.new, name, UnlinkatFlags::NoRemoveDir)
         })
         .and_then(|r| r);
-        let synced = fsync(&self.new);
-        r.and(synced)
+        let _ = fsync(&self.new);
+        r
     }
 
     /// Removes files in tmp/ neither read nor written (atime, mtime) for `age` or longer: what a

@@ -170,7 +170,13 @@ impl Layout {
     /// so that nobody can put a symlink in its place (found in review: a symlink to /etc in a
     /// directory a user controls would have had root create and chown /etc/<account>).
     pub fn root(path: &Path) -> std::io::Result<Layout> {
+        let me = nix::unistd::geteuid().as_raw();
+        // Checked before anything is created (found in review), and again, on the path with
+        // its symlinks resolved, once it exists.
+        let absolute = std::path::absolute(path)?;
+        check_ancestors(&absolute, me)?;
         std::fs::create_dir_all(path)?;
+        check_ancestors(&std::fs::canonicalize(path)?, me)?;
         let fd = open(
             path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -180,21 +186,6 @@ impl Layout {
             std::io::Error::other(format!("cannot be opened without following a symlink: {e}"))
         })?;
         let st = nix::sys::stat::fstat(&fd).map_err(std::io::Error::from)?;
-        let me = nix::unistd::geteuid().as_raw();
-        let absolute = std::path::absolute(path)?;
-        for dir in absolute.ancestors().skip(1) {
-            let m = std::fs::metadata(dir)?;
-            let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions());
-            let owner = std::os::unix::fs::MetadataExt::uid(&m);
-            if (owner != 0 && owner != me) || (mode & 0o022 != 0 && mode & 0o1000 == 0) {
-                return Err(std::io::Error::other(format!(
-                    "{} (uid {owner}, mode {:o}) must belong to root or uid {me} and be \
-                     writable by nobody else, or be sticky",
-                    dir.display(),
-                    mode & 0o7777
-                )));
-            }
-        }
         if st.st_uid != me || st.st_mode & 0o022 != 0 {
             return Err(std::io::Error::other(format!(
                 "must belong to uid {me} and not be writable by group or others (it is uid {}, mode {:o})",
@@ -204,6 +195,29 @@ impl Layout {
         }
         Ok(Layout::Root(fd))
     }
+}
+
+/// Every existing directory above `path` belongs to root or `me` and is writable by nobody
+/// else, or is sticky.
+fn check_ancestors(path: &Path, me: u32) -> std::io::Result<()> {
+    for dir in path.ancestors().skip(1) {
+        let m = match std::fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions());
+        let owner = std::os::unix::fs::MetadataExt::uid(&m);
+        if (owner != 0 && owner != me) || (mode & 0o022 != 0 && mode & 0o1000 == 0) {
+            return Err(std::io::Error::other(format!(
+                "{} (uid {owner}, mode {:o}) must belong to root or uid {me} and be writable \
+                 by nobody else, or be sticky",
+                dir.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// maildir(5): in the host part of a unique name, `/` becomes `\057` and `:` becomes `\072`.

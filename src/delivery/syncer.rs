@@ -47,7 +47,7 @@ const POOL_THREADS: usize = 16;
 pub struct Target {
     pub fd: Arc<OwnedFd>,
     pub dev: Option<u64>,
-    /// How syncfs behaves on that filesystem ([`FsKind::NeedsFlush`] when not known).
+    /// How syncfs behaves on that filesystem ([`FsKind::FsyncOnly`] when not known).
     pub kind: FsKind,
 }
 
@@ -79,8 +79,8 @@ pub struct Syncer {
 /// benchmark can tell which way its batches were made durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncStats {
-    /// Barriers made by fsync (one target, a fixed policy, a host with dirty data, or
-    /// directories alone).
+    /// Barriers made by fsync (one target, a fixed policy, a host with dirty data,
+    /// directories alone, or the targets of a syncfs barrier that syncfs does not cover).
     pub fsync_barriers: u64,
     /// syncfs calls, one per filesystem per barrier.
     pub syncfs: u64,
@@ -211,6 +211,7 @@ impl Syncer {
             .filter(|&i| results[i].is_none())
             .collect();
         if !rest.is_empty() {
+            self.stats.fsync_barriers += 1;
             let rest_targets: Vec<Target> = rest.iter().map(|&i| targets[i].clone()).collect();
             let done = if rest_targets.len() == 1 {
                 vec![fsync(&rest_targets[0].fd)]

@@ -46,6 +46,11 @@ const ODD_ACCEPT_ERRORS: u32 = 64;
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long a client waits for the delivery agent's answer before it gets 451.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Once stopping, how long a session may still wait for its commit's answer before it gets
+/// the 451 (found in review: a hung agent held the stop for up to AGENT_TIMEOUT, far beyond
+/// the unit's TimeoutStopSec=30s; with CLOSE_GRACE and the wait for the agent's exit, a
+/// stop takes at most about 28 s).
+const STOP_WAIT: Duration = Duration::from_secs(8);
 /// Reads (of up to 64 KiB) one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
 /// Times per turn a connection's session may go on with buffered input after its replies
@@ -76,6 +81,8 @@ pub struct Server {
     at_capacity: bool,
     id_prefix: String,
     stopping: bool,
+    /// When the stop began: waits for the agent end by then + [`STOP_WAIT`].
+    stop_at: Option<Instant>,
     /// Re-read on SIGHUP.
     aliases_path: PathBuf,
     /// Delivery outcomes waiting for their connection to be driven.
@@ -179,6 +186,7 @@ impl Server {
             at_capacity: false,
             id_prefix: format!("{:X}", start.as_secs()),
             stopping: false,
+            stop_at: None,
             aliases_path,
             parked: Vec::new(),
             agent_gone: None,
@@ -339,6 +347,7 @@ impl Server {
 
     fn stop(&mut self) {
         self.stopping = true;
+        self.stop_at = Some(Instant::now());
         self.notify(&format!(
             "STOPPING=1\nSTATUS=stopping: {} connection(s) get 421",
             self.conns.len()
@@ -380,7 +389,10 @@ impl Server {
                     {
                         refuse_busy(socket, addr, self.max_per_ip)
                     }
-                    Ok((socket, addr)) => self.add_connection(socket, addr, now),
+                    Ok((socket, addr)) => {
+                        odd_errors = 0;
+                        self.add_connection(socket, addr, now)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -451,8 +463,15 @@ impl Server {
         self.spare_buf = Some(buf);
     }
 
+    /// When a session waiting (since `since`) for the agent's answer gets a 451 instead.
+    fn agent_deadline(&self, since: Instant) -> Instant {
+        let d = since + AGENT_TIMEOUT;
+        self.stop_at.map_or(d, |s| d.min(s + STOP_WAIT))
+    }
+
     fn fire_timers(&mut self, now: Instant, buf: &mut [u8]) {
         while let Some((at, token)) = self.timers.pop_due(now) {
+            let stop_cap = self.stop_at.map(|s| s + STOP_WAIT);
             let Some(c) = self.conns.get_mut(&token) else {
                 continue;
             };
@@ -469,13 +488,18 @@ impl Server {
                 self.finish(c);
                 continue;
             }
-            if c.waiting_since.is_some_and(|w| now >= w + AGENT_TIMEOUT) {
+            if c.waiting_since
+                .is_some_and(|w| now >= w + AGENT_TIMEOUT || stop_cap.is_some_and(|s| now >= s))
+            {
                 // The agent is stuck (a hung NFS home, an NSS backend that never answers):
                 // the client gets a 4xx instead of waiting for ever. Should the commit still
                 // complete, the client's retry makes a duplicate, never a loss.
+                let waited = c.waiting_since.map(|w| now.saturating_duration_since(w));
                 warn!(
-                    "event=agent_timeout session={:x} waited={AGENT_TIMEOUT:?}",
-                    c.id
+                    "event=agent_timeout session={:x} waited={:?} stopping={}",
+                    c.id,
+                    waited.unwrap_or_default(),
+                    stop_cap.is_some()
                 );
                 c.waiting_since = None;
                 c.session.delivery_outcome(
@@ -558,7 +582,7 @@ impl Server {
         }
         let deadline = match (c.closing_since, c.waiting_since) {
             (Some(t), _) => Some(t + CLOSE_GRACE),
-            (None, Some(w)) => Some(w + AGENT_TIMEOUT),
+            (None, Some(w)) => Some(self.agent_deadline(w)),
             (None, None) => c.session.next_deadline(),
         };
         if let Some(d) = deadline {

@@ -337,9 +337,20 @@ impl Parser<'_> {
                 .map(|a| Domain::Literal(IpAddr::V4(a)))
                 .ok_or(PathError::Syntax);
         }
-        // General-address-literal = Standardized-tag ":" 1*dcontent
+        // General-address-literal = Standardized-tag ":" 1*dcontent, the tag an Ldh-str and
+        // dcontent printable ASCII but "[", "\\" and "]" (found in review: those made a
+        // Received field whose literal did not end).
+        let ldh = |t: &str| {
+            t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && t.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && t.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+        };
         match inner.split_once(':') {
-            Some((tag, content)) if !tag.is_empty() && !content.is_empty() => {
+            Some((tag, content))
+                if ldh(tag)
+                    && !content.is_empty()
+                    && content.bytes().all(|b| matches!(b, 33..=90 | 94..=126)) =>
+            {
                 Ok(Domain::General(inner.to_string()))
             }
             _ => Err(PathError::Syntax),
@@ -378,7 +389,9 @@ mod tests {
         ] {
             assert_eq!(is_domain_or_literal(ok), !ok.ends_with('.'), "{ok}");
         }
-        for bad in ["x(y\"z;", "a..b", "-a", "[1.2.3]", "a b", "", "[x]"] {
+        for bad in [
+            "x(y\"z;", "a..b", "-a", "[1.2.3]", "a b", "", "[x]", "[a:\\]", "[a:[b]", "[-a:b]",
+        ] {
             assert!(!is_domain_or_literal(bad), "{bad}");
         }
     }

@@ -499,9 +499,6 @@ impl Session {
         }
     }
 
-    /// A command error: counted, and the session is ended with 421 once there are too many
-    /// (an abusive or broken client; the counted reply is replaced, so every command still gets
-    /// exactly one reply).
     /// A RCPT or DATA without a transaction: an error, unless it followed a refused MAIL.
     fn out_of_sequence(&mut self, r: Reply) {
         if self.mail_refused {
@@ -511,6 +508,9 @@ impl Session {
         }
     }
 
+    /// A command error: counted, and the session is ended with 421 once there are too many
+    /// (an abusive or broken client; the counted reply is replaced, so every command still gets
+    /// exactly one reply).
     fn error(&mut self, r: Reply) {
         self.errors += 1;
         if self.errors >= self.config.max_errors {
@@ -594,7 +594,9 @@ impl Session {
             }
         }
         if is_mail {
-            self.mail_refused = self.transactions == transactions;
+            // Refused means no transaction now: a MAIL refused because one is open already
+            // leaves RCPTs in sequence (found in review).
+            self.mail_refused = self.tx.is_none() && self.transactions == transactions;
         }
         true
     }

@@ -32,7 +32,9 @@ impl Trace {
         let from = if is_domain_or_literal(&tx.helo) {
             format!("{} ({ip})", tx.helo)
         } else {
-            format!("{ip} (helo={})", comment_text(&tx.helo))
+            // RFC 5321 4.4: address-literal FWS "(" TCP-info ")", then the name as a
+            // comment (found in review: "(helo=...)" alone is no TCP-info).
+            format!("{ip} ({ip}) (helo={})", comment_text(&tx.helo))
         };
         let received = format!(
             "Received: from {}\n\tby {} (inboxd) with {} id {};\n\t{}\n",
@@ -173,7 +175,8 @@ mod tests {
         // Found in review: an unbalanced "(" or a ";" broke the field's syntax.
         assert_eq!(
             received_for("x(y\"z;\\)"),
-            "Received: from [192.0.2.1] (helo=x\\(y\"z;\\\\\\))\n\tby mx.test (inboxd) with \
+            "Received: from [192.0.2.1] ([192.0.2.1]) (helo=x\\(y\"z;\\\\\\))\n\tby mx.test \
+             (inboxd) with \
              ESMTP id ID1;\n\tThu, 1 Jan 1970 00:00:00 +0000\n"
         );
     }
