@@ -182,24 +182,22 @@ fn ipv6_listener_and_literals_of_every_listening_address() {
     assert!(c.cmd("RCPT TO:<root@[IPv6:::2]>").starts_with("550 5.7.1"));
 }
 
-/// maildir(5): files left in tmp/ for 36 hours (a delivery cut short by a crash) are removed
-/// when the Maildir is next opened; younger ones, and everything else, are left alone.
-#[test]
-fn tmp_files_older_than_36_hours_are_cleaned() {
-    let dir = TempDir::new("tmpclean");
-    let md = dir.path().join("root");
+/// root's Maildir (tmp/, new/, cur/) under `dir`.
+fn root_maildir(dir: &std::path::Path) -> std::path::PathBuf {
+    let md = dir.join("root");
     for d in ["tmp", "new", "cur"] {
         std::fs::create_dir_all(md.join(d)).unwrap();
     }
+    md
+}
+
+/// A file at `f` neither read nor written for 40 hours: what a crash left in tmp/.
+fn left_40_hours_ago(f: &std::path::Path) {
     let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 3600);
-    let old = md.join("tmp").join("1.M1P1Q1.crashed");
-    let young = md.join("tmp").join("2.M2P2Q2.recent");
-    for f in [&old, &young] {
-        std::fs::write(f, "partial").unwrap();
-    }
+    std::fs::write(f, "partial").unwrap();
     std::fs::File::options()
         .write(true)
-        .open(&old)
+        .open(f)
         .unwrap()
         .set_times(
             std::fs::FileTimes::new()
@@ -207,6 +205,18 @@ fn tmp_files_older_than_36_hours_are_cleaned() {
                 .set_modified(long_ago),
         )
         .unwrap();
+}
+
+/// maildir(5): files left in tmp/ for 36 hours (a delivery cut short by a crash) are removed
+/// when the Maildir is next opened; younger ones, and everything else, are left alone.
+#[test]
+fn tmp_files_older_than_36_hours_are_cleaned() {
+    let dir = TempDir::new("tmpclean");
+    let md = root_maildir(dir.path());
+    let old = md.join("tmp").join("1.M1P1Q1.crashed");
+    let young = md.join("tmp").join("2.M2P2Q2.recent");
+    std::fs::write(&young, "partial").unwrap();
+    left_40_hours_ago(&old);
     let server = Server::start_in(dir.path(), &[]);
     let tok = token();
     assert!(server
@@ -223,24 +233,9 @@ fn tmp_files_older_than_36_hours_are_cleaned() {
 #[test]
 fn one_cleaning_pass_removes_at_most_100_files() {
     let dir = TempDir::new("tmpcleancap");
-    let md = dir.path().join("root");
-    for d in ["tmp", "new", "cur"] {
-        std::fs::create_dir_all(md.join(d)).unwrap();
-    }
-    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 3600);
+    let md = root_maildir(dir.path());
     for i in 0..150 {
-        let f = md.join("tmp").join(format!("{i}.M1P1Q1.crashed"));
-        std::fs::write(&f, "partial").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&f)
-            .unwrap()
-            .set_times(
-                std::fs::FileTimes::new()
-                    .set_accessed(long_ago)
-                    .set_modified(long_ago),
-            )
-            .unwrap();
+        left_40_hours_ago(&md.join("tmp").join(format!("{i}.M1P1Q1.crashed")));
     }
     let server = Server::start_in(dir.path(), &[]);
     let tok = token();

@@ -207,13 +207,7 @@ fn the_agent_starts_without_cap_dac_read_search() {
         return;
     }
     let dir = TempDir::new("nodacrs");
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([
-        "--bounding-set",
-        "-dac_read_search",
-        "--",
-        env!("CARGO_BIN_EXE_inboxd"),
-    ]);
+    let cmd = without_dac_read_search();
     let server = Server::spawn_in(cmd, dir.path(), &[]);
     let tok = token();
     assert!(server

@@ -141,13 +141,7 @@ fn a_private_home_gets_mail_without_reading_it_as_root() {
     let dir = TempDir::new("privatehome");
     let aliases = dir.path().join("aliases");
     std::fs::write(&aliases, "root: Jones\n").unwrap();
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([
-        "--bounding-set",
-        "-dac_read_search",
-        "--",
-        env!("CARGO_BIN_EXE_inboxd"),
-    ]);
+    let cmd = without_dac_read_search();
     let server = Server::spawn(cmd, &["--aliases", aliases.to_str().unwrap()]);
     let tok = token();
     let reply = server.deliver(&["inboxd-private"], &message(&tok));

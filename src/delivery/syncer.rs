@@ -358,6 +358,16 @@ mod tests {
         (st.syncfs, st.flush_after_syncfs, st.syncfs_commit_enough)
     }
 
+    /// The syncfs path on `targets`: the first answers `first`, the others Ok, with these
+    /// counts.
+    fn expect(targets: &[Target], first: Errno, want: (u64, u64, u64)) {
+        let mut s = Syncer::new(Policy::Adaptive);
+        let r = s.by_syncfs(targets);
+        assert_eq!(r[0], Err(first));
+        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(counts(&s.stats()), want);
+    }
+
     #[test]
     fn every_policy_answers_each_target_in_order() {
         let dir = std::env::temp_dir().join(format!("inboxd-syncer-{}", std::process::id()));
@@ -399,45 +409,27 @@ mod tests {
             dev: Some(2),
             kind: FsKind::NeedsFlush,
         }));
-        let mut s = Syncer::new(Policy::Adaptive);
-        let r = s.by_syncfs(&mixed);
-        assert_eq!(r[0], Err(Errno::EINVAL));
-        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(counts(&s.stats()), (1, 1, 0));
+        expect(&mixed, Errno::EINVAL, (1, 1, 0));
         // On a filesystem whose syncfs ends with a commit there is no fsync after it: the
         // socket's answer is then its own writeback wait's (sync_file_range: ESPIPE).
         for t in &mut mixed {
             t.kind = FsKind::Commits;
         }
-        let mut s = Syncer::new(Policy::Adaptive);
-        let r = s.by_syncfs(&mixed);
-        assert_eq!(r[0], Err(Errno::ESPIPE));
-        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(counts(&s.stats()), (1, 0, 1));
+        expect(&mixed, Errno::ESPIPE, (1, 0, 1));
         // One target on that filesystem not known to commit is enough to keep the flush,
         // whichever comes first.
         mixed[2].kind = FsKind::NeedsFlush;
-        let mut s = Syncer::new(Policy::Adaptive);
-        assert_eq!(s.by_syncfs(&mixed)[0], Err(Errno::EINVAL));
-        assert_eq!(counts(&s.stats()), (1, 1, 0));
+        expect(&mixed, Errno::EINVAL, (1, 1, 0));
         // On a filesystem whose syncfs is not trusted (FUSE, say) there is no syncfs at all:
         // each target is fsynced (the socket: EINVAL), and the others are answered too.
         for t in &mut mixed {
             t.kind = FsKind::FsyncOnly;
         }
-        let mut s = Syncer::new(Policy::Adaptive);
-        let r = s.by_syncfs(&mixed);
-        assert_eq!(r[0], Err(Errno::EINVAL));
-        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(counts(&s.stats()), (0, 0, 0));
+        expect(&mixed, Errno::EINVAL, (0, 0, 0));
         // Mixed in one batch: syncfs for the trusted filesystem's targets only.
         mixed[1].kind = FsKind::Commits;
         mixed[2].kind = FsKind::Commits;
-        let mut s = Syncer::new(Policy::Adaptive);
-        let r = s.by_syncfs(&mixed);
-        assert_eq!(r[0], Err(Errno::EINVAL));
-        assert!(r[1..].iter().all(|r| r.is_ok()), "{r:?}");
-        assert_eq!(counts(&s.stats()), (1, 0, 1));
+        expect(&mixed, Errno::EINVAL, (1, 0, 1));
         // A descriptor that cannot be fsynced gets its own error, whatever the others do.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         targets[7] = Target {

@@ -905,7 +905,12 @@ mod tests {
     use std::rc::Rc;
 
     fn session(now: Instant) -> Session {
-        let config = Rc::new(SessionConfig {
+        session_with(now, |_| {})
+    }
+
+    /// A session whose configuration `change` has changed from the tests' usual one.
+    fn session_with(now: Instant, change: impl FnOnce(&mut SessionConfig)) -> Session {
+        let mut config = SessionConfig {
             hostname: "mx.test".into(),
             local_domains: vec!["localhost".into()],
             local_addresses: Vec::new(),
@@ -914,13 +919,14 @@ mod tests {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             max_errors: 20,
-        });
+        };
+        change(&mut config);
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let peer = Peer {
             remote: ip,
             local: ip,
         };
-        let mut s = Session::new(config, peer, now);
+        let mut s = Session::new(Rc::new(config), peer, now);
         s.take_output();
         s
     }
@@ -1190,19 +1196,12 @@ mod tests {
         // RFC 1870 4: the size counts CRLF line ends but neither stuffing dots nor the final
         // dot (found in review: the wire octets were counted).
         let t0 = Instant::now();
-        let mut config = (*session(t0).config).clone();
-        config.max_message_size = 100;
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let peer = Peer {
-            remote: ip,
-            local: ip,
-        };
         for (body, ok) in [
             (format!("{}\r\n", "a".repeat(98)), true),
             (format!("{}\r\n", "a".repeat(99)), false),
             (format!("..{}\r\n", "a".repeat(97)), true),
         ] {
-            let mut s = Session::new(Rc::new(config.clone()), peer, t0);
+            let mut s = session_with(t0, |c| c.max_message_size = 100);
             with_recipient(&mut s, t0);
             s.take_output();
             s.receive(format!("DATA\r\n{body}.\r\n").as_bytes(), t0);
@@ -1224,15 +1223,7 @@ mod tests {
     #[test]
     fn too_many_distinct_accounts_is_452() {
         let t0 = Instant::now();
-        let mut config = (*session(t0).config).clone();
-        config.max_recipients = 1000;
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let peer = Peer {
-            remote: ip,
-            local: ip,
-        };
-        let mut s = Session::new(Rc::new(config), peer, t0);
-        s.take_output();
+        let mut s = session_with(t0, |c| c.max_recipients = 1000);
         s.receive(b"HELO c\r\nMAIL FROM:<>\r\n", t0);
         for i in 0..MAX_ACCOUNTS + 1 {
             s.receive(format!("RCPT TO:<u{i}@localhost>\r\n").as_bytes(), t0);

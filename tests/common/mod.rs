@@ -469,6 +469,19 @@ pub fn ensure_user(name: &str) -> (PathBuf, u32) {
     (u.dir, u.uid.as_raw())
 }
 
+/// inboxd started with CAP_DAC_READ_SEARCH out of its bounding set (as Docker and a strict
+/// CapabilityBoundingSet= leave it).
+pub fn without_dac_read_search() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--bounding-set",
+        "-dac_read_search",
+        "--",
+        env!("CARGO_BIN_EXE_inboxd"),
+    ]);
+    cmd
+}
+
 /// inboxd as root delivering to ~account/Maildir, with root (and so postmaster) aliased to
 /// Jones: started as root, inboxd refuses to run while postmaster would reach uid 0.
 pub fn start_system() -> (Server, TempDir) {
