@@ -178,13 +178,14 @@ fn parse_path(s: &[u8]) -> Result<(Option<Mailbox>, &[u8]), PathError> {
             return Err(PathError::Syntax);
         }
     }
-    let start = p.i;
     let mb = p.mailbox()?;
-    if p.i - start > MAX_PATH {
-        return Err(PathError::TooLong);
-    }
     if !p.eat(b'>') {
         return Err(PathError::Syntax);
+    }
+    // RFC 5321 4.5.3.1.3: 256 octets for the whole path, the angle brackets and any source
+    // route included (found in review: only the mailbox was measured).
+    if p.i > MAX_PATH {
+        return Err(PathError::TooLong);
     }
     Ok((Some(mb), &s[p.i..]))
 }
@@ -377,6 +378,19 @@ fn ipv4_literal(s: &str) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_measured_whole() {
+        let path = |n: usize| format!("<{}@{}.example>", "l".repeat(64), "d".repeat(n));
+        // 1 + 64 + 1 + n + 8 + 1 octets.
+        assert_eq!(path(181).len(), 256);
+        assert!(fwd(&path(181)).is_ok());
+        assert_eq!(fwd(&path(182)), Err(PathError::TooLong));
+        assert_eq!(
+            fwd(&format!("<@relay.example:{}", &path(170)[1..])),
+            Err(PathError::TooLong)
+        );
+    }
 
     #[test]
     fn helo_names_are_domains_or_address_literals() {
