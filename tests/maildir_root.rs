@@ -287,3 +287,24 @@ fn an_existing_account_directory_is_opened_again() {
         assert!(server.stop().success());
     }
 }
+
+/// A --maildir-root created by inboxd is 0755 whatever the umask (found in review: under the
+/// unit's UMask=0077 it came out 0700, and the accounts' mail readers could not pass).
+#[test]
+fn a_created_maildir_root_can_be_walked_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("umaskroot");
+    let root = dir.path().join("srv").join("mail");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        "umask 077 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_inboxd"),
+    ]);
+    let server = Server::spawn_in(cmd, &root, &[]);
+    for d in [dir.path().join("srv"), root.clone()] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "{}", d.display());
+    }
+    drop(server);
+}

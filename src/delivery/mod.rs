@@ -171,11 +171,20 @@ impl Layout {
     /// directory a user controls would have had root create and chown /etc/<account>).
     pub fn root(path: &Path) -> std::io::Result<Layout> {
         let me = nix::unistd::geteuid().as_raw();
-        // Checked before anything is created (found in review), and again, on the path with
-        // its symlinks resolved, once it exists.
+        // Checked before anything is created (found in review), from the deepest directory
+        // that exists (symlinks and ".." resolved), and again once the path exists.
         let absolute = std::path::absolute(path)?;
-        check_ancestors(&absolute, me)?;
-        std::fs::create_dir_all(path)?;
+        let existing = absolute
+            .ancestors()
+            .find(|a| a.exists())
+            .unwrap_or(Path::new("/"));
+        let resolved = std::fs::canonicalize(existing)?;
+        if existing == absolute {
+            check_ancestors(&resolved, me)?;
+        } else {
+            check_ancestors(&resolved.join("_"), me)?;
+        }
+        create_dirs_0755(&absolute)?;
         check_ancestors(&std::fs::canonicalize(path)?, me)?;
         let fd = open(
             path,
@@ -195,6 +204,23 @@ impl Layout {
         }
         Ok(Layout::Root(fd))
     }
+}
+
+/// Creates the missing directories of `path` with mode 0755 whatever the umask (found in
+/// review: under the unit's UMask=0077 a new root came out 0700, and the accounts' own
+/// mail readers could not pass through it).
+fn create_dirs_0755(path: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = path.ancestors().take_while(|a| !a.exists()).collect();
+    for dir in missing.into_iter().rev() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Every existing directory above `path` belongs to root or `me` and is writable by nobody

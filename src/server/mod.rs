@@ -679,6 +679,9 @@ impl Server {
                 );
             }
             if id == current.id {
+                // The wait is over: a next commit in this same drive times its own (found
+                // in review).
+                current.waiting_since = None;
                 current.session.delivery_outcome(outcome, Instant::now());
             } else {
                 self.parked.push((id, outcome));
@@ -701,6 +704,7 @@ impl Server {
         for (id, outcome) in std::mem::take(&mut self.parked) {
             let token = Token(id as usize);
             if let Some(c) = self.conns.get_mut(&token) {
+                c.waiting_since = None;
                 c.session.delivery_outcome(outcome, Instant::now());
                 self.drive(token, buf);
             }
