@@ -179,13 +179,16 @@ impl Layout {
             .find(|a| a.exists())
             .unwrap_or(Path::new("/"));
         let resolved = std::fs::canonicalize(existing)?;
-        if existing == absolute {
-            check_ancestors(&resolved, me)?;
-        } else {
-            check_ancestors(&resolved.join("_"), me)?;
-        }
+        // The path itself, if it exists, is checked below (it must be ours alone).
+        let first = match resolved.parent() {
+            Some(parent) if existing == absolute => parent,
+            _ => &resolved,
+        };
+        check_from(first, me)?;
         create_dirs_0755(&absolute)?;
-        check_ancestors(&std::fs::canonicalize(path)?, me)?;
+        if let Some(parent) = std::fs::canonicalize(path)?.parent() {
+            check_from(parent, me)?;
+        }
         let fd = open(
             path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -223,10 +226,10 @@ fn create_dirs_0755(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Every existing directory above `path` belongs to root or `me` and is writable by nobody
-/// else, or is sticky.
-fn check_ancestors(path: &Path, me: u32) -> std::io::Result<()> {
-    for dir in path.ancestors().skip(1) {
+/// `dir` and every existing directory above it belong to root or `me` and are writable by
+/// nobody else, or are sticky.
+fn check_from(dir: &Path, me: u32) -> std::io::Result<()> {
+    for dir in dir.ancestors() {
         let m = match std::fs::metadata(dir) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,

@@ -463,15 +463,9 @@ impl Server {
         self.spare_buf = Some(buf);
     }
 
-    /// When a session waiting (since `since`) for the agent's answer gets a 451 instead.
-    fn agent_deadline(&self, since: Instant) -> Instant {
-        let d = since + AGENT_TIMEOUT;
-        self.stop_at.map_or(d, |s| d.min(s + STOP_WAIT))
-    }
-
     fn fire_timers(&mut self, now: Instant, buf: &mut [u8]) {
         while let Some((at, token)) = self.timers.pop_due(now) {
-            let stop_cap = self.stop_at.map(|s| s + STOP_WAIT);
+            let stop_at = self.stop_at;
             let Some(c) = self.conns.get_mut(&token) else {
                 continue;
             };
@@ -489,7 +483,7 @@ impl Server {
                 continue;
             }
             if c.waiting_since
-                .is_some_and(|w| now >= w + AGENT_TIMEOUT || stop_cap.is_some_and(|s| now >= s))
+                .is_some_and(|w| now >= agent_deadline(stop_at, w))
             {
                 // The agent is stuck (a hung NFS home, an NSS backend that never answers):
                 // the client gets a 4xx instead of waiting for ever. Should the commit still
@@ -499,7 +493,7 @@ impl Server {
                     "event=agent_timeout session={:x} waited={:?} stopping={}",
                     c.id,
                     waited.unwrap_or_default(),
-                    stop_cap.is_some()
+                    stop_at.is_some()
                 );
                 c.waiting_since = None;
                 c.session.delivery_outcome(
@@ -582,7 +576,7 @@ impl Server {
         }
         let deadline = match (c.closing_since, c.waiting_since) {
             (Some(t), _) => Some(t + CLOSE_GRACE),
-            (None, Some(w)) => Some(self.agent_deadline(w)),
+            (None, Some(w)) => Some(agent_deadline(self.stop_at, w)),
             (None, None) => c.session.next_deadline(),
         };
         if let Some(d) = deadline {
@@ -796,6 +790,13 @@ impl Server {
             self.accept(Instant::now());
         }
     }
+}
+
+/// When a session waiting (since `since`) for the agent's answer gets a 451 instead: after
+/// AGENT_TIMEOUT, or once stopping (since `stop_at`), after STOP_WAIT.
+fn agent_deadline(stop_at: Option<Instant>, since: Instant) -> Instant {
+    let d = since + AGENT_TIMEOUT;
+    stop_at.map_or(d, |s| d.min(s + STOP_WAIT))
 }
 
 /// A client over its address's connection limit: one 421 (RFC 5321 3.8: a server may refuse

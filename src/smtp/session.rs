@@ -879,8 +879,8 @@ impl Session {
             ));
         }
         let tx = self.tx.as_ref()?;
-        for account in tx.accounts() {
-            let ours = delivered_to(&account, &self.config.hostname);
+        for account in &tx.accounts {
+            let ours = delivered_to(account, &self.config.hostname);
             if h.delivered_to.contains(&ours) {
                 return Some(Reply::new(
                     554,
