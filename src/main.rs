@@ -277,6 +277,9 @@ fn run(
         max_errors: config.max_errors,
     };
     let delivery = AgentClient::new(agent_sock, &config.hostname);
+    // Everything that needs root is done: listeners bound, agent started. The server's
+    // lookup thread starts after the switch, so it never held privileges either.
+    privileges::drop_to(&config.user).map_err(|e| (EX_CONFIG, e))?;
     let mut server = Server::new(
         listeners,
         session_config,
@@ -286,9 +289,6 @@ fn run(
         config.aliases.clone(),
     )
     .map_err(|e| (EX_OSERR, e.to_string()))?;
-    // Everything that needs root is done: listeners bound, agent started. The line below
-    // says the server is ready, so it comes after the switch.
-    privileges::drop_to(&config.user).map_err(|e| (EX_CONFIG, e))?;
     info!(
         "inboxd {} listening on {:?} for domains {:?}; hostname {}; mail to {}; {} aliases",
         env!("CARGO_PKG_VERSION"),

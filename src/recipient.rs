@@ -7,10 +7,10 @@
 //! It must not write anything, and it never runs or opens what an alias names: pipe, file and
 //! `:include:` targets are refused with a warning.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::warn;
@@ -218,6 +218,9 @@ pub enum Resolution {
 }
 
 /// Turns local parts into account names.
+///
+/// Clones share the cache of found accounts: the event loop answers from it
+/// ([`Resolver::resolve_cached`]) while a lookup thread fills it ([`Resolver::resolve`]).
 #[derive(Debug, Clone)]
 pub struct Resolver {
     aliases: Aliases,
@@ -226,15 +229,21 @@ pub struct Resolver {
     /// root without `--allow-root-delivery`, so the delivery agent never writes as root.
     refuse_uid0: bool,
     lookup: fn(&str) -> Result<Option<Account>, RecipientError>,
-    found: RefCell<HashMap<String, (Instant, Account)>>,
+    found: Arc<Mutex<HashMap<String, (Instant, Account)>>>,
 }
 
-/// One expansion's result: accounts found, and whether a uid-0 account was dropped.
+/// One expansion's result: accounts found, whether a uid-0 account was dropped, and what
+/// to warn about (logged only once the expansion is complete, so that an expansion tried
+/// from the cache and then redone with lookups warns once).
 #[derive(Default)]
 struct Expansion {
     accounts: Vec<String>,
     dropped_uid0: bool,
+    warnings: Vec<String>,
 }
+
+/// A cache-only expansion needed an account that is not in the cache.
+struct NotCached;
 
 impl Resolver {
     pub fn new(aliases: Aliases, lowercase_fallback: bool, refuse_uid0: bool) -> Resolver {
@@ -243,20 +252,28 @@ impl Resolver {
             lowercase_fallback,
             refuse_uid0,
             lookup: lookup_account,
-            found: RefCell::new(HashMap::new()),
+            found: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    /// An NSS lookup, answered from the last [`ACCOUNT_TTL`] when the account was found.
+    /// An account found in the last [`ACCOUNT_TTL`], if any.
+    fn cached(&self, name: &str, now: Instant) -> Option<Account> {
+        let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        match found.get(name) {
+            Some((at, a)) if now.duration_since(*at) < ACCOUNT_TTL => Some(a.clone()),
+            _ => None,
+        }
+    }
+
+    /// An NSS lookup, answered from the last [`ACCOUNT_TTL`] when the account was found. The
+    /// cache's lock is never held across the lookup itself.
     fn lookup(&self, name: &str) -> Result<Option<Account>, RecipientError> {
         let now = Instant::now();
-        if let Some((at, a)) = self.found.borrow().get(name) {
-            if now.duration_since(*at) < ACCOUNT_TTL {
-                return Ok(Some(a.clone()));
-            }
+        if let Some(a) = self.cached(name, now) {
+            return Ok(Some(a));
         }
         let r = (self.lookup)(name)?;
-        let mut found = self.found.borrow_mut();
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
         match &r {
             Some(a) => {
                 if found.len() >= ACCOUNT_CACHE {
@@ -269,6 +286,18 @@ impl Resolver {
             }
         }
         Ok(r)
+    }
+
+    /// The alias table in use.
+    pub fn aliases(&self) -> &Aliases {
+        &self.aliases
+    }
+
+    /// Puts in a table that another copy of this resolver has already checked with
+    /// [`Resolver::set_aliases`] (the server's lookup thread does the checking, since it
+    /// looks accounts up).
+    pub fn adopt_aliases(&mut self, aliases: Aliases) {
+        self.aliases = aliases;
     }
 
     /// Replaces the alias table (SIGHUP reloads it), unless postmaster would then reach
@@ -300,8 +329,30 @@ impl Resolver {
         }
     }
 
-    /// Resolves a local part to the accounts that get a copy.
+    /// Resolves a local part to the accounts that get a copy, looking accounts up through
+    /// NSS where the cache does not have them (it may block: the server calls it from its
+    /// lookup thread, never from the event loop).
     pub fn resolve(&self, local_part: &str) -> Result<Resolution, RecipientError> {
+        self.resolve_with(local_part, &mut |name| self.lookup(name))
+    }
+
+    /// Resolves a local part from the alias table and the cache alone, without any system
+    /// call: `None` when an account it needs is not cached (or a name is not one NSS would
+    /// be asked about; [`Resolver::resolve`] answers those at no cost). A cached account is
+    /// one found: "no such user" and failures are always asked again.
+    pub fn resolve_cached(&self, local_part: &str) -> Option<Resolution> {
+        let now = Instant::now();
+        self.resolve_with(local_part, &mut |name| {
+            self.cached(name, now).map(Some).ok_or(NotCached)
+        })
+        .ok()
+    }
+
+    fn resolve_with<E>(
+        &self,
+        local_part: &str,
+        lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
+    ) -> Result<Resolution, E> {
         let mut candidates = vec![local_part.to_string()];
         if local_part.eq_ignore_ascii_case(POSTMASTER) {
             candidates = vec![POSTMASTER.to_string()];
@@ -311,56 +362,78 @@ impl Resolver {
                 candidates.push(lower);
             }
         }
+        let mut warnings = Vec::new();
+        let mut result = None;
         for name in &candidates {
             let mut out = Expansion::default();
-            if self.expand(name, 0, &mut Vec::new(), &mut out)? {
-                return Ok(out.into_resolution());
+            let found = self.expand(name, 0, &mut Vec::new(), &mut out, lookup)?;
+            warnings.append(&mut out.warnings);
+            if found {
+                result = Some(out.into_resolution());
+                break;
             }
         }
-        if candidates[0] == POSTMASTER {
+        if result.is_none() && candidates[0] == POSTMASTER {
             // No alias and no account called postmaster: RFC 5321 4.5.1 still requires the
             // address to work, so it reaches root (whose alias, if any, is followed).
             let mut out = Expansion::default();
-            if self.expand("root", 0, &mut Vec::new(), &mut out)? {
-                return Ok(out.into_resolution());
+            let found = self.expand("root", 0, &mut Vec::new(), &mut out, lookup)?;
+            warnings.append(&mut out.warnings);
+            if found {
+                result = Some(out.into_resolution());
             }
         }
-        Ok(Resolution::Unknown)
+        for w in warnings {
+            warn!("{w}");
+        }
+        Ok(result.unwrap_or(Resolution::Unknown))
     }
 
     /// Expands `name` into `out`. Returns false when `name` is neither alias nor account.
-    fn expand(
+    fn expand<E>(
         &self,
         name: &str,
         depth: usize,
         seen: &mut Vec<String>,
         out: &mut Expansion,
-    ) -> Result<bool, RecipientError> {
+        lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
+    ) -> Result<bool, E> {
         if let Some(targets) = self.aliases.map.get(name) {
             if seen.iter().any(|s| s == name) || depth >= MAX_ALIAS_DEPTH {
-                warn!("alias loop through {name:?}; that branch is dropped");
+                out.warnings.push(format!(
+                    "alias loop through {name:?}; that branch is dropped"
+                ));
                 return Ok(true);
             }
             seen.push(name.to_string());
             for t in targets {
                 let found = match t {
-                    Target::Account(a) => self.account_into(a, out)?,
-                    Target::Name(n) => self.expand(n, depth + 1, seen, out)?,
+                    Target::Account(a) => self.account_into(a, out, lookup)?,
+                    Target::Name(n) => self.expand(n, depth + 1, seen, out, lookup)?,
                 };
                 if !found {
-                    warn!("alias {name:?}: target {t:?} is neither an alias nor an account");
+                    out.warnings.push(format!(
+                        "alias {name:?}: target {t:?} is neither an alias nor an account"
+                    ));
                 }
             }
             seen.pop();
             return Ok(true);
         }
-        self.account_into(name, out)
+        self.account_into(name, out, lookup)
     }
 
-    fn account_into(&self, name: &str, out: &mut Expansion) -> Result<bool, RecipientError> {
-        match self.lookup(name)? {
+    fn account_into<E>(
+        &self,
+        name: &str,
+        out: &mut Expansion,
+        lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
+    ) -> Result<bool, E> {
+        match lookup(name)? {
             Some(a) if self.refuse_uid0 && a.uid.is_root() => {
-                warn!("{name:?} is uid 0: no copy (delivery as root is not allowed)");
+                out.warnings.push(format!(
+                    "{name:?} is uid 0: no copy (delivery as root is not allowed)"
+                ));
                 out.dropped_uid0 = true;
                 Ok(true)
             }
@@ -413,7 +486,7 @@ mod tests {
             lowercase_fallback: fallback,
             refuse_uid0: false,
             lookup: fake,
-            found: RefCell::new(HashMap::new()),
+            found: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -494,6 +567,61 @@ boss: root
         assert!(r.resolve("broken").is_err());
         assert_eq!(r.resolve("nosuchuser").unwrap(), UNKNOWN);
         assert_eq!(r.resolve("../etc").unwrap(), UNKNOWN);
+    }
+
+    #[test]
+    fn the_cache_answers_only_what_it_holds_and_is_shared_by_clones() {
+        let r = resolver("staff: alice, bob\nroot: alice\n", true);
+        let thread_copy = r.clone();
+        // Nothing cached yet: every account (and every name NSS would be asked about) needs
+        // the lookup thread.
+        assert_eq!(r.resolve_cached("alice"), None);
+        assert_eq!(r.resolve_cached("nosuchuser"), None);
+        assert_eq!(r.resolve_cached("../etc"), None);
+        // The thread's copy looks them up; the event loop's copy then answers from the cache.
+        assert_eq!(thread_copy.resolve("alice").unwrap(), names(&["alice"]));
+        assert_eq!(r.resolve_cached("alice"), Some(names(&["alice"])));
+        assert_eq!(
+            r.resolve_cached("ALICE"),
+            None,
+            "the exact name is looked up first"
+        );
+        // An alias needs all its accounts cached.
+        assert_eq!(r.resolve_cached("staff"), None);
+        assert_eq!(
+            thread_copy.resolve("staff").unwrap(),
+            names(&["alice", "bob"])
+        );
+        assert_eq!(r.resolve_cached("staff"), Some(names(&["alice", "bob"])));
+        // postmaster is first asked for as an account, which the cache never holds as absent.
+        assert_eq!(r.resolve_cached("postmaster"), None);
+        assert_eq!(
+            thread_copy.resolve("postmaster").unwrap(),
+            names(&["alice"])
+        );
+        // "No such user" is never cached, so a new account gets mail at once.
+        assert_eq!(thread_copy.resolve("nosuchuser").unwrap(), UNKNOWN);
+        assert_eq!(r.resolve_cached("nosuchuser"), None);
+    }
+
+    #[test]
+    fn a_reload_checked_by_one_copy_is_adopted_by_another() {
+        let mut thread_copy = resolver("", true);
+        let mut r = thread_copy.clone();
+        thread_copy
+            .set_aliases(Aliases::parse("team: Carol, Jones\n", "test"))
+            .unwrap();
+        r.adopt_aliases(thread_copy.aliases().clone());
+        assert_eq!(
+            thread_copy.resolve("team").unwrap(),
+            names(&["Carol", "Jones"])
+        );
+        assert_eq!(r.resolve_cached("team"), Some(names(&["Carol", "Jones"])));
+        // A table that leaves postmaster with nobody is refused, and the old one stays.
+        assert!(thread_copy
+            .set_aliases(Aliases::parse("postmaster: nobody-here\n", "test"))
+            .is_err());
+        assert!(thread_copy.aliases().contains("team"));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct Connection {
     pub closing_since: Option<Instant>,
     /// Since when the session has been waiting for the delivery agent.
     pub waiting_since: Option<Instant>,
+    /// The number of the lookup this session waits for, if it waits for one (an answer with
+    /// another number came too late and is dropped).
+    pub lookup: Option<u64>,
 }
 
 /// What one read step did.
@@ -86,6 +89,7 @@ impl Connection {
             timer_at: None,
             closing_since: None,
             waiting_since: None,
+            lookup: None,
         }
     }
 

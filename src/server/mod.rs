@@ -1,8 +1,8 @@
 //! The single-threaded mio event loop: listeners, connections, timers, signals.
 //!
 //! Owns every socket and the clock. Each connection's session is fed bytes and time; its
-//! events go to the recipient resolver and the delivery agent, whose answers go back into the
-//! session. No accept error and no client error ever ends the loop: EMFILE and friends pause
+//! events go to the recipient resolver (the cache, else the lookup thread of [`lookups`]) and
+//! the delivery agent, whose answers go back into the session, each wait bounded here. No accept error and no client error ever ends the loop: EMFILE and friends pause
 //! accepting for a moment, a full house (`--max-connections`) leaves new clients in the
 //! kernel's backlog until a slot frees. SIGTERM/SIGINT end it cleanly: in-progress DATA is
 //! dropped (its tmp files removed) and every client gets 421.
@@ -10,6 +10,7 @@
 
 pub mod connection;
 pub mod listener;
+pub mod lookups;
 pub mod timers;
 
 use std::collections::{HashMap, VecDeque};
@@ -22,22 +23,24 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{debug, error, info, warn};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::delivery::client::{AgentClient, AgentGone};
-use crate::recipient::{Aliases, Resolution, Resolver};
+use crate::recipient::{Aliases, RecipientError, Resolution, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Reply, Session, SessionConfig};
 use crate::systemd::Notifier;
 use connection::{Connection, ReadStep, READ_CHUNK};
+use lookups::{Answer, Lookups};
 use timers::Timers;
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 const AGENT_TOKEN: Token = Token(usize::MAX - 2);
+const LOOKUPS_TOKEN: Token = Token(usize::MAX - 3);
 /// Listener i has token `LISTENER_BASE - i`.
-const LISTENER_BASE: usize = usize::MAX - 3;
+const LISTENER_BASE: usize = usize::MAX - 4;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 /// Accept errors of other kinds in a row on one listener after which accepting pauses too.
@@ -46,6 +49,10 @@ const ODD_ACCEPT_ERRORS: u32 = 64;
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long a client waits for the delivery agent's answer before it gets 451.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a client waits for a recipient lookup (an NSS backend that does not answer)
+/// before it gets 451 4.3.0: well within the 5 minutes a client waits for its RCPT's reply
+/// (RFC 5321 4.5.3.2.3).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Once stopping, how long a session may still wait for its commit's answer before it gets
 /// the 451 (found in review: a hung agent held the stop for up to AGENT_TIMEOUT, far beyond
 /// the unit's TimeoutStopSec=30s; with CLOSE_GRACE and the wait for the agent's exit, a
@@ -68,6 +75,8 @@ pub struct Server {
     timers: Timers,
     session_config: Rc<SessionConfig>,
     resolver: Resolver,
+    /// The lookup thread, for what the cache cannot answer.
+    lookups: Lookups,
     delivery: AgentClient,
     max_connections: usize,
     /// Connections from one client address at most (`--max-connections-per-ip`).
@@ -165,6 +174,12 @@ impl Server {
                 Interest::READABLE,
             )
             .map_err(setup("registering the delivery agent's socket"))?;
+        // After the signal masks above: the thread inherits them, so SIGTERM and friends
+        // still reach only the signalfd.
+        let waker =
+            Waker::new(poll.registry(), LOOKUPS_TOKEN).map_err(setup("creating a waker"))?;
+        let lookups =
+            Lookups::start(resolver.clone(), waker).map_err(setup("starting the lookup thread"))?;
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -177,6 +192,7 @@ impl Server {
             timers: Timers::default(),
             session_config: Rc::new(session_config),
             resolver,
+            lookups,
             delivery,
             max_connections: max_connections.max(1),
             max_per_ip: max_per_ip.max(1),
@@ -242,6 +258,7 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     SIGNAL_TOKEN => self.signals(),
+                    LOOKUPS_TOKEN => self.lookup_answers(&mut buf),
                     AGENT_TOKEN => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.agent_readable(&mut buf);
@@ -300,11 +317,9 @@ impl Server {
                 Some(Signal::SIGHUP) if self.stopping => {}
                 Some(Signal::SIGHUP) => {
                     self.notify("RELOADING=1\nSTATUS=reloading the aliases");
-                    self.reload_aliases();
-                    self.notify(&format!(
-                        "READY=1\nSTATUS=accepting mail; {} connection(s)",
-                        self.conns.len()
-                    ));
+                    if !self.reload_aliases() {
+                        self.reloaded();
+                    }
                 }
                 _ => {
                     if !self.stopping {
@@ -316,8 +331,10 @@ impl Server {
         }
     }
 
-    /// SIGHUP: re-read the aliases file. A file that cannot be read keeps the old table.
-    fn reload_aliases(&mut self) {
+    /// SIGHUP: re-read the aliases file and hand it to the lookup thread, which checks it
+    /// (true; the table is put in when its answer comes). A file that cannot be read keeps
+    /// the old table (false).
+    fn reload_aliases(&mut self) -> bool {
         let table = match Aliases::load(&self.aliases_path) {
             Ok(a) => a,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -329,19 +346,66 @@ impl Server {
                     "SIGHUP: {}: {e}; keeping the aliases loaded before",
                     self.aliases_path.display()
                 );
-                return;
+                return false;
             }
         };
-        let n = table.len();
-        match self.resolver.set_aliases(table) {
-            Ok(()) => info!(
-                "SIGHUP: {} reloaded, {n} aliases",
-                self.aliases_path.display()
-            ),
-            Err(e) => error!(
-                "SIGHUP: {}: {e}; keeping the aliases loaded before",
-                self.aliases_path.display()
-            ),
+        if !self.lookups.reload(table) {
+            error!("SIGHUP: the lookup thread is gone; keeping the aliases loaded before");
+            return false;
+        }
+        true
+    }
+
+    /// A reload is over (done or refused): the service manager hears that we are ready.
+    fn reloaded(&self) {
+        self.notify(&format!(
+            "READY=1\nSTATUS=accepting mail; {} connection(s)",
+            self.conns.len()
+        ));
+    }
+
+    /// The lookup thread answered: verdicts go to the sessions still waiting for them (a
+    /// session whose wait timed out has moved on, and its late answer is dropped), a checked
+    /// alias table is put in.
+    fn lookup_answers(&mut self, buf: &mut [u8]) {
+        for answer in self.lookups.take_answers() {
+            match answer {
+                Answer::Resolved {
+                    seq,
+                    conn,
+                    local_part,
+                    result,
+                } => {
+                    let token = Token(conn as usize);
+                    let Some(c) = self.conns.get_mut(&token) else {
+                        continue;
+                    };
+                    if c.lookup != Some(seq) {
+                        continue;
+                    }
+                    c.lookup = None;
+                    c.waiting_since = None;
+                    let verdict = rcpt_verdict(conn, &local_part, result);
+                    c.session.recipient_verdict(verdict, Instant::now());
+                    self.drive(token, buf);
+                }
+                Answer::Reloaded(Ok(table)) => {
+                    info!(
+                        "SIGHUP: {} reloaded, {} aliases",
+                        self.aliases_path.display(),
+                        table.len()
+                    );
+                    self.resolver.adopt_aliases(table);
+                    self.reloaded();
+                }
+                Answer::Reloaded(Err(e)) => {
+                    error!(
+                        "SIGHUP: {}: {e}; keeping the aliases loaded before",
+                        self.aliases_path.display()
+                    );
+                    self.reloaded();
+                }
+            }
         }
     }
 
@@ -482,9 +546,29 @@ impl Server {
                 self.finish(c);
                 continue;
             }
+            let lookup_wait = c.lookup.is_some();
             if c.waiting_since
-                .is_some_and(|w| now >= agent_deadline(stop_at, w))
+                .is_some_and(|w| now >= wait_deadline(stop_at, w, lookup_wait))
             {
+                if lookup_wait {
+                    // An NSS backend that does not answer: 451 for this recipient; its late
+                    // answer, if any, is dropped (the sequence number no longer matches).
+                    warn!(
+                        "event=rcpt session={:x} result=tempfail error=\"lookup timed out\" \
+                         waited={:?} stopping={}",
+                        c.id,
+                        c.waiting_since
+                            .map(|w| now.saturating_duration_since(w))
+                            .unwrap_or_default(),
+                        stop_at.is_some()
+                    );
+                    c.lookup = None;
+                    c.waiting_since = None;
+                    c.session
+                        .recipient_verdict(RcptVerdict::TemporaryFailure, now);
+                    self.drive(token, buf);
+                    continue;
+                }
                 // The agent is stuck (a hung NFS home, an NSS backend that never answers):
                 // the client gets a 4xx instead of waiting for ever. Should the commit still
                 // complete, the client's retry makes a duplicate, never a loss.
@@ -576,7 +660,7 @@ impl Server {
         }
         let deadline = match (c.closing_since, c.waiting_since) {
             (Some(t), _) => Some(t + CLOSE_GRACE),
-            (None, Some(w)) => Some(agent_deadline(self.stop_at, w)),
+            (None, Some(w)) => Some(wait_deadline(self.stop_at, w, c.lookup.is_some())),
             (None, None) => c.session.next_deadline(),
         };
         if let Some(d) = deadline {
@@ -596,41 +680,23 @@ impl Server {
     fn handle_event(&mut self, c: &mut Connection, ev: Event) {
         match ev {
             Event::RecipientToCheck { local_part } => {
-                let verdict = match self.resolver.resolve(&local_part) {
-                    Ok(Resolution::Accounts(accounts)) => {
-                        info!(
-                            "event=rcpt session={:x} rcpt={local_part:?} result=accepted accounts={}",
-                            c.id,
-                            accounts.join(",")
-                        );
-                        RcptVerdict::Accept(accounts)
-                    }
-                    Ok(Resolution::Unknown) => {
-                        info!(
-                            "event=rcpt session={:x} rcpt={local_part:?} result=unknown",
-                            c.id
-                        );
-                        RcptVerdict::NoSuchUser
-                    }
-                    Ok(Resolution::Uid0Refused) => {
-                        warn!(
-                            "event=rcpt session={:x} rcpt={local_part:?} result=refused \
-                             reason=\"reaches only uid 0 (alias it to a person, or \
-                             --allow-root-delivery)\"",
-                            c.id
-                        );
-                        RcptVerdict::Uid0Refused
-                    }
-                    Err(e) => {
-                        warn!(
-                            "event=rcpt session={:x} rcpt={local_part:?} result=tempfail error={:?}",
-                            c.id,
-                            e.to_string()
-                        );
-                        RcptVerdict::TemporaryFailure
-                    }
-                };
-                c.session.recipient_verdict(verdict, Instant::now());
+                // The cache answers without a system call; what it cannot answer goes to the
+                // lookup thread, and the session waits (the wait is bounded in fire_timers).
+                if let Some(r) = self.resolver.resolve_cached(&local_part) {
+                    let verdict = rcpt_verdict(c.id, &local_part, Ok(r));
+                    c.session.recipient_verdict(verdict, Instant::now());
+                } else if let Some(seq) = self.lookups.ask(c.id, local_part.clone()) {
+                    c.lookup = Some(seq);
+                } else {
+                    warn!(
+                        "event=rcpt session={:x} rcpt={local_part:?} result=tempfail \
+                         error=\"{} lookups already queued\"",
+                        c.id,
+                        lookups::MAX_QUEUED
+                    );
+                    c.session
+                        .recipient_verdict(RcptVerdict::TemporaryFailure, Instant::now());
+                }
             }
             Event::DataStart(tx) => {
                 // An Atom (RFC 5321 4.4, the Received field's ID): start time, connection, transaction.
@@ -792,11 +858,53 @@ impl Server {
     }
 }
 
-/// When a session waiting (since `since`) for the agent's answer gets a 451 instead: after
-/// AGENT_TIMEOUT, or once stopping (since `stop_at`), after STOP_WAIT.
-fn agent_deadline(stop_at: Option<Instant>, since: Instant) -> Instant {
-    let d = since + AGENT_TIMEOUT;
+/// When a session waiting (since `since`) for the agent's answer, or for a lookup, gets a
+/// 451 instead: after AGENT_TIMEOUT (LOOKUP_TIMEOUT), or once stopping (since `stop_at`),
+/// after STOP_WAIT.
+fn wait_deadline(stop_at: Option<Instant>, since: Instant, lookup: bool) -> Instant {
+    let d = since
+        + if lookup {
+            LOOKUP_TIMEOUT
+        } else {
+            AGENT_TIMEOUT
+        };
     stop_at.map_or(d, |s| d.min(s + STOP_WAIT))
+}
+
+/// A lookup's result as a verdict for the session, logged.
+fn rcpt_verdict(
+    session: u64,
+    local_part: &str,
+    result: Result<Resolution, RecipientError>,
+) -> RcptVerdict {
+    match result {
+        Ok(Resolution::Accounts(accounts)) => {
+            info!(
+                "event=rcpt session={session:x} rcpt={local_part:?} result=accepted accounts={}",
+                accounts.join(",")
+            );
+            RcptVerdict::Accept(accounts)
+        }
+        Ok(Resolution::Unknown) => {
+            info!("event=rcpt session={session:x} rcpt={local_part:?} result=unknown");
+            RcptVerdict::NoSuchUser
+        }
+        Ok(Resolution::Uid0Refused) => {
+            warn!(
+                "event=rcpt session={session:x} rcpt={local_part:?} result=refused \
+                 reason=\"reaches only uid 0 (alias it to a person, or \
+                 --allow-root-delivery)\""
+            );
+            RcptVerdict::Uid0Refused
+        }
+        Err(e) => {
+            warn!(
+                "event=rcpt session={session:x} rcpt={local_part:?} result=tempfail error={:?}",
+                e.to_string()
+            );
+            RcptVerdict::TemporaryFailure
+        }
+    }
 }
 
 /// A client over its address's connection limit: one 421 (RFC 5321 3.8: a server may refuse
