@@ -232,14 +232,19 @@ pub struct Resolver {
     found: Arc<Mutex<HashMap<String, (Instant, Account)>>>,
 }
 
-/// One expansion's result: accounts found, whether a uid-0 account was dropped, and what
-/// to warn about (logged only once the expansion is complete, so that an expansion tried
-/// from the cache and then redone with lookups warns once).
+/// One expansion's result: accounts found, and whether a uid-0 account was dropped. What
+/// to warn about is collected beside it and logged once the resolution is over, so that a
+/// resolution tried from the cache and then redone with lookups warns once.
 #[derive(Default)]
 struct Expansion {
     accounts: Vec<String>,
     dropped_uid0: bool,
-    warnings: Vec<String>,
+}
+
+fn log_warnings(warnings: Vec<String>) {
+    for w in warnings {
+        warn!("{w}");
+    }
 }
 
 /// A cache-only expansion needed an account that is not in the cache.
@@ -268,11 +273,13 @@ impl Resolver {
     /// An NSS lookup, answered from the last [`ACCOUNT_TTL`] when the account was found. The
     /// cache's lock is never held across the lookup itself.
     fn lookup(&self, name: &str) -> Result<Option<Account>, RecipientError> {
-        let now = Instant::now();
-        if let Some(a) = self.cached(name, now) {
+        if let Some(a) = self.cached(name, Instant::now()) {
             return Ok(Some(a));
         }
         let r = (self.lookup)(name)?;
+        // Timed from the answer: a lookup slower than the TTL is still remembered (found in
+        // review).
+        let now = Instant::now();
         let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
         match &r {
             Some(a) => {
@@ -333,24 +340,39 @@ impl Resolver {
     /// NSS where the cache does not have them (it may block: the server calls it from its
     /// lookup thread, never from the event loop).
     pub fn resolve(&self, local_part: &str) -> Result<Resolution, RecipientError> {
-        self.resolve_with(local_part, &mut |name| self.lookup(name))
+        let mut warnings = Vec::new();
+        let r = self.resolve_with(local_part, &mut warnings, &mut |name| self.lookup(name));
+        // Logged whatever the result: what was found wrong before a failed lookup still is.
+        log_warnings(warnings);
+        r
     }
 
     /// Resolves a local part from the alias table and the cache alone, without any system
-    /// call: `None` when an account it needs is not cached (or a name is not one NSS would
-    /// be asked about; [`Resolver::resolve`] answers those at no cost). A cached account is
-    /// one found: "no such user" and failures are always asked again.
+    /// call: `None` when an account it needs is not cached. A cached account is one found:
+    /// "no such user" and failures are always asked again; a name NSS is never asked about
+    /// ([`is_account_name`]) is no account, here too.
     pub fn resolve_cached(&self, local_part: &str) -> Option<Resolution> {
         let now = Instant::now();
-        self.resolve_with(local_part, &mut |name| {
-            self.cached(name, now).map(Some).ok_or(NotCached)
-        })
-        .ok()
+        let mut warnings = Vec::new();
+        let r = self
+            .resolve_with(local_part, &mut warnings, &mut |name| {
+                if !is_account_name(name) {
+                    return Ok(None);
+                }
+                self.cached(name, now).map(Some).ok_or(NotCached)
+            })
+            .ok();
+        // Warnings only with an answer: without one, the lookup thread redoes it all.
+        if r.is_some() {
+            log_warnings(warnings);
+        }
+        r
     }
 
     fn resolve_with<E>(
         &self,
         local_part: &str,
+        warnings: &mut Vec<String>,
         lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
     ) -> Result<Resolution, E> {
         let mut candidates = vec![local_part.to_string()];
@@ -362,31 +384,21 @@ impl Resolver {
                 candidates.push(lower);
             }
         }
-        let mut warnings = Vec::new();
-        let mut result = None;
         for name in &candidates {
             let mut out = Expansion::default();
-            let found = self.expand(name, 0, &mut Vec::new(), &mut out, lookup)?;
-            warnings.append(&mut out.warnings);
-            if found {
-                result = Some(out.into_resolution());
-                break;
+            if self.expand(name, 0, &mut Vec::new(), &mut out, warnings, lookup)? {
+                return Ok(out.into_resolution());
             }
         }
-        if result.is_none() && candidates[0] == POSTMASTER {
+        if candidates[0] == POSTMASTER {
             // No alias and no account called postmaster: RFC 5321 4.5.1 still requires the
             // address to work, so it reaches root (whose alias, if any, is followed).
             let mut out = Expansion::default();
-            let found = self.expand("root", 0, &mut Vec::new(), &mut out, lookup)?;
-            warnings.append(&mut out.warnings);
-            if found {
-                result = Some(out.into_resolution());
+            if self.expand("root", 0, &mut Vec::new(), &mut out, warnings, lookup)? {
+                return Ok(out.into_resolution());
             }
         }
-        for w in warnings {
-            warn!("{w}");
-        }
-        Ok(result.unwrap_or(Resolution::Unknown))
+        Ok(Resolution::Unknown)
     }
 
     /// Expands `name` into `out`. Returns false when `name` is neither alias nor account.
@@ -396,11 +408,12 @@ impl Resolver {
         depth: usize,
         seen: &mut Vec<String>,
         out: &mut Expansion,
+        warnings: &mut Vec<String>,
         lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
     ) -> Result<bool, E> {
         if let Some(targets) = self.aliases.map.get(name) {
             if seen.iter().any(|s| s == name) || depth >= MAX_ALIAS_DEPTH {
-                out.warnings.push(format!(
+                warnings.push(format!(
                     "alias loop through {name:?}; that branch is dropped"
                 ));
                 return Ok(true);
@@ -408,11 +421,11 @@ impl Resolver {
             seen.push(name.to_string());
             for t in targets {
                 let found = match t {
-                    Target::Account(a) => self.account_into(a, out, lookup)?,
-                    Target::Name(n) => self.expand(n, depth + 1, seen, out, lookup)?,
+                    Target::Account(a) => self.account_into(a, out, warnings, lookup)?,
+                    Target::Name(n) => self.expand(n, depth + 1, seen, out, warnings, lookup)?,
                 };
                 if !found {
-                    out.warnings.push(format!(
+                    warnings.push(format!(
                         "alias {name:?}: target {t:?} is neither an alias nor an account"
                     ));
                 }
@@ -420,18 +433,19 @@ impl Resolver {
             seen.pop();
             return Ok(true);
         }
-        self.account_into(name, out, lookup)
+        self.account_into(name, out, warnings, lookup)
     }
 
     fn account_into<E>(
         &self,
         name: &str,
         out: &mut Expansion,
+        warnings: &mut Vec<String>,
         lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
     ) -> Result<bool, E> {
         match lookup(name)? {
             Some(a) if self.refuse_uid0 && a.uid.is_root() => {
-                out.warnings.push(format!(
+                warnings.push(format!(
                     "{name:?} is uid 0: no copy (delivery as root is not allowed)"
                 ));
                 out.dropped_uid0 = true;
@@ -577,7 +591,8 @@ boss: root
         // the lookup thread.
         assert_eq!(r.resolve_cached("alice"), None);
         assert_eq!(r.resolve_cached("nosuchuser"), None);
-        assert_eq!(r.resolve_cached("../etc"), None);
+        // A name NSS is never asked about is no account, without the thread.
+        assert_eq!(r.resolve_cached("../etc"), Some(UNKNOWN));
         // The thread's copy looks them up; the event loop's copy then answers from the cache.
         assert_eq!(thread_copy.resolve("alice").unwrap(), names(&["alice"]));
         assert_eq!(r.resolve_cached("alice"), Some(names(&["alice"])));

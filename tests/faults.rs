@@ -570,28 +570,20 @@ impl Drop for Fuse {
     }
 }
 
-/// A user over quota: the write fails with EDQUOT and the client gets 552 5.2.2 (Postfix's
-/// mbox_dsn class for a full mailbox), with nothing left in tmp/ or new/; under the limit
-/// mail is delivered, and once the limit is raised delivery works again. This kernel has no
-/// CONFIG_QUOTA, so the quota is enforced by reliability/quotafs, a FUSE filesystem whose
-/// write(2) returns EDQUOT as a real quota would. Skipped (with a message) where the kernel
-/// has no FUSE; fails where fusepy is missing (.ci/run installs it).
-#[test]
-fn over_quota() {
-    if skip_unless_root("over_quota") {
-        return;
-    }
+/// reliability/quotafs mounted at `dir/mnt` (limits in `dir/limits`), or `None` (with a
+/// message) where the kernel has no FUSE; fails where fusepy is missing (.ci/run installs it).
+fn mount_quotafs(test: &str) -> Option<(TempDir, Fuse, PathBuf, PathBuf)> {
     let have = Command::new("python3")
         .args(["-c", "import fuse"])
         .status()
         .is_ok_and(|s| s.success());
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("over_quota: skipped, this machine has no /dev/fuse");
-        return;
+        eprintln!("{test}: skipped, this machine has no /dev/fuse");
+        return None;
     }
     assert!(
         have,
-        "over_quota needs fusepy (.ci/run installs it: pip install fusepy)"
+        "{test} needs fusepy (.ci/run installs it: pip install fusepy)"
     );
     let dir = TempDir::new("quota");
     let (back, mnt, limits) = (
@@ -620,6 +612,39 @@ fn over_quota() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    Some((dir, fuse, mnt, limits))
+}
+
+/// Empties quotafs's limits when dropped: its writes answer again.
+struct Unhang(PathBuf);
+
+impl Drop for Unhang {
+    fn drop(&mut self) {
+        replace_file(&self.0, "");
+    }
+}
+
+/// Replaces `file` whole (write, then rename), so quotafs never reads it half-written.
+fn replace_file(file: &Path, text: &str) {
+    let next = file.with_extension("new");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, file).unwrap();
+}
+
+/// A user over quota: the write fails with EDQUOT and the client gets 552 5.2.2 (Postfix's
+/// mbox_dsn class for a full mailbox), with nothing left in tmp/ or new/; under the limit
+/// mail is delivered, and once the limit is raised delivery works again. This kernel has no
+/// CONFIG_QUOTA, so the quota is enforced by reliability/quotafs, a FUSE filesystem whose
+/// write(2) returns EDQUOT as a real quota would. Skipped (with a message) where the kernel
+/// has no FUSE; fails where fusepy is missing (.ci/run installs it).
+#[test]
+fn over_quota() {
+    if skip_unless_root("over_quota") {
+        return;
+    }
+    let Some((_dir, fuse, mnt, limits)) = mount_quotafs("over_quota") else {
+        return;
+    };
     let home = mnt.join("home");
     let (uid, _) = account("inboxd-quota", &home, true);
     std::fs::write(&limits, format!("{uid} 65536\n")).unwrap();
@@ -639,10 +664,7 @@ fn over_quota() {
     assert!(log.contains("EDQUOT"), "{log}");
     assert_eq!(new_files(&md).len(), 1, "only the small message is in new/");
     assert!(emptied(&md.join("tmp")), "nothing left in tmp/");
-    // Replaced whole (write then rename), so quotafs never reads a half-written file.
-    let next = dir.path().join("limits.new");
-    std::fs::write(&next, format!("{uid} 1048576\n")).unwrap();
-    std::fs::rename(&next, &limits).unwrap();
+    replace_file(&limits, &format!("{uid} 1048576\n"));
     let again = token();
     let ok = server.deliver(&["inboxd-quota"], &format!("{}{lines}", message(&again)));
     assert!(ok.starts_with("250 "), "{ok}");
@@ -651,6 +673,66 @@ fn over_quota() {
     drop(server);
     drop(fuse);
     remove_account("inboxd-quota");
+}
+
+/// A hung home (its filesystem stops answering writes, as a hung NFS server or a stuck FUSE
+/// daemon does) holds up only the mail written into it. A streamed message's data (over 64
+/// KiB) is written into its copies by a thread of the receiver: done by the event loop, as
+/// before, one such write stalled every client (found in review; without the writer thread
+/// the second client below gets no greeting). Once the filesystem answers again the message
+/// is delivered. quotafs's "hang" line makes its writes wait.
+#[test]
+fn a_hung_home_holds_up_only_its_own_mail() {
+    if skip_unless_root("a_hung_home_holds_up_only_its_own_mail") {
+        return;
+    }
+    let Some((_dir, fuse, mnt, limits)) = mount_quotafs("a_hung_home_holds_up_only_its_own_mail")
+    else {
+        return;
+    };
+    let home = mnt.join("home");
+    account("inboxd-hung", &home, true);
+    let (server, _aliases) = start_system();
+    replace_file(&limits, "hang\n");
+    // Dropped before the server: a failing assertion must not leave it in a write that
+    // never returns (the server could not be reaped).
+    let unhang = Unhang(limits.clone());
+    // A: 300 KiB to the hung home; its writer blocks in write(2) on the first octets.
+    let mut a = server.open_data(&["inboxd-hung"]);
+    let big = token();
+    let lines: String = (0..340).map(|_| "h".repeat(900) + "\r\n").collect();
+    a.send(format!("{}{lines}.\r\n", message(&big)).as_bytes());
+    if a.readable_within(std::time::Duration::from_secs(1)) {
+        panic!("the hung home should hold up its message: {}", a.reply());
+    }
+    // B: greeted and served meanwhile, small and large mail to a healthy home alike.
+    let mut b = Client::connect_only(server.port);
+    assert!(
+        b.readable_within(std::time::Duration::from_secs(5)),
+        "no greeting while a home hangs"
+    );
+    assert!(b.reply().starts_with("220"));
+    drop(b);
+    let jones = nix::unistd::User::from_name("Jones").unwrap().unwrap().dir;
+    let small = token();
+    let r = server.deliver(&["Jones"], &message(&small));
+    assert!(r.starts_with("250 "), "{r}");
+    let large = token();
+    let r = server.deliver(&["Jones"], &format!("{}{lines}", message(&large)));
+    assert!(r.starts_with("250 "), "{r}");
+    assert_eq!(messages_with(&jones.join("Maildir"), &large).len(), 1);
+    // The filesystem answers again: A's message is delivered, whole.
+    drop(unhang);
+    let r = a.reply();
+    assert!(r.starts_with("250 "), "{r}");
+    let md = home.join("Maildir");
+    let got = messages_with(&md, &big);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].len() > 340 * 901, "{}", got[0].len());
+    assert!(emptied(&md.join("tmp")), "nothing left in tmp/");
+    drop(server);
+    drop(fuse);
+    remove_account("inboxd-hung");
 }
 
 /// A user races inboxd: while messages are delivered, a loop swaps ~/Maildir/new, then

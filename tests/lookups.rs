@@ -34,8 +34,44 @@ fn a_hung_nss_backend_holds_up_neither_other_sessions_nor_a_stop() {
         .starts_with("250"));
 
     let pid = server.child.id().to_string();
-    // The lookup thread started after the receiver dropped root: every thread of the
-    // receiver runs as the user inboxd, with no capabilities.
+    let st = Command::new("nsenter")
+        .args(["--target", &pid, "--mount", "--", "mount", "--bind"])
+        .arg(&fifo)
+        .arg("/etc/passwd")
+        .status()
+        .expect("nsenter");
+    assert!(st.success(), "binding the FIFO over inboxd's /etc/passwd");
+    // The host's own /etc/passwd is untouched.
+    assert!(std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .contains("root:"));
+
+    // A: a recipient that is not in the cache (no such user is ever cached), whose lookup
+    // now blocks in the lookup thread.
+    let mut a = Client::connect(server.port);
+    assert!(a.cmd("EHLO a.example").starts_with("250"));
+    assert!(a.cmd("MAIL FROM:<a@a.example>").starts_with("250"));
+    a.send(b"RCPT TO:<nobody-such-xyz@localhost>\r\n");
+    assert!(
+        !a.readable_within(Duration::from_secs(1)),
+        "the lookup should be hanging"
+    );
+
+    // B: a new session is greeted and served meanwhile (run in the event loop, the lookup
+    // held every session, this greeting included).
+    let mut b = Client::connect_only(server.port);
+    assert!(
+        b.readable_within(Duration::from_secs(5)),
+        "no greeting while a lookup hangs"
+    );
+    assert!(b.reply().starts_with("220"));
+    assert!(b.cmd("EHLO b.example").starts_with("250"));
+    assert!(b.cmd("MAIL FROM:<b@b.example>").starts_with("250"));
+    assert!(b.cmd("NOOP").starts_with("250"));
+
+    // Every thread of the receiver, the lookup thread among them, runs as the user inboxd
+    // with no capabilities. (glibc's setresuid changes every thread, so this holds whatever
+    // the order; the thread is started after the switch anyway.)
     let inboxd = nix::unistd::User::from_name("inboxd")
         .unwrap()
         .unwrap()
@@ -72,40 +108,6 @@ fn a_hung_nss_backend_holds_up_neither_other_sessions_nor_a_stop() {
             );
         }
     }
-    let st = Command::new("nsenter")
-        .args(["--target", &pid, "--mount", "--", "mount", "--bind"])
-        .arg(&fifo)
-        .arg("/etc/passwd")
-        .status()
-        .expect("nsenter");
-    assert!(st.success(), "binding the FIFO over inboxd's /etc/passwd");
-    // The host's own /etc/passwd is untouched.
-    assert!(std::fs::read_to_string("/etc/passwd")
-        .unwrap()
-        .contains("root:"));
-
-    // A: a recipient that is not in the cache (no such user is ever cached), whose lookup
-    // now blocks in the lookup thread.
-    let mut a = Client::connect(server.port);
-    assert!(a.cmd("EHLO a.example").starts_with("250"));
-    assert!(a.cmd("MAIL FROM:<a@a.example>").starts_with("250"));
-    a.send(b"RCPT TO:<nobody-such-xyz@localhost>\r\n");
-    assert!(
-        !a.readable_within(Duration::from_secs(1)),
-        "the lookup should be hanging"
-    );
-
-    // B: a new session is greeted and served meanwhile (run in the event loop, the lookup
-    // held every session, this greeting included).
-    let mut b = Client::connect_only(server.port);
-    assert!(
-        b.readable_within(Duration::from_secs(5)),
-        "no greeting while a lookup hangs"
-    );
-    assert!(b.reply().starts_with("220"));
-    assert!(b.cmd("EHLO b.example").starts_with("250"));
-    assert!(b.cmd("MAIL FROM:<b@b.example>").starts_with("250"));
-    assert!(b.cmd("NOOP").starts_with("250"));
 
     // A stop is not held by the hung lookup: A gets 451 4.3.0 for its recipient, then 421,
     // within the stop's wait (8 s), and inboxd exits though its lookup thread is still stuck.

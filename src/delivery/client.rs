@@ -6,21 +6,24 @@
 //! copies: no descriptors, one round trip). When the held data outgrows that, Begin is sent;
 //! data that arrives before the agent's descriptors is still held (the server stops reading
 //! from that client once [`AgentClient::wants_data`] says so); once the descriptors arrive
-//! the trace fields and data are written straight into the recipients' tmp files; Commit goes
-//! out at the end of data. Either way the outcome comes back later. If the agent goes away,
-//! every transaction in flight gets 451 4.3.0 and [`AgentClient::on_readable`] reports it. It
-//! must not open files itself.
+//! the trace fields and data are written straight into the recipients' tmp files, by the
+//! transaction's own writer thread ([`super::writer`]; never by the event loop, which a hung
+//! filesystem would stall), with at most [`WRITE_AHEAD`] octets waiting for it; at the end
+//! of data the writer closes the copies, then Commit goes out. Either way the outcome comes
+//! back later. If the agent goes away, every transaction in flight gets 451 4.3.0 and
+//! [`AgentClient::on_readable`] reports it. It must not open files itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{error, info, warn};
 
 use super::channel::{self, Received};
 use super::protocol::{deliver_size, Request, Response, MAX_DATAGRAM};
+use super::writer::{CopyWriter, Progress, Writers};
 use super::DeliveryError;
 use crate::smtp::trace::Trace;
 use crate::smtp::{DeliveryOutcome, Reply, Transaction};
@@ -32,6 +35,10 @@ const OUTBOX_LIMIT: usize = 65_536;
 /// Mail data held per transaction while its descriptors are on their way (one round trip to
 /// the agent); beyond it the server stops reading from that client.
 const HOLD_LIMIT: usize = 64 * 1024;
+/// Mail data given to a transaction's writer and not yet written, beyond which the server
+/// stops reading from that client (so with one read, under 128 KiB per session, as while
+/// held).
+pub const WRITE_AHEAD: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
@@ -39,10 +46,12 @@ enum State {
     Buffering,
     /// Begin sent, descriptors not here yet.
     Opening,
-    /// Descriptors here, data being written.
+    /// Descriptors here (with the writer), data being written.
     Open,
     /// End of data came before the descriptors: commit as soon as they are written.
     CommitWanted,
+    /// End of data: the writer is writing what is left and closing the copies.
+    Closing,
     /// Commit sent.
     Committing,
 }
@@ -55,7 +64,10 @@ struct InFlight {
     /// When the commit was asked for (the log's timing).
     commit_at: Option<Instant>,
     heads: Vec<Vec<u8>>,
-    files: Vec<File>,
+    /// The thread that writes the copies, once their descriptors are here.
+    writer: Option<CopyWriter>,
+    /// Octets given to the writer and not yet written.
+    queued: usize,
     held: Vec<u8>,
     error: Option<DeliveryError>,
     state: State,
@@ -91,6 +103,8 @@ pub struct AgentClient {
     outcomes: VecDeque<(u64, DeliveryOutcome)>,
     /// Connections whose held data was written: they may read again.
     resumed: Vec<u64>,
+    /// Streamed transactions' writer threads.
+    writers: Writers,
     /// Requests the socket had no room for, in order, with their transaction ids. The event
     /// loop never blocks on the agent: they go out when the socket is writable again
     /// ([`AgentClient::flush`]). An Abort whose Begin still waits here removes that Begin
@@ -122,10 +136,17 @@ impl AgentClient {
             inflight: HashMap::new(),
             outcomes: VecDeque::new(),
             resumed: Vec::new(),
+            writers: Writers::new(),
             outbox: VecDeque::new(),
             broken: None,
             gone: false,
         }
+    }
+
+    /// The event loop's waker: writers wake it when they have written or closed (then
+    /// [`AgentClient::on_writers`]).
+    pub fn set_waker(&mut self, waker: Arc<mio::Waker>) {
+        self.writers.set_waker(waker);
     }
 
     /// The socket, for the poller.
@@ -215,7 +236,8 @@ impl AgentClient {
                 accounts,
                 commit_at: None,
                 heads,
-                files: Vec::new(),
+                writer: None,
+                queued: 0,
                 held: Vec::new(),
                 error: None,
                 state: State::Buffering,
@@ -248,12 +270,13 @@ impl AgentClient {
     /// Whether the server may read more mail data from `conn` now.
     pub fn wants_data(&self, conn: u64) -> bool {
         match self.by_conn.get(&conn).and_then(|id| self.inflight.get(id)) {
-            Some(t) => t.state != State::Opening || t.held.len() < HOLD_LIMIT,
-            None => true,
+            Some(t) if t.state == State::Opening => t.held.len() < HOLD_LIMIT,
+            Some(t) if t.state == State::Open => t.queued < WRITE_AHEAD,
+            _ => true,
         }
     }
 
-    pub fn write(&mut self, conn: u64, data: &[u8]) {
+    pub fn write(&mut self, conn: u64, data: Vec<u8>) {
         let Some(&id) = self.by_conn.get(&conn) else {
             return;
         };
@@ -265,13 +288,13 @@ impl AgentClient {
         }
         match t.state {
             State::Buffering => {
-                t.held.extend_from_slice(data);
+                t.held.extend_from_slice(&data);
                 if !t.fits_one_request() {
                     self.begin_streaming(id);
                 }
             }
-            State::Opening => t.held.extend_from_slice(data),
-            _ => write_each(t, data),
+            State::Opening => t.held.extend_from_slice(&data),
+            _ => give_writer(t, data),
         }
     }
 
@@ -307,6 +330,7 @@ impl AgentClient {
         match t.state {
             State::Opening => t.state = State::CommitWanted,
             State::Buffering => self.deliver(id),
+            State::Open => self.close_copies(id),
             _ => self.commit(id),
         }
     }
@@ -345,6 +369,28 @@ impl AgentClient {
         }
     }
 
+    /// End of data of a streamed transaction: its writer writes what it still has, closes
+    /// the copies and reports ([`AgentClient::on_writers`] then commits).
+    fn close_copies(&mut self, id: u64) {
+        let Some(t) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        match &t.writer {
+            Some(w) if t.error.is_none() => {
+                if w.close() {
+                    t.state = State::Closing;
+                } else {
+                    t.writer = None;
+                    t.error = Some(DeliveryError::Io(
+                        "the copies' writer thread is gone".into(),
+                    ));
+                    self.commit(id);
+                }
+            }
+            _ => self.commit(id),
+        }
+    }
+
     fn commit(&mut self, id: u64) {
         let Some(t) = self.inflight.get_mut(&id) else {
             return;
@@ -359,13 +405,13 @@ impl AgentClient {
             );
             let conn = t.conn;
             self.by_conn.remove(&conn);
+            // Its writer, if any, closes the copies as it goes.
             self.inflight.remove(&id);
             let _ = self.send(&Request::Abort { id });
             self.outcomes.push_back((conn, Err(e.reply())));
             return;
         }
-        // Our descriptors are not needed any more: the agent fsyncs its own.
-        t.files.clear();
+        t.writer = None;
         t.state = State::Committing;
         t.commit_at = Some(Instant::now());
         if let Err(e) = self.send(&Request::Commit { id }) {
@@ -413,17 +459,22 @@ impl AgentClient {
                         "delivery agent sent the wrong descriptors".into(),
                     ));
                 } else {
-                    t.files = fds.into_iter().map(File::from).collect();
+                    let files = fds.into_iter().map(File::from).collect();
                     let heads = std::mem::take(&mut t.heads);
-                    for (f, h) in t.files.iter_mut().zip(&heads) {
-                        if let Err(e) = f.write_all(h) {
-                            t.error = Some(DeliveryError::from_io(e, "write of the trace fields"));
-                            break;
+                    match self.writers.start(id, files, heads) {
+                        Ok(w) => {
+                            t.writer = Some(w);
+                            let held = std::mem::take(&mut t.held);
+                            if !held.is_empty() {
+                                give_writer(t, held);
+                            }
                         }
-                    }
-                    let held = std::mem::take(&mut t.held);
-                    if t.error.is_none() && !held.is_empty() {
-                        write_each(t, &held);
+                        Err(e) => {
+                            t.held = Vec::new();
+                            t.error = Some(DeliveryError::Io(format!(
+                                "cannot start a thread to write the copies: {e}"
+                            )));
+                        }
                     }
                 }
                 self.opened(id);
@@ -483,9 +534,45 @@ impl AgentClient {
         };
         let wanted = t.state == State::CommitWanted;
         t.state = State::Open;
-        self.resumed.push(t.conn);
+        if t.queued < WRITE_AHEAD {
+            self.resumed.push(t.conn);
+        }
         if wanted {
-            self.commit(id);
+            self.close_copies(id);
+        }
+    }
+
+    /// The writers' progress: a client whose data waiting for its writer fell below
+    /// [`WRITE_AHEAD`] may send again ([`AgentClient::take_resumed`]); closed copies are
+    /// committed, or their write error answered.
+    pub fn on_writers(&mut self) {
+        for p in self.writers.take_progress() {
+            match p {
+                Progress::Written { id, bytes } => {
+                    let Some(t) = self.inflight.get_mut(&id) else {
+                        continue;
+                    };
+                    let was_full = t.queued >= WRITE_AHEAD;
+                    t.queued = t.queued.saturating_sub(bytes);
+                    if was_full && t.queued < WRITE_AHEAD && t.state == State::Open {
+                        self.resumed.push(t.conn);
+                    }
+                }
+                Progress::Closed { id, result } => {
+                    let Some(t) = self.inflight.get_mut(&id) else {
+                        continue;
+                    };
+                    if t.state != State::Closing {
+                        continue;
+                    }
+                    t.writer = None;
+                    t.queued = 0;
+                    if let Err(e) = result {
+                        t.error = Some(e);
+                    }
+                    self.commit(id);
+                }
+            }
         }
     }
 
@@ -495,7 +582,10 @@ impl AgentClient {
             self.inflight.len()
         );
         for (_, t) in self.inflight.drain() {
-            if matches!(t.state, State::Committing | State::CommitWanted) {
+            if matches!(
+                t.state,
+                State::Committing | State::CommitWanted | State::Closing
+            ) {
                 self.outcomes.push_back((t.conn, Err(gone_reply())));
             }
         }
@@ -515,11 +605,19 @@ impl AgentClient {
     }
 }
 
-fn write_each(t: &mut InFlight, data: &[u8]) {
-    for f in &mut t.files {
-        if let Err(e) = f.write_all(data) {
-            t.error = Some(DeliveryError::from_io(e, "write of mail data"));
-            return;
+/// Hands `data` to the transaction's writer (counted until it is written).
+fn give_writer(t: &mut InFlight, data: Vec<u8>) {
+    if t.error.is_some() {
+        return;
+    }
+    let n = data.len();
+    match &t.writer {
+        Some(w) if w.write(data) => t.queued += n,
+        _ => {
+            t.writer = None;
+            t.error = Some(DeliveryError::Io(
+                "the copies' writer thread is gone".into(),
+            ));
         }
     }
 }
@@ -574,7 +672,7 @@ mod tests {
         let mut c = AgentClient::new(ours, "mx.test");
         let tx = transaction(1, "client.example");
         start(&mut c, 1, &tx);
-        c.write(1, b"Subject: small\n\nhello\n");
+        c.write(1, b"Subject: small\n\nhello\n".to_vec());
         assert!(
             sent(&agent).is_empty(),
             "nothing goes out before the end of data"
@@ -590,11 +688,102 @@ mod tests {
         // 70 KiB: Begin goes out when the data outgrows a request; no Commit before the
         // descriptors are answered.
         start(&mut c, 2, &tx);
-        c.write(2, &[b'x'; 40 * 1024]);
-        c.write(2, &[b'y'; 30 * 1024]);
+        c.write(2, vec![b'x'; 40 * 1024]);
+        c.write(2, vec![b'y'; 30 * 1024]);
         assert!(matches!(&sent(&agent)[..], [Request::Begin { .. }]));
         c.finish(2);
         assert!(sent(&agent).is_empty());
+    }
+
+    /// The progress of `c`'s writers, once `done` says so (bounded wait).
+    fn progress_until(c: &mut AgentClient, done: impl Fn(&AgentClient) -> bool) {
+        let until = Instant::now() + std::time::Duration::from_secs(10);
+        while !done(c) {
+            assert!(Instant::now() < until, "the writer did not report");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            c.on_writers();
+        }
+    }
+
+    /// A streamed message is written by its writer thread, never by the caller: the client
+    /// stops asking for data while WRITE_AHEAD octets wait for the writer, and Commit goes out
+    /// only once the writer has written everything and closed the copies.
+    #[test]
+    fn streamed_data_goes_through_the_writer_and_commit_waits_for_its_close() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let tx = transaction(1, "client.example");
+        start(&mut c, 7, &tx);
+        c.write(7, vec![b'a'; 70 * 1024]);
+        let id = match &sent(&agent)[..] {
+            [Request::Begin { id, .. }] => *id,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            !c.wants_data(7),
+            "70 KiB held while the descriptors are on their way"
+        );
+        // The agent's answer: one copy, a pipe here, so the test controls when writes go
+        // through (a full pipe blocks its writer, as a hung filesystem would).
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
+        let answer = Response::Opened { id, count: 1 }.encode();
+        channel::send(agent.as_fd(), &answer, &[wr.as_fd()]).unwrap();
+        drop(wr);
+        c.on_readable().unwrap();
+        // The writer is stuck on the full pipe: the caller was not, and holds back the client.
+        assert!(!c.wants_data(7), "70 KiB wait for the writer");
+        c.finish(7);
+        assert!(
+            sent(&agent).is_empty(),
+            "no Commit before the copies are closed"
+        );
+        // Drain the pipe: the writer finishes, closes, and the Commit goes out.
+        let reader = std::thread::spawn(move || {
+            let mut f = File::from(rd);
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut all).unwrap();
+            all
+        });
+        progress_until(&mut c, |c| {
+            c.inflight
+                .get(&id)
+                .is_some_and(|t| t.state == State::Committing)
+        });
+        assert!(matches!(&sent(&agent)[..], [Request::Commit { id: i }] if *i == id));
+        let all = reader.join().unwrap();
+        let text = String::from_utf8_lossy(&all[..all.len() - 70 * 1024]).into_owned();
+        assert!(text.starts_with("Return-Path: <>\n"), "{text}");
+        assert!(text.contains("\nDelivered-To: user0@mx.test\n"), "{text}");
+        assert!(all.ends_with(&[b'a'; 70 * 1024]));
+    }
+
+    /// A write error (here EPIPE: the copy's reader went away) fails the transaction at the
+    /// end of data with the error's reply, and no Commit is sent.
+    #[test]
+    fn a_writer_error_is_the_transactions_answer() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let tx = transaction(1, "client.example");
+        start(&mut c, 8, &tx);
+        c.write(8, vec![b'b'; 70 * 1024]);
+        let id = match &sent(&agent)[..] {
+            [Request::Begin { id, .. }] => *id,
+            other => panic!("{other:?}"),
+        };
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        drop(rd);
+        let answer = Response::Opened { id, count: 1 }.encode();
+        channel::send(agent.as_fd(), &answer, &[wr.as_fd()]).unwrap();
+        drop(wr);
+        c.on_readable().unwrap();
+        c.finish(8);
+        progress_until(&mut c, |c| !c.inflight.contains_key(&id));
+        assert!(matches!(&sent(&agent)[..], [Request::Abort { .. }]));
+        match c.poll_outcome() {
+            Some((8, Err(r))) => assert_eq!(r.code, 451, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Found in review: an empty body never reaches `write`, so trace fields too long for a

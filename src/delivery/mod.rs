@@ -24,6 +24,7 @@ pub mod privileges;
 pub mod protocol;
 pub mod store;
 pub mod syncer;
+pub mod writer;
 
 use std::fmt;
 use std::os::fd::OwnedFd;

@@ -49,11 +49,11 @@ pub struct Connection {
     pub timer_at: Option<Instant>,
     /// Set once the session asked to close: the last replies are being flushed.
     pub closing_since: Option<Instant>,
-    /// Since when the session has been waiting for the delivery agent.
+    /// Since when the session has been waiting for the delivery agent or a lookup.
     pub waiting_since: Option<Instant>,
-    /// The number of the lookup this session waits for, if it waits for one (an answer with
-    /// another number came too late and is dropped).
-    pub lookup: Option<u64>,
+    /// The lookup this session waits for, if it waits for one (an answer with another
+    /// number came too late and is dropped).
+    pub lookup: Option<super::lookups::Pending>,
 }
 
 /// What one read step did.

@@ -9,12 +9,18 @@
 //! [`mio::Waker`]. Alias reloads (SIGHUP) come here too, because checking the new table
 //! (postmaster must reach somebody) looks accounts up.
 //!
+//! A request whose session stopped waiting (its wait timed out, or the client left) is
+//! cancelled: the thread skips it rather than spend a slow backend's time on it (found in
+//! review: without that, a backend slower than the requests came made every answer late).
+//! One thread in order means one hung lookup holds up every lookup behind it; the cache
+//! still answers for accounts found in the last 2 seconds.
+//!
 //! Owns the thread, its queue and its answers. It must not touch connections or sessions
 //! (the server applies the answers, and bounds the wait for them) and holds no lock while it
-//! looks up. The thread is started after the receiver has dropped its privileges, so it has
-//! none either.
+//! looks up. The thread is started after the receiver has dropped its privileges.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -32,12 +38,40 @@ enum Request {
         seq: u64,
         conn: u64,
         local_part: String,
+        cancelled: Arc<AtomicBool>,
     },
     Reload(Aliases),
 }
 
+/// A queued lookup, as its session keeps it: its number, what it is for (the log), and the
+/// flag that cancels it.
+#[derive(Debug)]
+pub struct Pending {
+    pub seq: u64,
+    pub local_part: String,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Pending {
+    /// Nobody waits for this lookup any more: the thread skips it if it has not started it.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Why a lookup could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotQueued {
+    /// [`MAX_QUEUED`] wait already.
+    Full,
+    /// The thread is gone (it panicked): no lookup can be answered any more.
+    Gone,
+}
+
 /// What the thread answered.
 pub enum Answer {
+    /// A cancelled request, skipped.
+    Skipped,
     /// The resolution of request `seq`, asked by connection `conn`.
     Resolved {
         seq: u64,
@@ -59,7 +93,7 @@ pub struct Lookups {
 
 impl Lookups {
     /// Starts the thread with its own copy of `resolver` (the two share the cache).
-    pub fn start(mut resolver: Resolver, waker: Waker) -> io::Result<Lookups> {
+    pub fn start(mut resolver: Resolver, waker: Arc<Waker>) -> io::Result<Lookups> {
         let (requests, rx) = channel::<Request>();
         let answers = Arc::new(Mutex::new(Vec::new()));
         let out = Arc::clone(&answers);
@@ -70,10 +104,14 @@ impl Lookups {
                 // waited for (the process's exit ends it).
                 while let Ok(req) = rx.recv() {
                     let answer = match req {
+                        Request::Resolve { cancelled, .. } if cancelled.load(Ordering::Relaxed) => {
+                            Answer::Skipped
+                        }
                         Request::Resolve {
                             seq,
                             conn,
                             local_part,
+                            ..
                         } => {
                             let result = resolver.resolve(&local_part);
                             Answer::Resolved {
@@ -105,23 +143,28 @@ impl Lookups {
         })
     }
 
-    /// Queues the resolution of `local_part` for connection `conn`: the request's number, or
-    /// `None` when it cannot be queued (the queue is full, or the thread is gone).
-    pub fn ask(&mut self, conn: u64, local_part: String) -> Option<u64> {
+    /// Queues the resolution of `local_part` for connection `conn`.
+    pub fn ask(&mut self, conn: u64, local_part: &str) -> Result<Pending, NotQueued> {
         if self.queued >= MAX_QUEUED {
-            return None;
+            return Err(NotQueued::Full);
         }
         self.next_seq += 1;
-        let seq = self.next_seq;
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let pending = Pending {
+            seq: self.next_seq,
+            local_part: local_part.to_string(),
+            cancelled: Arc::clone(&cancelled),
+        };
         self.requests
             .send(Request::Resolve {
-                seq,
+                seq: pending.seq,
                 conn,
-                local_part,
+                local_part: local_part.to_string(),
+                cancelled,
             })
-            .ok()?;
+            .map_err(|_| NotQueued::Gone)?;
         self.queued += 1;
-        Some(seq)
+        Ok(pending)
     }
 
     /// Queues a reload of the alias table; false when the thread is gone.

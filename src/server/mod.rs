@@ -33,12 +33,14 @@ use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Reply, Session, SessionConfig};
 use crate::systemd::Notifier;
 use connection::{Connection, ReadStep, READ_CHUNK};
-use lookups::{Answer, Lookups};
+use lookups::{Answer, Lookups, NotQueued};
 use timers::Timers;
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 const AGENT_TOKEN: Token = Token(usize::MAX - 2);
-const LOOKUPS_TOKEN: Token = Token(usize::MAX - 3);
+/// The lookup thread and the copy writers wake the loop through one waker (mio allows one
+/// per poller).
+const WAKE_TOKEN: Token = Token(usize::MAX - 3);
 /// Listener i has token `LISTENER_BASE - i`.
 const LISTENER_BASE: usize = usize::MAX - 4;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM.
@@ -77,6 +79,11 @@ pub struct Server {
     resolver: Resolver,
     /// The lookup thread, for what the cache cannot answer.
     lookups: Lookups,
+    /// Alias reloads the lookup thread has not answered yet: READY=1 waits for the last.
+    pending_reloads: usize,
+    /// The lookup thread is gone (it panicked): the server stops, and exits with an error
+    /// for the service manager to restart it.
+    lookups_gone: bool,
     delivery: AgentClient,
     max_connections: usize,
     /// Connections from one client address at most (`--max-connections-per-ip`).
@@ -111,6 +118,8 @@ pub enum ServerError {
     Setup(String, io::Error),
     /// The delivery agent went away; in-flight clients got 4xx, all others 421.
     AgentGone(String),
+    /// The lookup thread went away (a panic); clients got 451 for their recipients, then 421.
+    LookupsGone,
 }
 
 impl std::fmt::Display for ServerError {
@@ -118,6 +127,7 @@ impl std::fmt::Display for ServerError {
         match self {
             ServerError::Setup(what, e) => write!(f, "{what}: {e}"),
             ServerError::AgentGone(why) => write!(f, "{why}"),
+            ServerError::LookupsGone => write!(f, "the recipient lookup thread is gone"),
         }
     }
 }
@@ -176,10 +186,13 @@ impl Server {
             .map_err(setup("registering the delivery agent's socket"))?;
         // After the signal masks above: the thread inherits them, so SIGTERM and friends
         // still reach only the signalfd.
-        let waker =
-            Waker::new(poll.registry(), LOOKUPS_TOKEN).map_err(setup("creating a waker"))?;
-        let lookups =
-            Lookups::start(resolver.clone(), waker).map_err(setup("starting the lookup thread"))?;
+        let waker = std::sync::Arc::new(
+            Waker::new(poll.registry(), WAKE_TOKEN).map_err(setup("creating a waker"))?,
+        );
+        let lookups = Lookups::start(resolver.clone(), waker.clone())
+            .map_err(setup("starting the lookup thread"))?;
+        let mut delivery = delivery;
+        delivery.set_waker(waker);
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -193,6 +206,8 @@ impl Server {
             session_config: Rc::new(session_config),
             resolver,
             lookups,
+            pending_reloads: 0,
+            lookups_gone: false,
             delivery,
             max_connections: max_connections.max(1),
             max_per_ip: max_per_ip.max(1),
@@ -258,7 +273,10 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     SIGNAL_TOKEN => self.signals(),
-                    LOOKUPS_TOKEN => self.lookup_answers(&mut buf),
+                    WAKE_TOKEN => {
+                        self.lookup_answers(&mut buf);
+                        self.writer_progress(&mut buf);
+                    }
                     AGENT_TOKEN => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.agent_readable(&mut buf);
@@ -298,9 +316,16 @@ impl Server {
                 self.accept_paused_until = None;
                 self.accept(now);
             }
+            if self.lookups_gone && !self.stopping {
+                error!("the recipient lookup thread is gone: stopping (a service manager restarts inboxd)");
+                self.stop();
+            }
             if self.stopping && self.conns.is_empty() {
                 if let Some(why) = self.agent_gone.take() {
                     return Err(ServerError::AgentGone(why));
+                }
+                if self.lookups_gone {
+                    return Err(ServerError::LookupsGone);
                 }
                 info!("stopped");
                 return Ok(());
@@ -317,7 +342,9 @@ impl Server {
                 Some(Signal::SIGHUP) if self.stopping => {}
                 Some(Signal::SIGHUP) => {
                     self.notify("RELOADING=1\nSTATUS=reloading the aliases");
-                    if !self.reload_aliases() {
+                    if self.reload_aliases() {
+                        self.pending_reloads += 1;
+                    } else if self.pending_reloads == 0 {
                         self.reloaded();
                     }
                 }
@@ -356,8 +383,13 @@ impl Server {
         true
     }
 
-    /// A reload is over (done or refused): the service manager hears that we are ready.
+    /// A reload is over (done or refused): the service manager hears that we are ready,
+    /// unless another reload is still being checked, or we are stopping (READY=1 after
+    /// STOPPING=1 would undo it; found in review).
     fn reloaded(&self) {
+        if self.pending_reloads > 0 || self.stopping {
+            return;
+        }
         self.notify(&format!(
             "READY=1\nSTATUS=accepting mail; {} connection(s)",
             self.conns.len()
@@ -370,6 +402,7 @@ impl Server {
     fn lookup_answers(&mut self, buf: &mut [u8]) {
         for answer in self.lookups.take_answers() {
             match answer {
+                Answer::Skipped => {}
                 Answer::Resolved {
                     seq,
                     conn,
@@ -380,7 +413,7 @@ impl Server {
                     let Some(c) = self.conns.get_mut(&token) else {
                         continue;
                     };
-                    if c.lookup != Some(seq) {
+                    if c.lookup.as_ref().map(|p| p.seq) != Some(seq) {
                         continue;
                     }
                     c.lookup = None;
@@ -390,6 +423,7 @@ impl Server {
                     self.drive(token, buf);
                 }
                 Answer::Reloaded(Ok(table)) => {
+                    self.pending_reloads = self.pending_reloads.saturating_sub(1);
                     info!(
                         "SIGHUP: {} reloaded, {} aliases",
                         self.aliases_path.display(),
@@ -399,6 +433,7 @@ impl Server {
                     self.reloaded();
                 }
                 Answer::Reloaded(Err(e)) => {
+                    self.pending_reloads = self.pending_reloads.saturating_sub(1);
                     error!(
                         "SIGHUP: {}: {e}; keeping the aliases loaded before",
                         self.aliases_path.display()
@@ -550,19 +585,21 @@ impl Server {
             if c.waiting_since
                 .is_some_and(|w| now >= wait_deadline(stop_at, w, lookup_wait))
             {
-                if lookup_wait {
-                    // An NSS backend that does not answer: 451 for this recipient; its late
-                    // answer, if any, is dropped (the sequence number no longer matches).
+                if let Some(p) = c.lookup.take() {
+                    // An NSS backend that does not answer: 451 for this recipient. The thread
+                    // skips the request if it has not started it; a late answer is dropped
+                    // (the sequence number no longer matches).
+                    p.cancel();
                     warn!(
-                        "event=rcpt session={:x} result=tempfail error=\"lookup timed out\" \
-                         waited={:?} stopping={}",
+                        "event=rcpt session={:x} rcpt={:?} result=tempfail \
+                         error=\"lookup timed out\" waited={:?} stopping={}",
                         c.id,
+                        p.local_part,
                         c.waiting_since
                             .map(|w| now.saturating_duration_since(w))
                             .unwrap_or_default(),
                         stop_at.is_some()
                     );
-                    c.lookup = None;
                     c.waiting_since = None;
                     c.session
                         .recipient_verdict(RcptVerdict::TemporaryFailure, now);
@@ -685,17 +722,25 @@ impl Server {
                 if let Some(r) = self.resolver.resolve_cached(&local_part) {
                     let verdict = rcpt_verdict(c.id, &local_part, Ok(r));
                     c.session.recipient_verdict(verdict, Instant::now());
-                } else if let Some(seq) = self.lookups.ask(c.id, local_part.clone()) {
-                    c.lookup = Some(seq);
                 } else {
-                    warn!(
-                        "event=rcpt session={:x} rcpt={local_part:?} result=tempfail \
-                         error=\"{} lookups already queued\"",
-                        c.id,
-                        lookups::MAX_QUEUED
-                    );
-                    c.session
-                        .recipient_verdict(RcptVerdict::TemporaryFailure, Instant::now());
+                    match self.lookups.ask(c.id, &local_part) {
+                        Ok(p) => c.lookup = Some(p),
+                        Err(why) => {
+                            let error = if why == NotQueued::Full {
+                                format!("{} lookups already queued", lookups::MAX_QUEUED)
+                            } else {
+                                self.lookups_gone = true;
+                                "the lookup thread is gone".to_string()
+                            };
+                            warn!(
+                                "event=rcpt session={:x} rcpt={local_part:?} result=tempfail \
+                                 error={error:?}",
+                                c.id
+                            );
+                            c.session
+                                .recipient_verdict(RcptVerdict::TemporaryFailure, Instant::now());
+                        }
+                    }
                 }
             }
             Event::DataStart(tx) => {
@@ -713,7 +758,7 @@ impl Server {
                 );
                 self.delivery.begin(c.id, &tx, &trace, &id);
             }
-            Event::MailData(chunk) => self.delivery.write(c.id, &chunk),
+            Event::MailData(chunk) => self.delivery.write(c.id, chunk),
             Event::DataAborted => {
                 debug!("event=data_aborted session={:x}", c.id);
                 self.delivery.abort(c.id);
@@ -768,6 +813,17 @@ impl Server {
                 c.session.delivery_outcome(outcome, Instant::now());
                 self.drive(token, buf);
             }
+        }
+    }
+
+    /// Copy writers wrote or closed: clients held back may send again, closed copies are
+    /// committed (or their write error answered).
+    fn writer_progress(&mut self, buf: &mut [u8]) {
+        self.delivery.on_writers();
+        let resumed = self.delivery.take_resumed();
+        self.deliver_parked(buf);
+        for id in resumed {
+            self.drive(Token(id as usize), buf);
         }
     }
 
@@ -832,8 +888,11 @@ impl Server {
             return;
         };
         // Whatever was in progress is dropped: a transaction without its final reply was
-        // never accepted.
+        // never accepted; a lookup nobody waits for is skipped.
         self.delivery.abort(c.id);
+        if let Some(p) = &c.lookup {
+            p.cancel();
+        }
         if let Some(n) = self.per_ip.get_mut(&c.ip) {
             *n -= 1;
             if *n == 0 {
