@@ -695,6 +695,29 @@ mod tests {
         assert!(sent(&agent).is_empty());
     }
 
+    /// A client whose connection `conn` has sent 70 KiB of `byte`: the Begin went out.
+    /// Returns the client, the agent's end of the socket and the transaction's id.
+    fn streaming(conn: u64, byte: u8) -> (AgentClient, OwnedFd, u64) {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let tx = transaction(1, "client.example");
+        start(&mut c, conn, &tx);
+        c.write(conn, vec![byte; 70 * 1024]);
+        let id = match &sent(&agent)[..] {
+            [Request::Begin { id, .. }] => *id,
+            other => panic!("{other:?}"),
+        };
+        (c, agent, id)
+    }
+
+    /// The agent's answer to the Begin of `id`: one copy, `copy`.
+    fn opened(c: &mut AgentClient, agent: &OwnedFd, id: u64, copy: OwnedFd) {
+        let answer = Response::Opened { id, count: 1 }.encode();
+        channel::send(agent.as_fd(), &answer, &[copy.as_fd()]).unwrap();
+        drop(copy);
+        c.on_readable().unwrap();
+    }
+
     /// The progress of `c`'s writers, once `done` says so (bounded wait).
     fn progress_until(c: &mut AgentClient, done: impl Fn(&AgentClient) -> bool) {
         let until = Instant::now() + std::time::Duration::from_secs(10);
@@ -710,15 +733,7 @@ mod tests {
     /// only once the writer has written everything and closed the copies.
     #[test]
     fn streamed_data_goes_through_the_writer_and_commit_waits_for_its_close() {
-        let (ours, agent) = channel::pair().unwrap();
-        let mut c = AgentClient::new(ours, "mx.test");
-        let tx = transaction(1, "client.example");
-        start(&mut c, 7, &tx);
-        c.write(7, vec![b'a'; 70 * 1024]);
-        let id = match &sent(&agent)[..] {
-            [Request::Begin { id, .. }] => *id,
-            other => panic!("{other:?}"),
-        };
+        let (mut c, agent, id) = streaming(7, b'a');
         assert!(
             !c.wants_data(7),
             "70 KiB held while the descriptors are on their way"
@@ -727,10 +742,7 @@ mod tests {
         // through (a full pipe blocks its writer, as a hung filesystem would).
         let (rd, wr) = nix::unistd::pipe().unwrap();
         nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
-        let answer = Response::Opened { id, count: 1 }.encode();
-        channel::send(agent.as_fd(), &answer, &[wr.as_fd()]).unwrap();
-        drop(wr);
-        c.on_readable().unwrap();
+        opened(&mut c, &agent, id, wr);
         // The writer is stuck on the full pipe: the caller was not, and holds back the client.
         assert!(!c.wants_data(7), "70 KiB wait for the writer");
         c.finish(7);
@@ -762,21 +774,10 @@ mod tests {
     /// end of data with the error's reply, and no Commit is sent.
     #[test]
     fn a_writer_error_is_the_transactions_answer() {
-        let (ours, agent) = channel::pair().unwrap();
-        let mut c = AgentClient::new(ours, "mx.test");
-        let tx = transaction(1, "client.example");
-        start(&mut c, 8, &tx);
-        c.write(8, vec![b'b'; 70 * 1024]);
-        let id = match &sent(&agent)[..] {
-            [Request::Begin { id, .. }] => *id,
-            other => panic!("{other:?}"),
-        };
+        let (mut c, agent, id) = streaming(8, b'b');
         let (rd, wr) = nix::unistd::pipe().unwrap();
         drop(rd);
-        let answer = Response::Opened { id, count: 1 }.encode();
-        channel::send(agent.as_fd(), &answer, &[wr.as_fd()]).unwrap();
-        drop(wr);
-        c.on_readable().unwrap();
+        opened(&mut c, &agent, id, wr);
         c.finish(8);
         progress_until(&mut c, |c| !c.inflight.contains_key(&id));
         assert!(matches!(&sent(&agent)[..], [Request::Abort { .. }]));
