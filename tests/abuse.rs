@@ -172,3 +172,36 @@ print("oob", got.count(b"\r\n"), round(took, 2))
     let oob: Vec<&str> = lines[1].split(' ').collect();
     assert_eq!(&oob[..2], ["oob", "3"], "{text}");
 }
+
+/// A client still sending when we end its session (here: too many errors) reads our 421
+/// and then the end of the connection, not a reset: the server shuts its side down and
+/// reads what still comes until the client closes (a lingering close). Closing at once,
+/// with the client's unread commands in the socket, made the kernel reset the connection,
+/// and the client's read failed with ECONNRESET (so it would with a real client in the
+/// middle of its mail data).
+#[test]
+fn a_client_still_sending_reads_the_421_and_a_clean_end() {
+    let dir = TempDir::new("linger");
+    let server = Server::start_in(dir.path(), &["--max-errors", "3"]);
+    let mut c = server.connect();
+    // Far more than one read of the server's: most of it is still unread when it ends the
+    // session after the third error.
+    let junk = b"BOGUS command\r\n".repeat(20_000);
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // The writes may fail once the server has closed: that is not what is tested.
+        let _ = w.write_all(&junk);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let mut all = Vec::new();
+    let end = c.stream.read_to_end(&mut all);
+    writer.join().unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.contains("\r\n421 4.7.0"), "{text}");
+    assert!(
+        end.is_ok(),
+        "the connection was reset after {text:?}: {end:?}"
+    );
+    // The server took it all in and dropped it: the whole conversation took no 2 s wait.
+    assert!(server.wait_log("event=close"));
+}

@@ -15,6 +15,8 @@ use crate::smtp::Session;
 
 /// Bytes read per read(2).
 pub const READ_CHUNK: usize = 64 * 1024;
+/// Octets a lingering connection may send before it is closed anyway.
+pub const LINGER_MAX: usize = 1024 * 1024;
 
 pub struct Connection {
     pub id: u64,
@@ -54,6 +56,11 @@ pub struct Connection {
     /// The lookup this session waits for, if it waits for one (an answer with another
     /// number came too late and is dropped).
     pub lookup: Option<super::lookups::Pending>,
+    /// Since when a connection we ended (421) has been lingering: writing shut down, what
+    /// the client still sends read and dropped, until it closes.
+    pub lingering_since: Option<Instant>,
+    /// Octets dropped while lingering.
+    lingered: usize,
 }
 
 /// What one read step did.
@@ -90,6 +97,8 @@ impl Connection {
             closing_since: None,
             waiting_since: None,
             lookup: None,
+            lingering_since: None,
+            lingered: 0,
         }
     }
 
@@ -170,6 +179,42 @@ impl Connection {
     /// replies.
     pub fn done(&self) -> bool {
         self.session.is_closed() && !self.output_pending()
+    }
+
+    /// Whether the connection should linger before it is closed: we ended it (a 421: a
+    /// timeout, too many errors, a stop) while the client may still be sending. Closing a
+    /// socket with unread input makes the kernel reset the connection, and a client still
+    /// writing (its mail data, say) then sees the reset, not our 421 (RFC 5321 3.8 wants the
+    /// client to read it). After a QUIT, or once the client closed or vanished, nothing is
+    /// waited for.
+    pub fn should_linger(&self) -> bool {
+        !self.eof && !self.write_failed && !self.session.ended_by_quit()
+    }
+
+    /// Starts lingering: our side of the connection is shut down (the client reads the end
+    /// after the 421), its side is read and dropped.
+    pub fn start_linger(&mut self, now: Instant) {
+        self.lingering_since = Some(now);
+        let _ = self.socket.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Reads and drops what the client sent, until it would block. True when lingering is
+    /// over: the client closed (or reset), or more than [`LINGER_MAX`] octets came.
+    pub fn discard(&mut self, buf: &mut [u8]) -> bool {
+        loop {
+            match self.socket.read(buf) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    self.lingered += n;
+                    if self.lingered > LINGER_MAX {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
     }
 
     /// Registers or re-registers with the interest the session's state calls for: readable

@@ -49,6 +49,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 const ODD_ACCEPT_ERRORS: u32 = 64;
 /// How long a closing connection may take to take its last reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How long a connection we ended lingers for the client to close its side.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long a client waits for the delivery agent's answer before it gets 451.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a client waits for a recipient lookup (an NSS backend that does not answer)
@@ -572,6 +574,11 @@ impl Server {
                 continue; // stale entry
             }
             c.timer_at = None;
+            if c.lingering_since.is_some_and(|t| now >= t + LINGER) {
+                let c = self.conns.remove(&token);
+                self.finish(c);
+                continue;
+            }
             if c.closing_since.is_some_and(|t| now >= t + CLOSE_GRACE) {
                 info!(
                     "event=drop session={:x} reason=\"client did not take its last reply\"",
@@ -684,7 +691,21 @@ impl Server {
         }
         let now = Instant::now();
         if c.done() {
-            self.finish(Some(c));
+            if c.lingering_since.is_none() && c.should_linger() {
+                c.start_linger(now);
+            }
+            let lingering = c.lingering_since;
+            match lingering {
+                Some(t) if !c.discard(buf) => {
+                    c.timer_at = self.timers.arm(token, t + LINGER, c.timer_at);
+                    if c.update_interest(self.poll.registry()).is_ok() {
+                        self.conns.insert(token, c);
+                        return;
+                    }
+                    self.finish(Some(c));
+                }
+                _ => self.finish(Some(c)),
+            }
             return;
         }
         if c.session.is_closed() && c.closing_since.is_none() {

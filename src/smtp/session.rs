@@ -199,6 +199,8 @@ pub struct Session {
     /// pipelining client sent behind it get 503 without counting as errors (RFC 2920 3.1;
     /// found in review: 20 recipients behind a refused MAIL ended the session).
     mail_refused: bool,
+    /// The client said QUIT: it closed the session, and expects nothing after the 221.
+    quit: bool,
 }
 
 impl Session {
@@ -222,6 +224,7 @@ impl Session {
             peer_eof: false,
             shutdown_pending: false,
             mail_refused: false,
+            quit: false,
         };
         let greeting = format!("{} ESMTP inboxd ready", s.config.hostname);
         s.reply(Reply::plain(220, vec![greeting]));
@@ -371,6 +374,11 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
+    }
+
+    /// Whether the session ended with the client's QUIT (not with a 421 of ours).
+    pub fn ended_by_quit(&self) -> bool {
+        self.quit
     }
 
     /// Whether a lookup or delivery answer is outstanding.
@@ -635,6 +643,7 @@ impl Session {
             }
             Command::Noop => self.reply(Reply::new(250, "2.0.0", "OK")),
             Command::Quit => {
+                self.quit = true;
                 self.reply(Reply::new(
                     221,
                     "2.0.0",
