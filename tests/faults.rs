@@ -701,7 +701,11 @@ fn a_hung_home_holds_up_only_its_own_mail() {
     let mut a = server.open_data(&["inboxd-hung"]);
     let big = token();
     let lines: String = (0..340).map(|_| "h".repeat(900) + "\r\n").collect();
-    a.send(format!("{}{lines}.\r\n", message(&big)).as_bytes());
+    // Sent from a thread: the server stops reading once 64 KiB wait for the hung writer,
+    // and the rest must not depend on the socket buffers' size (found in review).
+    let mut w = a.stream.try_clone().unwrap();
+    let body = format!("{}{lines}.\r\n", message(&big));
+    let sender = std::thread::spawn(move || std::io::Write::write_all(&mut w, body.as_bytes()));
     if a.readable_within(std::time::Duration::from_secs(1)) {
         panic!("the hung home should hold up its message: {}", a.reply());
     }
@@ -723,6 +727,7 @@ fn a_hung_home_holds_up_only_its_own_mail() {
     assert_eq!(messages_with(&jones.join("Maildir"), &large).len(), 1);
     // The filesystem answers again: A's message is delivered, whole.
     drop(unhang);
+    sender.join().unwrap().unwrap();
     let r = a.reply();
     assert!(r.starts_with("250 "), "{r}");
     let md = home.join("Maildir");

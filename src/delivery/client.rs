@@ -66,7 +66,7 @@ struct InFlight {
     heads: Vec<Vec<u8>>,
     /// The thread that writes the copies, once their descriptors are here.
     writer: Option<CopyWriter>,
-    /// Octets given to the writer and not yet written.
+    /// What waits for the writer: the chunks' allocations and their queue overhead.
     queued: usize,
     held: Vec<u8>,
     error: Option<DeliveryError>,
@@ -331,7 +331,8 @@ impl AgentClient {
             State::Opening => t.state = State::CommitWanted,
             State::Buffering => self.deliver(id),
             State::Open => self.close_copies(id),
-            _ => self.commit(id),
+            // One end of data per transaction: a second is ignored, never a second commit.
+            State::CommitWanted | State::Closing | State::Committing => {}
         }
     }
 
@@ -450,7 +451,11 @@ impl AgentClient {
     fn handle(&mut self, resp: Response, fds: Vec<OwnedFd>) {
         let id = resp.id();
         let Some(t) = self.inflight.get_mut(&id) else {
-            return; // aborted meanwhile; its descriptors are dropped here
+            // Aborted meanwhile: its copies are closed off the event loop (a close can block
+            // on a hung home; found in review).
+            self.writers
+                .discard(fds.into_iter().map(File::from).collect());
+            return;
         };
         match resp {
             Response::Opened { count, .. } => {
@@ -458,6 +463,8 @@ impl AgentClient {
                     t.error = Some(DeliveryError::Io(
                         "delivery agent sent the wrong descriptors".into(),
                     ));
+                    self.writers
+                        .discard(fds.into_iter().map(File::from).collect());
                 } else {
                     let files = fds.into_iter().map(File::from).collect();
                     let heads = std::mem::take(&mut t.heads);
@@ -548,12 +555,12 @@ impl AgentClient {
     pub fn on_writers(&mut self) {
         for p in self.writers.take_progress() {
             match p {
-                Progress::Written { id, bytes } => {
+                Progress::Written { id, cost } => {
                     let Some(t) = self.inflight.get_mut(&id) else {
                         continue;
                     };
                     let was_full = t.queued >= WRITE_AHEAD;
-                    t.queued = t.queued.saturating_sub(bytes);
+                    t.queued = t.queued.saturating_sub(cost);
                     if was_full && t.queued < WRITE_AHEAD && t.state == State::Open {
                         self.resumed.push(t.conn);
                     }
@@ -610,10 +617,9 @@ fn give_writer(t: &mut InFlight, data: Vec<u8>) {
     if t.error.is_some() {
         return;
     }
-    let n = data.len();
-    match &t.writer {
-        Some(w) if w.write(data) => t.queued += n,
-        _ => {
+    match t.writer.as_ref().and_then(|w| w.write(data)) {
+        Some(cost) => t.queued += cost,
+        None => {
             t.writer = None;
             t.error = Some(DeliveryError::Io(
                 "the copies' writer thread is gone".into(),
@@ -768,6 +774,34 @@ mod tests {
         assert!(text.starts_with("Return-Path: <>\n"), "{text}");
         assert!(text.contains("\nDelivered-To: user0@mx.test\n"), "{text}");
         assert!(all.ends_with(&[b'a'; 70 * 1024]));
+    }
+
+    /// A client held back for its writer may read again once the writer has caught up, and
+    /// is named by `take_resumed` then, not before (the server drives it again only then).
+    #[test]
+    fn a_client_held_back_for_its_writer_is_resumed_once_it_caught_up() {
+        let (mut c, agent, id) = streaming(9, b'c');
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
+        opened(&mut c, &agent, id, wr);
+        assert!(!c.wants_data(9));
+        assert!(c.take_resumed().is_empty(), "resumed while 70 KiB wait");
+        let reader = std::thread::spawn(move || {
+            let mut f = File::from(rd);
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut all).unwrap();
+            all.len()
+        });
+        progress_until(&mut c, |c| c.wants_data(9));
+        assert_eq!(c.take_resumed(), vec![9]);
+        // The end of data closes the copies (and the reader sees their end).
+        c.finish(9);
+        progress_until(&mut c, |c| {
+            c.inflight
+                .get(&id)
+                .is_some_and(|t| t.state == State::Committing)
+        });
+        assert!(reader.join().unwrap() > 70 * 1024);
     }
 
     /// A write error (here EPIPE: the copy's reader went away) fails the transaction at the

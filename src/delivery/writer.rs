@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -24,17 +25,26 @@ use super::DeliveryError;
 
 /// A thread's stack: it only copies buffers it is given into files.
 const STACK: usize = 128 * 1024;
+/// Writer threads alive at most. A writer stuck on a hung home outlives its transaction
+/// (found in review: each retry of the sender added one, with its descriptors); beyond this
+/// many, a new streamed transaction gets 451 instead of one more thread.
+pub const MAX_WRITERS: usize = 256;
+/// What one queued chunk costs beyond its buffer (the allocation and the queue's slot), so
+/// that many small chunks count for what they hold.
+pub const JOB_OVERHEAD: usize = 64;
 
 enum Job {
-    Write(Vec<u8>),
+    /// Data, and what it counts for (see [`CopyWriter::write`]).
+    Write(Vec<u8>, usize),
     Close,
 }
 
 /// What a writer did, for the event loop.
 #[derive(Debug)]
 pub enum Progress {
-    /// `bytes` of transaction `id`'s data were written (or, after an error, dropped).
-    Written { id: u64, bytes: usize },
+    /// A chunk of transaction `id`'s data that counted `cost` was written (or, after an
+    /// error, dropped).
+    Written { id: u64, cost: usize },
     /// Transaction `id`'s copies are closed; `Err` is the first write error.
     Closed {
         id: u64,
@@ -45,6 +55,8 @@ pub enum Progress {
 /// Starts writers and collects their progress.
 pub struct Writers {
     progress: Arc<Mutex<Vec<Progress>>>,
+    /// Threads alive (writers, and closers of descriptors nobody writes to).
+    live: Arc<AtomicUsize>,
     /// Wakes the event loop when progress arrives; `None` in unit tests, which ask.
     waker: Option<Arc<Waker>>,
 }
@@ -52,12 +64,30 @@ pub struct Writers {
 /// One transaction's writer. Dropping it without [`CopyWriter::close`] abandons the copies.
 pub struct CopyWriter {
     jobs: Sender<Job>,
+    /// Set when the writer is dropped unclosed: the thread drops what is still queued.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Drop for CopyWriter {
+    fn drop(&mut self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counts a thread as alive until it ends.
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Writers {
     pub fn new() -> Writers {
         Writers {
             progress: Arc::new(Mutex::new(Vec::new())),
+            live: Arc::new(AtomicUsize::new(0)),
             waker: None,
         }
     }
@@ -67,8 +97,47 @@ impl Writers {
         self.waker = Some(waker);
     }
 
-    /// Starts the writer of transaction `id`: it writes each head into its copy first.
+    /// Threads alive now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more thread, unless [`MAX_WRITERS`] are alive.
+    fn admit(&self) -> io::Result<Alive> {
+        if self.live.fetch_add(1, Ordering::Relaxed) >= MAX_WRITERS {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other(format!(
+                "{MAX_WRITERS} writer threads are busy (a hung home?)"
+            )));
+        }
+        Ok(Alive(Arc::clone(&self.live)))
+    }
+
+    /// Closes descriptors nobody will write to (a transaction aborted before they came) off
+    /// the calling thread: on a hung NFS or FUSE home a close blocks too. Only if no thread
+    /// can be started are they closed here.
+    pub fn discard(&self, files: Vec<File>) {
+        if files.is_empty() {
+            return;
+        }
+        let Ok(alive) = self.admit() else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("copy-closer".into())
+            .stack_size(STACK)
+            .spawn(move || {
+                let _alive = alive;
+                drop(files);
+            });
+    }
+
+    /// Starts the writer of transaction `id`: it writes each head into its copy first. An
+    /// error (too many writers alive, no thread) drops `files` here.
     pub fn start(&self, id: u64, files: Vec<File>, heads: Vec<Vec<u8>>) -> io::Result<CopyWriter> {
+        let alive = self.admit()?;
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let gone = Arc::clone(&abandoned);
         let (jobs, rx) = channel::<Job>();
         let progress = Arc::clone(&self.progress);
         let waker = self.waker.clone();
@@ -89,6 +158,7 @@ impl Writers {
             .name("copy-writer".into())
             .stack_size(STACK)
             .spawn(move || {
+                let _alive = alive;
                 let mut files = files;
                 let mut error = None;
                 for (f, h) in files.iter_mut().zip(&heads) {
@@ -98,8 +168,12 @@ impl Writers {
                     }
                 }
                 while let Ok(job) = rx.recv() {
+                    if gone.load(Ordering::Relaxed) {
+                        // Aborted: nothing more is written; the copies close as we return.
+                        return;
+                    }
                     match job {
-                        Job::Write(data) => {
+                        Job::Write(data, cost) => {
                             if error.is_none() {
                                 for f in &mut files {
                                     if let Err(e) = f.write_all(&data) {
@@ -109,10 +183,7 @@ impl Writers {
                                     }
                                 }
                             }
-                            report(Progress::Written {
-                                id,
-                                bytes: data.len(),
-                            });
+                            report(Progress::Written { id, cost });
                         }
                         Job::Close => {
                             // Our descriptors are not needed any more: the agent fsyncs its
@@ -129,7 +200,7 @@ impl Writers {
                 }
                 // Abandoned: the copies are closed as `files` goes.
             })?;
-        Ok(CopyWriter { jobs })
+        Ok(CopyWriter { jobs, abandoned })
     }
 
     /// The progress reported since the last call, in order per transaction.
@@ -145,9 +216,12 @@ impl Default for Writers {
 }
 
 impl CopyWriter {
-    /// Queues `data` for every copy; false if the thread is gone.
-    pub fn write(&self, data: Vec<u8>) -> bool {
-        self.jobs.send(Job::Write(data)).is_ok()
+    /// Queues `data` for every copy: what it counts for (its allocation and
+    /// [`JOB_OVERHEAD`], what it holds in memory until written), or `None` if the thread is
+    /// gone.
+    pub fn write(&self, data: Vec<u8>) -> Option<usize> {
+        let cost = data.capacity() + JOB_OVERHEAD;
+        self.jobs.send(Job::Write(data, cost)).ok().map(|()| cost)
     }
 
     /// Asks for the copies to be closed; [`Progress::Closed`] follows. False if the thread is
