@@ -251,6 +251,40 @@ fn forged_requests_are_refused() {
     // Committing what was never opened fails cleanly.
     agent.send(&Request::Commit { id: 99 });
     assert!(matches!(agent.recv().0, Response::Failed { id: 99, .. }));
+    // A Check is held to the same rules as a Begin: uid 0, non-accounts, paths refused,
+    // nothing created; a real account's Maildir passes, and nothing is written in it.
+    let mut checks = vec![(11, "../etc", 5), (12, "a/b", 5), (13, "nosuchuser", 5)];
+    if is_root() {
+        checks.push((14, "root", 4));
+    }
+    for (id, name, class) in checks {
+        agent.send(&Request::Check {
+            id,
+            accounts: vec!["nobody".into(), name.into()],
+        });
+        let (r, fds) = agent.recv();
+        assert!(
+            matches!(r, Response::Failed { id: i, class: c, .. } if i == id && c == class),
+            "check of {name}: {r:?}"
+        );
+        assert!(fds.is_empty());
+    }
+    assert!(!dir.path().join("root").exists());
+    agent.send(&Request::Check {
+        id: 15,
+        accounts: vec!["nobody".into()],
+    });
+    let (r, fds) = agent.recv();
+    assert_eq!(
+        r,
+        Response::Done {
+            id: 15,
+            names: vec![]
+        }
+    );
+    assert!(fds.is_empty());
+    let nobody = dir.path().join("nobody");
+    assert!(list(&nobody.join("tmp")).is_empty() && new_files(&nobody).is_empty());
     // Reusing an open id is refused.
     let (r, _) = agent.begin(5, &["nobody"]);
     assert!(matches!(r, Response::Opened { .. }));
@@ -307,6 +341,23 @@ fn symlinked_maildir_is_refused_by_the_agent() {
     let (r, fds) = agent.begin(1, &[name]);
     assert!(matches!(r, Response::Failed { class: 4, .. }), "{r:?}");
     assert!(fds.is_empty());
+    // The check at RCPT time sees it too.
+    agent.send(&Request::Check {
+        id: 2,
+        accounts: vec![name.into()],
+    });
+    let (r, _) = agent.recv();
+    assert!(
+        matches!(
+            r,
+            Response::Failed {
+                id: 2,
+                class: 4,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
     assert!(
         list(target.path()).is_empty(),
         "written through the symlink"

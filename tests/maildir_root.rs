@@ -59,18 +59,41 @@ fn delivers_one_durable_copy_per_recipient_with_trace_fields() {
     assert!(server.stop().success());
 }
 
+/// A broken mailbox is refused at RCPT (the delivery agent's mailbox check), and the others
+/// get the message; one that breaks after its check fails the whole transaction at the dot,
+/// with nothing delivered to anybody.
 #[test]
 fn one_failing_recipient_means_nothing_is_delivered() {
     let dir = TempDir::new("allornothing");
-    // nobody's "Maildir" is a plain file: that copy cannot be made.
-    std::fs::write(dir.path().join("nobody"), b"not a directory").unwrap();
+    // nobody's "Maildir" is a plain file: refused at RCPT, root alone gets the message.
+    let nobody = dir.path().join("nobody");
+    std::fs::write(&nobody, b"not a directory").unwrap();
     let server = Server::start_in(dir.path(), &[]);
+    let mut c = server.connect();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<tester@client.example>");
+    let r = c.cmd("RCPT TO:<nobody@localhost>");
+    assert!(r.starts_with("450 4.2.0"), "{r}");
+    assert!(c.cmd("RCPT TO:<root@localhost>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let tok = token();
+    c.send(message(&tok).as_bytes());
+    assert!(c.cmd(".").starts_with("250 "));
+    let root_md = dir.path().join("root");
+    assert_eq!(messages_with(&root_md, &tok).len(), 1);
+    // A real Maildir, delivered to, then its tmp/ made unwritable at once: the check's
+    // answer is remembered for 2 s (delivery/client.rs CHECKED_TTL), so the RCPT is
+    // accepted and the failure comes at the dot, for the whole transaction.
+    std::fs::remove_file(&nobody).unwrap();
+    assert!(server
+        .deliver(&["nobody"], &message(&token()))
+        .starts_with("250 "));
+    std::fs::set_permissions(nobody.join("tmp"), std::fs::Permissions::from_mode(0o500)).unwrap();
     let tok = token();
     let end = server.deliver(&["root", "nobody"], &message(&tok));
     assert!(end.starts_with("450 4.2.0"), "{end}");
-    let root_md = dir.path().join("root");
     assert!(
-        new_files(&root_md).is_empty(),
+        messages_with(&root_md, &tok).is_empty(),
         "root's copy must not be visible"
     );
     assert!(

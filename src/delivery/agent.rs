@@ -3,7 +3,8 @@
 //!
 //! It does not listen on the network and does not parse SMTP. It reads fixed binary requests
 //! (`protocol`), answers Begin with the tmp-file descriptors of a [`Store`] (SCM_RIGHTS),
-//! writes the copies of a Deliver (a small message sent whole) itself, and commits every
+//! writes the copies of a Deliver (a small message sent whole) itself, answers a Check (can
+//! these Maildirs take mail now?) at once, and commits every
 //! Commit and Deliver that is waiting when it wakes up in one batch (group commit), then
 //! answers each. A malformed request is answered with a failure when its id can be read, and
 //! otherwise ignored. SIGHUP, SIGINT and SIGTERM are blocked: the agent ends only when the
@@ -122,6 +123,18 @@ fn request(
             store.abort(id);
         }
         Ok(Request::Commit { id }) => commits.push(id),
+        Ok(Request::Check { id, accounts }) => {
+            // Answered at once, not with the batch: a client waits for its RCPT reply.
+            debug!("delivery agent: check {id}");
+            let resp = match store.check(&accounts) {
+                Ok(()) => Response::Done {
+                    id,
+                    names: Vec::new(),
+                },
+                Err(e) => Response::failed(id, &e),
+            };
+            channel::send(sock.as_fd(), &resp.encode(), &[])?;
+        }
         Ok(Request::Deliver {
             id,
             accounts,

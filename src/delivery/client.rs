@@ -17,12 +17,12 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
 use super::channel::{self, Received};
-use super::protocol::{deliver_size, Request, Response, MAX_DATAGRAM};
+use super::protocol::{deliver_size, Request, Response, MAX_ACCOUNTS, MAX_DATAGRAM};
 use super::writer::{CopyWriter, Progress, Writers};
 use super::DeliveryError;
 use crate::smtp::trace::Trace;
@@ -39,6 +39,28 @@ const HOLD_LIMIT: usize = 64 * 1024;
 /// stops reading from that client (so with one read, under 128 KiB per session, as while
 /// held).
 pub const WRITE_AHEAD: usize = 64 * 1024;
+
+/// How long an account whose Maildir was just found able to take mail (by a check or a
+/// delivery) is not checked again at RCPT time: as long as the agent keeps that Maildir
+/// open (its MAILDIR_TTL), within which the check would find it in the agent's cache anyway.
+const CHECKED_TTL: Duration = Duration::from_secs(2);
+/// Accounts remembered so at most.
+const CHECKED_MAX: usize = 4096;
+
+/// What [`AgentClient::check`] did.
+#[derive(Debug)]
+pub enum CheckStart {
+    /// Every account was found able to take mail less than [`CHECKED_TTL`] ago: no check.
+    Fresh,
+    /// A Check went out with this id; its answer comes from
+    /// [`AgentClient::take_check_answers`].
+    Sent(u64),
+    /// The Check could not be sent (the agent is gone, or too many requests wait for it).
+    Failed(DeliveryError),
+}
+
+/// The answer to a Check: (connection, check id, result).
+pub type CheckAnswer = (u64, u64, Result<(), DeliveryError>);
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
@@ -116,6 +138,11 @@ pub struct AgentClient {
     broken: Option<String>,
     /// The agent is gone and that was reported: nothing is sent any more.
     gone: bool,
+    /// Checks sent and not answered: id -> (connection, accounts).
+    checks: HashMap<u64, (u64, Vec<String>)>,
+    check_answers: VecDeque<CheckAnswer>,
+    /// Accounts whose Maildir took mail, or passed a check, and when.
+    checked: HashMap<String, Instant>,
 }
 
 fn gone_reply() -> Reply {
@@ -140,6 +167,9 @@ impl AgentClient {
             outbox: VecDeque::new(),
             broken: None,
             gone: false,
+            checks: HashMap::new(),
+            check_answers: VecDeque::new(),
+            checked: HashMap::new(),
         }
     }
 
@@ -159,7 +189,11 @@ impl AgentClient {
         if self.gone || self.broken.is_some() {
             return Err(DeliveryError::Io("delivery agent gone".into()));
         }
-        let starts = matches!(r, Request::Begin { .. } | Request::Deliver { .. });
+        // A Check is bounded like a new transaction: it is one more client waiting.
+        let starts = matches!(
+            r,
+            Request::Begin { .. } | Request::Deliver { .. } | Request::Check { .. }
+        );
         if let Request::Abort { id } = r {
             // Its Begin (or Deliver) never left (and so nothing after it did): forget both. A
             // Commit is only sent once the Begin was answered, so a queued Begin is all there
@@ -215,6 +249,71 @@ impl AgentClient {
             }
         }
         Ok(())
+    }
+
+    /// RCPT time: asks the agent whether the Maildirs of `accounts` can take mail now (see
+    /// protocol's Check), unless each was found able to less than [`CHECKED_TTL`] ago. A
+    /// broken mailbox then gets its own 4xx at RCPT, and the others' mail goes through; a
+    /// failure found only at the dot fails the whole transaction (one reply to DATA covers
+    /// every recipient, RFC 5321 4.2.5).
+    pub fn check(&mut self, conn: u64, accounts: &[String], now: Instant) -> CheckStart {
+        let stale: Vec<String> = accounts
+            .iter()
+            .filter(|a| {
+                self.checked
+                    .get(*a)
+                    .is_none_or(|at| now.saturating_duration_since(*at) >= CHECKED_TTL)
+            })
+            .cloned()
+            .collect();
+        // More accounts than a transaction may hold: the session refuses them with 452
+        // without any check.
+        if stale.is_empty() || stale.len() > MAX_ACCOUNTS {
+            return CheckStart::Fresh;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let r = Request::Check {
+            id,
+            accounts: stale.clone(),
+        };
+        match self.send(&r) {
+            Ok(()) => {
+                self.checks.insert(id, (conn, stale));
+                CheckStart::Sent(id)
+            }
+            Err(e) => CheckStart::Failed(e),
+        }
+    }
+
+    /// The check `id` is no longer waited for (the client timed out or went away): its
+    /// answer, if it comes, is dropped.
+    pub fn forget_check(&mut self, id: u64) {
+        self.checks.remove(&id);
+        // Still waiting for room on the socket: it never goes out, so clients that hang up
+        // while a stalled agent has their checks leave nothing piled up for it.
+        if let Some(i) = self.outbox.iter().position(|q| q.id == id) {
+            self.outbox.remove(i);
+        }
+    }
+
+    /// The checks answered since the last call.
+    pub fn take_check_answers(&mut self) -> Vec<CheckAnswer> {
+        self.check_answers.drain(..).collect()
+    }
+
+    /// `accounts` took mail, or passed a check, at `now`.
+    fn mark_checked(&mut self, accounts: &[String], now: Instant) {
+        if self.checked.len() >= CHECKED_MAX {
+            self.checked
+                .retain(|_, at| now.saturating_duration_since(*at) < CHECKED_TTL);
+            if self.checked.len() >= CHECKED_MAX {
+                self.checked.clear();
+            }
+        }
+        for a in accounts {
+            self.checked.insert(a.clone(), now);
+        }
     }
 
     /// DATA began.
@@ -450,6 +549,26 @@ impl AgentClient {
 
     fn handle(&mut self, resp: Response, fds: Vec<OwnedFd>) {
         let id = resp.id();
+        if let Some((conn, accounts)) = self.checks.remove(&id) {
+            if !fds.is_empty() {
+                self.writers
+                    .discard(fds.into_iter().map(File::from).collect());
+            }
+            let r = match resp {
+                Response::Done { .. } => {
+                    self.mark_checked(&accounts, Instant::now());
+                    Ok(())
+                }
+                Response::Failed { class, detail, .. } => {
+                    Err(DeliveryError::from_wire(class, detail))
+                }
+                Response::Opened { .. } => Err(DeliveryError::Io(
+                    "the delivery agent answered a check with descriptors".into(),
+                )),
+            };
+            self.check_answers.push_back((conn, id, r));
+            return;
+        }
         let Some(t) = self.inflight.get_mut(&id) else {
             // Aborted meanwhile: its copies are closed off the event loop (a close can block
             // on a hung home; found in review).
@@ -488,6 +607,10 @@ impl AgentClient {
             }
             Response::Failed { class, detail, .. } => {
                 let e = DeliveryError::from_wire(class, detail);
+                // The next RCPT to these accounts asks the agent again.
+                for a in &t.accounts {
+                    self.checked.remove(a);
+                }
                 if t.state == State::Committing {
                     let conn = t.conn;
                     error!(
@@ -526,7 +649,9 @@ impl AgentClient {
                         t.tx_id
                     );
                 }
-                self.inflight.remove(&id);
+                if let Some(t) = self.inflight.remove(&id) {
+                    self.mark_checked(&t.accounts, Instant::now());
+                }
                 self.by_conn.remove(&conn);
                 self.outcomes.push_back((conn, Ok(())));
             }
@@ -595,6 +720,10 @@ impl AgentClient {
             ) {
                 self.outcomes.push_back((t.conn, Err(gone_reply())));
             }
+        }
+        for (id, (conn, _)) in self.checks.drain() {
+            self.check_answers
+                .push_back((conn, id, Err(DeliveryError::Io(why.to_string()))));
         }
         self.by_conn.clear();
         self.outbox.clear();
@@ -670,6 +799,131 @@ mod tests {
     fn start(c: &mut AgentClient, conn: u64, tx: &Transaction) {
         let trace = Trace::new(tx, "mx.test", "T1.1", 0);
         c.begin(conn, tx, &trace, "T1.1");
+    }
+
+    /// Answers one request as the agent would.
+    fn answer(agent: &OwnedFd, r: Response) {
+        channel::send(agent.as_fd(), &r.encode(), &[]).unwrap();
+    }
+
+    #[test]
+    fn a_mailbox_check_is_asked_once_and_its_success_remembered() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let t0 = Instant::now();
+        let accounts = vec!["alice".to_string(), "bob".to_string()];
+        let CheckStart::Sent(id) = c.check(7, &accounts, t0) else {
+            panic!("nothing checked yet: a Check must go out");
+        };
+        assert_eq!(
+            sent(&agent),
+            vec![Request::Check {
+                id,
+                accounts: accounts.clone()
+            }]
+        );
+        answer(&agent, Response::Done { id, names: vec![] });
+        c.on_readable().unwrap();
+        let got = c.take_check_answers();
+        assert!(matches!(&got[..], [(7, i, Ok(()))] if *i == id), "{got:?}");
+        // Within CHECKED_TTL no new check; bob's is fresh, carol alone is asked about.
+        assert!(matches!(c.check(8, &accounts, t0), CheckStart::Fresh));
+        let more = vec!["bob".to_string(), "carol".to_string()];
+        let CheckStart::Sent(id2) = c.check(8, &more, t0) else {
+            panic!("carol was never checked");
+        };
+        assert_eq!(
+            sent(&agent),
+            vec![Request::Check {
+                id: id2,
+                accounts: vec!["carol".to_string()]
+            }]
+        );
+        // A failure is answered and not remembered: the next RCPT asks again.
+        let e = DeliveryError::Unavailable("tmp/ not writable: EACCES".into());
+        answer(&agent, Response::failed(id2, &e));
+        c.on_readable().unwrap();
+        let got = c.take_check_answers();
+        assert!(
+            matches!(&got[..], [(8, _, Err(DeliveryError::Unavailable(m)))] if m.contains("EACCES")),
+            "{got:?}"
+        );
+        assert!(matches!(c.check(9, &more, t0), CheckStart::Sent(_)));
+        // CHECKED_TTL after the answer (remembered when it came), alice is asked again.
+        let later = Instant::now() + CHECKED_TTL;
+        assert!(matches!(
+            c.check(9, &accounts[..1], later),
+            CheckStart::Sent(_)
+        ));
+    }
+
+    #[test]
+    fn a_forgotten_check_is_dropped_and_the_agent_going_away_answers_the_others() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let t0 = Instant::now();
+        let CheckStart::Sent(gone) = c.check(1, &["alice".to_string()], t0) else {
+            panic!()
+        };
+        let CheckStart::Sent(waiting) = c.check(2, &["bob".to_string()], t0) else {
+            panic!()
+        };
+        c.forget_check(gone);
+        answer(
+            &agent,
+            Response::Done {
+                id: gone,
+                names: vec![],
+            },
+        );
+        c.on_readable().unwrap();
+        assert!(c.take_check_answers().is_empty(), "nobody waits for it");
+        drop(agent);
+        assert!(c.on_readable().is_err());
+        let got = c.take_check_answers();
+        assert!(
+            matches!(&got[..], [(2, i, Err(DeliveryError::Io(_)))] if *i == waiting),
+            "{got:?}"
+        );
+        // Gone: a new check fails at once.
+        assert!(matches!(
+            c.check(3, &["carol".to_string()], t0),
+            CheckStart::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn requests_of_hung_up_clients_still_waiting_for_the_socket_never_go_out() {
+        // A stalled agent: its socket fills, requests wait in the outbox. A client that
+        // hangs up takes its waiting Check (forget_check) or Begin (abort) back, so they
+        // do not pile up for the agent (found in review for Begins; Checks since RCPT
+        // waits for them).
+        let (ours, _agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let t0 = Instant::now();
+        let mut last = None;
+        for i in 0..1_000_000u64 {
+            if c.wants_write() {
+                break;
+            }
+            match c.check(i, &[format!("u{i}")], t0) {
+                CheckStart::Sent(id) => last = Some(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(c.wants_write(), "the socket never filled");
+        c.forget_check(last.unwrap());
+        assert!(
+            !c.wants_write(),
+            "the forgotten check still waits to go out"
+        );
+        // A streamed transaction's Begin, waiting likewise, then the client hangs up.
+        let tx = transaction(1, "client.example");
+        start(&mut c, 77, &tx);
+        c.write(77, vec![b'x'; MAX_DATAGRAM]);
+        assert!(c.wants_write(), "the Begin waits for room");
+        c.abort(77);
+        assert!(!c.wants_write(), "the aborted Begin still waits to go out");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::protocol::{deliver_size, Request, Response, MAX_ACCOUNTS};
 ///   field can be smuggled in a second form, and no octet is ignored;
 /// - the id the agent reads to refuse a request it cannot handle (octets 1 to 8) is the id
 ///   of the request;
-/// - a Begin or Deliver names between 1 and [`MAX_ACCOUNTS`] accounts, a Deliver has one set
+/// - a Begin, Check or Deliver names between 1 and [`MAX_ACCOUNTS`] accounts, a Deliver has one set
 ///   of trace fields per account, and `deliver_size` (which the receiver uses to decide
 ///   whether a message goes whole) is its exact size.
 pub fn protocol(input: &[u8]) {
@@ -32,7 +32,7 @@ pub fn protocol(input: &[u8]) {
         let id: [u8; 8] = b[1..9].try_into().expect("decoded, so at least 9 octets");
         assert_eq!(u64::from_le_bytes(id), r.id());
         match &r {
-            Request::Begin { accounts, .. } => {
+            Request::Begin { accounts, .. } | Request::Check { accounts, .. } => {
                 assert!((1..=MAX_ACCOUNTS).contains(&accounts.len()));
             }
             Request::Deliver {

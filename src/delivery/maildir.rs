@@ -21,7 +21,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD};
 use nix::libc as libc_mode;
 use nix::sys::stat::{fstat, fstatat, mkdirat, Mode};
-use nix::unistd::{fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
+use nix::unistd::{faccessat, fsync, linkat, unlinkat, AccessFlags, Gid, Uid, UnlinkatFlags};
 
 use super::privileges::as_user;
 use super::DeliveryError;
@@ -260,6 +260,24 @@ impl Maildir {
             tmp,
             new: Arc::new(new),
         })
+    }
+
+    /// Whether the recipient may create files in tmp/ and link them into new/, asked of the
+    /// kernel as the recipient (faccessat with AT_EACCESS checks with the filesystem
+    /// identity `as_user` sets): the check at RCPT time, so that a mailbox its owner made
+    /// unwritable gets its own 4xx rather than failing a whole transaction at the dot. It
+    /// cannot see everything a delivery meets (a full disk, a quota, a security module), and
+    /// what it sees may change before the delivery: those still fail at the dot.
+    pub fn check_writable(&self) -> Result<(), DeliveryError> {
+        let mode = AccessFlags::W_OK | AccessFlags::X_OK;
+        for (dir, what) in [(&self.tmp, "tmp/"), (&*self.new, "new/")] {
+            as_user(self.owner.uid, self.owner.gid, || {
+                faccessat(dir, ".", mode, AtFlags::AT_EACCESS)
+            })
+            .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+            .map_err(|e| DeliveryError::access(e, format!("{what} not writable")))?;
+        }
+        Ok(())
     }
 
     /// Creates `tmp/<name>`: O_CREAT|O_EXCL (never reuses or follows anything already

@@ -8,6 +8,7 @@
 //!   Abort  (3) body := -                                   no reply
 //!   Deliver(4) body := n:u16le n * (len:u8 account-name hlen:u16le trace-fields) data
 //!                      data: the rest of the datagram      reply: Done or Failed
+//!   Check  (5) body := n:u16le n * (len:u8 account-name)   reply: Done (no names) or Failed
 //! response := kind:u8 id:u64le body
 //!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
 //!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`
@@ -17,6 +18,10 @@
 //! Deliver is Begin, the writing and Commit in one: the receiver sends it for a message
 //! whose request fits one datagram (most mail), so the agent writes each copy itself and no
 //! descriptor crosses; larger messages take Begin, descriptors and Commit.
+//!
+//! Check asks, at RCPT time, whether each account's Maildir can take mail now (the same
+//! lookup, walk and checks a delivery makes, and write permission on tmp/ and new/), so that
+//! one broken mailbox gets its own 4xx instead of failing a whole transaction at the dot.
 //!
 //! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts; a
 //! Deliver's data has no length of its own, it is what the datagram holds after the fields,
@@ -51,6 +56,11 @@ pub enum Request {
         accounts: Vec<String>,
         heads: Vec<Vec<u8>>,
         data: Vec<u8>,
+    },
+    /// Can each account's Maildir take mail now? Nothing is created but a missing Maildir.
+    Check {
+        id: u64,
+        accounts: Vec<String>,
     },
 }
 
@@ -161,26 +171,31 @@ fn head(kind: u8, id: u64) -> Vec<u8> {
     v
 }
 
+/// A request whose body is a list of account names (Begin, Check).
+fn names_request(kind: u8, id: u64, accounts: &[String]) -> Vec<u8> {
+    let mut v = head(kind, id);
+    v.extend_from_slice(&(accounts.len() as u16).to_le_bytes());
+    for a in accounts {
+        put_name(&mut v, a);
+    }
+    v
+}
+
 impl Request {
     pub fn id(&self) -> u64 {
         match self {
             Request::Begin { id, .. }
             | Request::Commit { id }
             | Request::Abort { id }
-            | Request::Deliver { id, .. } => *id,
+            | Request::Deliver { id, .. }
+            | Request::Check { id, .. } => *id,
         }
     }
 
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Request::Begin { id, accounts } => {
-                let mut v = head(1, *id);
-                v.extend_from_slice(&(accounts.len() as u16).to_le_bytes());
-                for a in accounts {
-                    put_name(&mut v, a);
-                }
-                v
-            }
+            Request::Begin { id, accounts } => names_request(1, *id, accounts),
+            Request::Check { id, accounts } => names_request(5, *id, accounts),
             Request::Commit { id } => head(2, *id),
             Request::Abort { id } => head(3, *id),
             Request::Deliver {
@@ -222,6 +237,13 @@ impl Request {
             }
             2 => Request::Commit { id },
             3 => Request::Abort { id },
+            5 => {
+                let accounts = r.names()?;
+                if accounts.is_empty() {
+                    return Err(DecodeError);
+                }
+                Request::Check { id, accounts }
+            }
             4 => {
                 let n = r.u16()? as usize;
                 if n == 0 || n > MAX_ACCOUNTS {
@@ -347,6 +369,10 @@ mod tests {
             },
             Request::Commit { id: u64::MAX },
             Request::Abort { id: 0 },
+            Request::Check {
+                id: 11,
+                accounts: vec!["bob".into(), "Carol".into()],
+            },
             Request::Deliver {
                 id: 9,
                 accounts: vec!["alice".into(), "bob".into()],
@@ -412,6 +438,12 @@ mod tests {
             Request::decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(DecodeError)
         );
+        // A Check of nobody, like a Begin of nobody, is not a request.
+        let empty = Request::Check {
+            id: 1,
+            accounts: Vec::new(),
+        };
+        assert_eq!(Request::decode(&empty.encode()), Err(DecodeError));
         let mut none = head(1, 1);
         none.extend_from_slice(&0u16.to_le_bytes());
         assert_eq!(Request::decode(&none), Err(DecodeError));

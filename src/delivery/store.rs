@@ -326,6 +326,27 @@ impl Store {
         }
     }
 
+    /// Whether each account's Maildir can take mail now (the Check request, at RCPT time): it
+    /// is opened as a delivery opens it (and kept, so the delivery that follows reuses it),
+    /// and the recipient must be able to write in tmp/ and new/. The first failure is the
+    /// answer; the Maildir that failed is forgotten, so the next try walks afresh.
+    pub fn check(&mut self, accounts: &[String]) -> Result<(), DeliveryError> {
+        for account in accounts {
+            let r = self
+                .maildir(account)
+                .and_then(|(md, _, _)| md.check_writable());
+            if let Err(e) = r {
+                warn!(
+                    "event=check_failed account={account:?} error={:?}",
+                    e.to_string()
+                );
+                self.forget(account);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a copy in tmp/ for each account (each once) and returns a descriptor of each,
     /// in order, for the writer. On any failure nothing is left behind.
     pub fn open(

@@ -56,11 +56,21 @@ pub struct Connection {
     /// The lookup this session waits for, if it waits for one (an answer with another
     /// number came too late and is dropped).
     pub lookup: Option<super::lookups::Pending>,
+    /// The mailbox check (at RCPT time) this session waits for, if it waits for one.
+    pub check: Option<CheckWait>,
     /// Since when a connection we ended (421) has been lingering: writing shut down, what
     /// the client still sends read and dropped, until it closes.
     pub lingering_since: Option<Instant>,
     /// Octets dropped while lingering.
     lingered: usize,
+}
+
+/// An accepted recipient whose mailboxes the delivery agent is checking: the RCPT's reply
+/// waits for the answer to check `id`.
+pub struct CheckWait {
+    pub id: u64,
+    pub local_part: String,
+    pub accounts: Vec<String>,
 }
 
 /// What one read step did.
@@ -97,6 +107,7 @@ impl Connection {
             closing_since: None,
             waiting_since: None,
             lookup: None,
+            check: None,
             lingering_since: None,
             lingered: 0,
         }

@@ -27,12 +27,13 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::delivery::client::{AgentClient, AgentGone};
+use crate::delivery::client::{AgentClient, AgentGone, CheckStart};
+use crate::delivery::DeliveryError;
 use crate::recipient::{Aliases, RecipientError, Resolution, Resolver};
 use crate::smtp::trace::Trace;
 use crate::smtp::{Event, Peer, RcptVerdict, Reply, Session, SessionConfig};
 use crate::systemd::Notifier;
-use connection::{Connection, ReadStep, READ_CHUNK};
+use connection::{CheckWait, Connection, ReadStep, READ_CHUNK};
 use lookups::{Answer, Lookups, NotQueued};
 use timers::Timers;
 
@@ -420,8 +421,7 @@ impl Server {
                     }
                     c.lookup = None;
                     c.waiting_since = None;
-                    let verdict = rcpt_verdict(conn, &local_part, result);
-                    c.session.recipient_verdict(verdict, Instant::now());
+                    recipient_found(&mut self.delivery, c, &local_part, result);
                     self.drive(token, buf);
                 }
                 Answer::Reloaded(Ok(table)) => {
@@ -588,7 +588,7 @@ impl Server {
                 self.finish(c);
                 continue;
             }
-            let lookup_wait = c.lookup.is_some();
+            let lookup_wait = c.lookup.is_some() || c.check.is_some();
             if c.waiting_since
                 .is_some_and(|w| now >= wait_deadline(stop_at, w, lookup_wait))
             {
@@ -610,6 +610,33 @@ impl Server {
                     c.waiting_since = None;
                     c.session
                         .recipient_verdict(RcptVerdict::TemporaryFailure, now);
+                    self.drive(token, buf);
+                    continue;
+                }
+                if let Some(w) = c.check.take() {
+                    // The agent does not answer the mailbox check (a hung home, an NSS
+                    // backend that never answers): 451 for this recipient, within the 5
+                    // minutes a client waits for a RCPT reply (RFC 5321 4.5.3.2.3).
+                    self.delivery.forget_check(w.id);
+                    warn!(
+                        "event=rcpt session={:x} rcpt={:?} result=tempfail \
+                         error=\"mailbox check timed out\" waited={:?} stopping={}",
+                        c.id,
+                        w.local_part,
+                        c.waiting_since
+                            .map(|t| now.saturating_duration_since(t))
+                            .unwrap_or_default(),
+                        stop_at.is_some()
+                    );
+                    c.waiting_since = None;
+                    c.session.recipient_verdict(
+                        RcptVerdict::Unavailable(Reply::new(
+                            451,
+                            "4.3.0",
+                            "Mailbox check timed out, try again later",
+                        )),
+                        now,
+                    );
                     self.drive(token, buf);
                     continue;
                 }
@@ -718,7 +745,11 @@ impl Server {
         }
         let deadline = match (c.closing_since, c.waiting_since) {
             (Some(t), _) => Some(t + CLOSE_GRACE),
-            (None, Some(w)) => Some(wait_deadline(self.stop_at, w, c.lookup.is_some())),
+            (None, Some(w)) => Some(wait_deadline(
+                self.stop_at,
+                w,
+                c.lookup.is_some() || c.check.is_some(),
+            )),
             (None, None) => c.session.next_deadline(),
         };
         if let Some(d) = deadline {
@@ -741,8 +772,7 @@ impl Server {
                 // The cache answers without a system call; what it cannot answer goes to the
                 // lookup thread, and the session waits (the wait is bounded in fire_timers).
                 if let Some(r) = self.resolver.resolve_cached(&local_part) {
-                    let verdict = rcpt_verdict(c.id, &local_part, Ok(r));
-                    c.session.recipient_verdict(verdict, Instant::now());
+                    recipient_found(&mut self.delivery, c, &local_part, Ok(r));
                 } else {
                     match self.lookups.ask(c.id, &local_part) {
                         Ok(p) => c.lookup = Some(p),
@@ -835,6 +865,26 @@ impl Server {
                 self.drive(token, buf);
             }
         }
+        // Answers to mailbox checks go to the sessions still waiting for them.
+        for (conn, id, result) in self.delivery.take_check_answers() {
+            let token = Token(conn as usize);
+            let Some(c) = self.conns.get_mut(&token) else {
+                continue;
+            };
+            if c.check.as_ref().map(|w| w.id) != Some(id) {
+                continue;
+            }
+            let Some(w) = c.check.take() else {
+                continue;
+            };
+            c.waiting_since = None;
+            let verdict = match result {
+                Ok(()) => rcpt_verdict(conn, &w.local_part, Ok(Resolution::Accounts(w.accounts))),
+                Err(e) => unavailable(conn, &w.local_part, &e),
+            };
+            c.session.recipient_verdict(verdict, Instant::now());
+            self.drive(token, buf);
+        }
     }
 
     /// Copy writers wrote or closed: clients held back may send again, closed copies are
@@ -914,6 +964,9 @@ impl Server {
         if let Some(p) = &c.lookup {
             p.cancel();
         }
+        if let Some(w) = &c.check {
+            self.delivery.forget_check(w.id);
+        }
         if let Some(n) = self.per_ip.get_mut(&c.ip) {
             *n -= 1;
             if *n == 0 {
@@ -949,6 +1002,50 @@ fn wait_deadline(stop_at: Option<Instant>, since: Instant, lookup: bool) -> Inst
             AGENT_TIMEOUT
         };
     stop_at.map_or(d, |s| d.min(s + STOP_WAIT))
+}
+
+/// A recipient's lookup answered: an account list goes on to the mailbox check (unless its
+/// accounts took mail or passed one a moment ago), and the session waits for its answer;
+/// anything else is the verdict now.
+fn recipient_found(
+    delivery: &mut AgentClient,
+    c: &mut Connection,
+    local_part: &str,
+    result: Result<Resolution, RecipientError>,
+) {
+    if let Ok(Resolution::Accounts(accounts)) = &result {
+        match delivery.check(c.id, accounts, Instant::now()) {
+            CheckStart::Fresh => {}
+            CheckStart::Sent(id) => {
+                c.check = Some(CheckWait {
+                    id,
+                    local_part: local_part.to_string(),
+                    accounts: accounts.clone(),
+                });
+                return;
+            }
+            CheckStart::Failed(e) => {
+                let verdict = unavailable(c.id, local_part, &e);
+                c.session.recipient_verdict(verdict, Instant::now());
+                return;
+            }
+        }
+    }
+    let verdict = rcpt_verdict(c.id, local_part, result);
+    c.session.recipient_verdict(verdict, Instant::now());
+}
+
+/// A mailbox check's failure as a verdict for the session (its 4xx, for this recipient
+/// only), logged.
+fn unavailable(session: u64, local_part: &str, e: &DeliveryError) -> RcptVerdict {
+    let reply = e.reply();
+    warn!(
+        "event=rcpt session={session:x} rcpt={local_part:?} result=unavailable status={} \
+         error={:?}",
+        reply.code,
+        e.to_string()
+    );
+    RcptVerdict::Unavailable(reply)
 }
 
 /// A lookup's result as a verdict for the session, logged.

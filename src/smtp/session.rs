@@ -144,6 +144,10 @@ pub enum RcptVerdict {
     Uid0Refused,
     /// The lookup itself failed (NSS down, aliases unreadable): try later.
     TemporaryFailure,
+    /// The recipient exists but its mailbox cannot take mail now (checked by the delivery
+    /// layer, which classified the failure): this reply, a 4xx, for this recipient only,
+    /// so the transaction goes on for the others.
+    Unavailable(Reply),
 }
 
 /// The answer to [`Event::EndOfData`]: Ok when every recipient's copy is durable, or the
@@ -427,6 +431,7 @@ impl Session {
                 "4.3.0",
                 "Recipient lookup failed temporarily, try again later",
             ),
+            RcptVerdict::Unavailable(r) => r,
         };
         self.reply(r);
         // The wait for the client's next command starts now (found in review: a slow lookup
@@ -1227,6 +1232,37 @@ mod tests {
                 assert_eq!(n, 100);
             }
         }
+    }
+
+    #[test]
+    fn an_unavailable_mailbox_is_refused_alone() {
+        // The delivery layer's check at RCPT time: its reply for that recipient, and the
+        // transaction goes on without it.
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@localhost>\r\n", t0);
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        let r = Reply::new(450, "4.2.0", "Recipient's mailbox is unavailable");
+        s.recipient_verdict(RcptVerdict::Unavailable(r), t0);
+        assert!(text(&mut s)
+            .ends_with("250 2.1.0 Sender OK\r\n450 4.2.0 Recipient's mailbox is unavailable\r\n"));
+        s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::RecipientToCheck { .. })
+        ));
+        s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]), t0);
+        s.receive(b"DATA\r\nhi\r\n.\r\n", t0);
+        let mut accounts = None;
+        while let Some(ev) = s.poll_event() {
+            if let Event::EndOfData(tx) = ev {
+                accounts = Some(tx.accounts());
+            }
+        }
+        assert_eq!(accounts, Some(vec!["alice".to_string()]));
     }
 
     #[test]

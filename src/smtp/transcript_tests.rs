@@ -67,6 +67,13 @@ impl World {
             RcptVerdict::Accept(vec!["root".into()])
         } else if local_part == "tempfail" {
             RcptVerdict::TemporaryFailure
+        } else if local_part == "broken" {
+            // A mailbox the delivery layer's check at RCPT time found broken.
+            RcptVerdict::Unavailable(super::Reply::new(
+                450,
+                "4.2.0",
+                "Recipient's mailbox is unavailable, try again later",
+            ))
         } else if known.contains(&local_part) {
             RcptVerdict::Accept(vec![local_part.into()])
         } else {

@@ -153,6 +153,28 @@ impl Server {
         end
     }
 
+    /// Like [`Server::deliver`], but a RCPT may be refused: then its reply is the answer (the
+    /// session is ended with QUIT, nothing sent).
+    pub fn try_deliver(&self, rcpts: &[&str], body: &str) -> String {
+        let mut c = self.connect();
+        assert!(c.cmd("EHLO client.example").starts_with("250-"));
+        assert!(c
+            .cmd("MAIL FROM:<tester@client.example>")
+            .starts_with("250 "));
+        for r in rcpts {
+            let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
+            if !reply.starts_with("250 ") {
+                assert!(c.cmd("QUIT").starts_with("221 "));
+                return reply;
+            }
+        }
+        assert!(c.cmd("DATA").starts_with("354 "));
+        c.send(body.as_bytes());
+        let end = c.cmd(".");
+        assert!(c.cmd("QUIT").starts_with("221 "));
+        end
+    }
+
     /// A session up to the 354: EHLO, MAIL FROM:<tester@client.example>, each RCPT (which
     /// must get 250), DATA. The mail data and the dot are the caller's.
     pub fn open_data(&self, rcpts: &[&str]) -> Client {
