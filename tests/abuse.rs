@@ -183,6 +183,7 @@ print("oob", got.count(b"\r\n"), round(took, 2))
 fn a_client_still_sending_reads_the_421_and_a_clean_end() {
     let dir = TempDir::new("linger");
     let server = Server::start_in(dir.path(), &["--max-errors", "3"]);
+    let started = std::time::Instant::now();
     let mut c = server.connect();
     // Far more than one read of the server's: most of it is still unread when it ends the
     // session after the third error.
@@ -202,6 +203,12 @@ fn a_client_still_sending_reads_the_421_and_a_clean_end() {
         end.is_ok(),
         "the connection was reset after {text:?}: {end:?}"
     );
-    // The server took it all in and dropped it: the whole conversation took no 2 s wait.
+    // The server took it all in and dropped it, and closed when the client did: the whole
+    // conversation took no 2 s wait (LINGER).
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(1500),
+        "the end came after {took:?}"
+    );
     assert!(server.wait_log("event=close"));
 }

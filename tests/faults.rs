@@ -802,7 +802,7 @@ fn racing_symlink_swaps_never_redirect_a_write() {
     if skip_unless_root("racing_symlink_swaps_never_redirect_a_write") {
         return;
     }
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::Arc;
     let home = PathBuf::from("/home/inboxd-race");
     let (uid, gid) = account("inboxd-race", &home, true);
@@ -825,9 +825,11 @@ fn racing_symlink_swaps_never_redirect_a_write() {
         (md.clone(), home.join("Maildir.real")),
     ] {
         let stop = Arc::new(AtomicBool::new(false));
+        let swapped = Arc::new(AtomicU32::new(0));
         let racer = {
-            let (stop, swap, keep, target) = (
+            let (stop, swapped, swap, keep, target) = (
                 stop.clone(),
+                swapped.clone(),
                 swap.clone(),
                 keep.clone(),
                 target.path().to_path_buf(),
@@ -852,15 +854,17 @@ fn racing_symlink_swaps_never_redirect_a_write() {
                     std::thread::yield_now();
                     exchange();
                     swaps += 1;
+                    swapped.store(swaps, Ordering::Relaxed);
                 }
                 std::fs::remove_file(&keep).unwrap();
                 swaps
             })
         };
         // The agent reuses an opened Maildir for 2 s and walks the path again only after
-        // that or after a failure: go on until a walk has met the link at least once.
+        // that or after a failure: go on until a walk has met the link at least once, and
+        // the racer has swapped often (on a busy machine it may hardly get a CPU at first).
         let (start, mut met) = (std::time::Instant::now(), 0);
-        while met == 0 || deliveries % 40 != 0 {
+        while met == 0 || swapped.load(Ordering::Relaxed) <= 40 || deliveries % 40 != 0 {
             assert!(
                 start.elapsed().as_secs() < 60,
                 "no walk met the link in 60 s"

@@ -15,8 +15,12 @@ use crate::smtp::Session;
 
 /// Bytes read per read(2).
 pub const READ_CHUNK: usize = 64 * 1024;
-/// Octets a lingering connection may send before it is closed anyway.
-pub const LINGER_MAX: usize = 1024 * 1024;
+/// Octets a lingering connection may have read and dropped before it is closed anyway. It
+/// counts what was already waiting in the socket when the 421 went out, which can be the
+/// whole receive buffer (Linux grows it up to tcp_rmem's maximum, 6 MiB by default): a
+/// smaller cap closed such a connection at the first read, with that input unread, which
+/// resets it, the very thing lingering is for (found in review with 1 MiB).
+pub const LINGER_MAX: usize = 8 * 1024 * 1024;
 
 pub struct Connection {
     pub id: u64,

@@ -574,7 +574,8 @@ impl Server {
                 continue; // stale entry
             }
             c.timer_at = None;
-            if c.lingering_since.is_some_and(|t| now >= t + LINGER) {
+            if linger_end(c).is_some_and(|end| now >= end) {
+                debug!("event=linger_end session={:x}", c.id);
                 let c = self.conns.remove(&token);
                 self.finish(c);
                 continue;
@@ -724,7 +725,8 @@ impl Server {
             let lingering = c.lingering_since;
             match lingering {
                 Some(t) if !c.discard(buf) => {
-                    c.timer_at = self.timers.arm(token, t + LINGER, c.timer_at);
+                    let end = linger_end(&c).unwrap_or(t + LINGER);
+                    c.timer_at = self.timers.arm(token, end, c.timer_at);
                     if c.update_interest(self.poll.registry()).is_ok() {
                         self.conns.insert(token, c);
                         return;
@@ -989,6 +991,14 @@ impl Server {
             self.accept(Instant::now());
         }
     }
+}
+
+/// When a lingering connection is closed: LINGER after it began, but no later than the
+/// CLOSE_GRACE its last reply had, which bounds a stop (found in review: that earlier timer
+/// cut the linger short, logged as a client that did not take its last reply).
+fn linger_end(c: &Connection) -> Option<Instant> {
+    let end = c.lingering_since? + LINGER;
+    Some(c.closing_since.map_or(end, |t| end.min(t + CLOSE_GRACE)))
 }
 
 /// When a session waiting (since `since`) for the agent's answer, or for a lookup, gets a
