@@ -245,6 +245,11 @@ fn a_hung_agent_does_not_hold_up_a_stop() {
     let _guard = stop(agent);
     assert!(c.cmd("DATA").starts_with("354 "));
     c.send(b"Subject: hung\r\n\r\nbody\r\n.\r\n");
+    // A second client's RCPT waits for its mailbox check (daemon was never checked).
+    let mut r = server.connect();
+    assert!(r.cmd("HELO client.example").starts_with("250 "));
+    assert!(r.cmd("MAIL FROM:<a@b.example>").starts_with("250 "));
+    r.send(b"RCPT TO:<daemon@localhost>\r\n");
     std::thread::sleep(Duration::from_millis(300));
     let started = std::time::Instant::now();
     server.signal(nix::sys::signal::Signal::SIGTERM);
@@ -252,6 +257,13 @@ fn a_hung_agent_does_not_hold_up_a_stop() {
     let answered = started.elapsed();
     assert!(answer.starts_with("451 4.3.0"), "{answer}");
     assert!(c.reply().starts_with("421 4.3.2"));
+    let rcpt = r.reply();
+    assert!(
+        rcpt.starts_with("451 4.3.0 Mailbox check timed out"),
+        "{rcpt}"
+    );
+    assert!(r.reply().starts_with("421 4.3.2"));
+    assert!(server.wait_log("error=\"mailbox check timed out\""));
     assert!(
         answered >= Duration::from_secs(7) && answered < Duration::from_secs(12),
         "{answered:?}"

@@ -505,8 +505,13 @@ impl AgentClient {
             );
             let conn = t.conn;
             self.by_conn.remove(&conn);
-            // Its writer, if any, closes the copies as it goes.
-            self.inflight.remove(&id);
+            // Its writer, if any, closes the copies as it goes. The next RCPT to these
+            // accounts asks the agent again.
+            if let Some(t) = self.inflight.remove(&id) {
+                for a in &t.accounts {
+                    self.checked.remove(a);
+                }
+            }
             let _ = self.send(&Request::Abort { id });
             self.outcomes.push_back((conn, Err(e.reply())));
             return;

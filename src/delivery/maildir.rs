@@ -21,7 +21,8 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD};
 use nix::libc as libc_mode;
 use nix::sys::stat::{fstat, fstatat, mkdirat, Mode};
-use nix::unistd::{faccessat, fsync, linkat, unlinkat, AccessFlags, Gid, Uid, UnlinkatFlags};
+use nix::sys::statvfs::{fstatvfs, FsFlags};
+use nix::unistd::{fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use super::privileges::as_user;
 use super::DeliveryError;
@@ -262,20 +263,31 @@ impl Maildir {
         })
     }
 
-    /// Whether the recipient may create files in tmp/ and link them into new/, asked of the
-    /// kernel as the recipient (faccessat with AT_EACCESS checks with the filesystem
-    /// identity `as_user` sets): the check at RCPT time, so that a mailbox its owner made
-    /// unwritable gets its own 4xx rather than failing a whole transaction at the dot. It
-    /// cannot see everything a delivery meets (a full disk, a quota, a security module), and
-    /// what it sees may change before the delivery: those still fail at the dot.
+    /// Whether the recipient may create files in tmp/ and link them into new/: the check at
+    /// RCPT time, so that a mailbox its owner made unwritable gets its own 4xx rather than
+    /// failing a whole transaction at the dot. The walk made sure both directories belong to
+    /// the recipient, and for a file's owner the kernel looks at the owner's mode bits only
+    /// (a POSIX ACL's owner entry is those bits), so write and search for the owner is the
+    /// answer, read with fstat; plus a read-only mount (fstatvfs). Not faccessat(AT_EACCESS):
+    /// glibc does that with faccessat2, and where the kernel lacks it or a seccomp filter
+    /// refuses it, glibc checks as the real uid, root without its overrides, and every
+    /// recipient would be refused (found in review). It cannot see everything a delivery
+    /// meets (a full disk, a quota, a security module, an immutable flag), and what it sees
+    /// may change before the delivery: those still fail at the dot.
     pub fn check_writable(&self) -> Result<(), DeliveryError> {
-        let mode = AccessFlags::W_OK | AccessFlags::X_OK;
         for (dir, what) in [(&self.tmp, "tmp/"), (&*self.new, "new/")] {
-            as_user(self.owner.uid, self.owner.gid, || {
-                faccessat(dir, ".", mode, AtFlags::AT_EACCESS)
-            })
-            .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
-            .map_err(|e| DeliveryError::access(e, format!("{what} not writable")))?;
+            let st = fstat(dir).map_err(|e| DeliveryError::io(e, format!("fstat {what}")))?;
+            if st.st_mode & 0o300 != 0o300 {
+                return Err(DeliveryError::Unavailable(format!(
+                    "{what} has mode {:o}: its owner cannot create files there",
+                    st.st_mode & 0o7777
+                )));
+            }
+            let vfs =
+                fstatvfs(dir).map_err(|e| DeliveryError::io(e, format!("fstatvfs {what}")))?;
+            if vfs.flags().contains(FsFlags::ST_RDONLY) {
+                return Err(DeliveryError::io(Errno::EROFS, what));
+            }
         }
         Ok(())
     }

@@ -1023,21 +1023,24 @@ fn recipient_found(
     local_part: &str,
     result: Result<Resolution, RecipientError>,
 ) {
+    // A recipient the session will refuse for the transaction's limits (452) is not checked.
     if let Ok(Resolution::Accounts(accounts)) = &result {
-        match delivery.check(c.id, accounts, Instant::now()) {
-            CheckStart::Fresh => {}
-            CheckStart::Sent(id) => {
-                c.check = Some(CheckWait {
-                    id,
-                    local_part: local_part.to_string(),
-                    accounts: accounts.clone(),
-                });
-                return;
-            }
-            CheckStart::Failed(e) => {
-                let verdict = unavailable(c.id, local_part, &e);
-                c.session.recipient_verdict(verdict, Instant::now());
-                return;
+        if !c.session.would_exceed(accounts) {
+            match delivery.check(c.id, accounts, Instant::now()) {
+                CheckStart::Fresh => {}
+                CheckStart::Sent(id) => {
+                    c.check = Some(CheckWait {
+                        id,
+                        local_part: local_part.to_string(),
+                        accounts: accounts.clone(),
+                    });
+                    return;
+                }
+                CheckStart::Failed(e) => {
+                    let verdict = unavailable(c.id, local_part, &e);
+                    c.session.recipient_verdict(verdict, Instant::now());
+                    return;
+                }
             }
         }
     }
@@ -1048,7 +1051,12 @@ fn recipient_found(
 /// A mailbox check's failure as a verdict for the session (its 4xx, for this recipient
 /// only), logged.
 fn unavailable(session: u64, local_part: &str, e: &DeliveryError) -> RcptVerdict {
-    let reply = e.reply();
+    // At RCPT a quota (EDQUOT making a missing Maildir) is temporary: a 552 there may be
+    // read as "too many recipients" (RFC 5321 4.5.3.1.10), and the mailbox may be emptied.
+    let reply = match e {
+        DeliveryError::Quota(_) => Reply::new(452, "4.2.2", "Mailbox full, try again later"),
+        e => e.reply(),
+    };
     warn!(
         "event=rcpt session={session:x} rcpt={local_part:?} result=unavailable status={} \
          error={:?}",
