@@ -593,51 +593,44 @@ impl Server {
             if c.waiting_since
                 .is_some_and(|w| now >= wait_deadline(stop_at, w, lookup_wait))
             {
-                if let Some(p) = c.lookup.take() {
-                    // An NSS backend that does not answer: 451 for this recipient. The thread
-                    // skips the request if it has not started it; a late answer is dropped
-                    // (the sequence number no longer matches).
+                // A recipient's wait: 451 for this recipient, within the 5 minutes a client
+                // waits for a RCPT reply (RFC 5321 4.5.3.2.3).
+                let rcpt_wait = if let Some(p) = c.lookup.take() {
+                    // An NSS backend that does not answer. The thread skips the request if
+                    // it has not started it; a late answer is dropped (the sequence number
+                    // no longer matches).
                     p.cancel();
-                    warn!(
-                        "event=rcpt session={:x} rcpt={:?} result=tempfail \
-                         error=\"lookup timed out\" waited={:?} stopping={}",
-                        c.id,
+                    Some((
+                        "lookup timed out",
                         p.local_part,
+                        RcptVerdict::TemporaryFailure,
+                    ))
+                } else if let Some(w) = c.check.take() {
+                    // The agent does not answer the mailbox check (a hung home, an NSS
+                    // backend that never answers); its late answer is dropped.
+                    self.delivery.forget_check(w.id);
+                    let reply =
+                        Reply::new(451, "4.3.0", "Mailbox check timed out, try again later");
+                    Some((
+                        "mailbox check timed out",
+                        w.local_part,
+                        RcptVerdict::Unavailable(reply),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((error, local_part, verdict)) = rcpt_wait {
+                    warn!(
+                        "event=rcpt session={:x} rcpt={local_part:?} result=tempfail \
+                         error={error:?} waited={:?} stopping={}",
+                        c.id,
                         c.waiting_since
                             .map(|w| now.saturating_duration_since(w))
                             .unwrap_or_default(),
                         stop_at.is_some()
                     );
                     c.waiting_since = None;
-                    c.session
-                        .recipient_verdict(RcptVerdict::TemporaryFailure, now);
-                    self.drive(token, buf);
-                    continue;
-                }
-                if let Some(w) = c.check.take() {
-                    // The agent does not answer the mailbox check (a hung home, an NSS
-                    // backend that never answers): 451 for this recipient, within the 5
-                    // minutes a client waits for a RCPT reply (RFC 5321 4.5.3.2.3).
-                    self.delivery.forget_check(w.id);
-                    warn!(
-                        "event=rcpt session={:x} rcpt={:?} result=tempfail \
-                         error=\"mailbox check timed out\" waited={:?} stopping={}",
-                        c.id,
-                        w.local_part,
-                        c.waiting_since
-                            .map(|t| now.saturating_duration_since(t))
-                            .unwrap_or_default(),
-                        stop_at.is_some()
-                    );
-                    c.waiting_since = None;
-                    c.session.recipient_verdict(
-                        RcptVerdict::Unavailable(Reply::new(
-                            451,
-                            "4.3.0",
-                            "Mailbox check timed out, try again later",
-                        )),
-                        now,
-                    );
+                    c.session.recipient_verdict(verdict, now);
                     self.drive(token, buf);
                     continue;
                 }

@@ -156,11 +156,7 @@ impl Server {
     /// Like [`Server::deliver`], but a RCPT may be refused: then its reply is the answer (the
     /// session is ended with QUIT, nothing sent).
     pub fn try_deliver(&self, rcpts: &[&str], body: &str) -> String {
-        let mut c = self.connect();
-        assert!(c.cmd("EHLO client.example").starts_with("250-"));
-        assert!(c
-            .cmd("MAIL FROM:<tester@client.example>")
-            .starts_with("250 "));
+        let mut c = self.mail_from();
         for r in rcpts {
             let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
             if !reply.starts_with("250 ") {
@@ -178,11 +174,7 @@ impl Server {
     /// A session up to the 354: EHLO, MAIL FROM:<tester@client.example>, each RCPT (which
     /// must get 250), DATA. The mail data and the dot are the caller's.
     pub fn open_data(&self, rcpts: &[&str]) -> Client {
-        let mut c = self.connect();
-        assert!(c.cmd("EHLO client.example").starts_with("250-"));
-        assert!(c
-            .cmd("MAIL FROM:<tester@client.example>")
-            .starts_with("250 "));
+        let mut c = self.mail_from();
         for r in rcpts {
             let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
             assert!(reply.starts_with("250 "), "{r}: {reply}");
@@ -193,6 +185,16 @@ impl Server {
 
     pub fn connect(&self) -> Client {
         Client::connect(self.port)
+    }
+
+    /// A session up to an accepted MAIL FROM:<tester@client.example> (after EHLO).
+    pub fn mail_from(&self) -> Client {
+        let mut c = self.connect();
+        assert!(c.cmd("EHLO client.example").starts_with("250-"));
+        assert!(c
+            .cmd("MAIL FROM:<tester@client.example>")
+            .starts_with("250 "));
+        c
     }
 
     /// Log lines so far.
