@@ -269,9 +269,14 @@ fn new_not_writable() {
     let why = log_line(&server, "result=unavailable");
     assert!(why.contains("new/ has mode 500"), "{why}");
     row("Maildir/new not writable (0500)", &at_rcpt, &why);
+    // The failed check is remembered for 2 s (delivery/client.rs CHECKED_TTL): a RCPT just
+    // after the fix is still refused without asking the agent; one after that is not.
+    mode(0o700);
+    let again = server.try_deliver(&["inboxd-ronew"], &message(&token()));
+    assert!(again.starts_with("450 4.2.0"), "{again}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     // Writable: delivered, and checked for the next 2 s. Unwritable again at once: the
     // RCPT is accepted on that answer, and the link into new/ fails at the dot.
-    mode(0o700);
     assert!(server
         .deliver(&["inboxd-ronew"], &message(&token()))
         .starts_with("250 "));

@@ -47,15 +47,25 @@ const CHECKED_TTL: Duration = Duration::from_secs(2);
 /// Accounts remembered so at most.
 const CHECKED_MAX: usize = 4096;
 
+/// A check sent to the agent: its accounts, and the connections waiting for its answer
+/// (more than one when RCPTs to the same account came while it was out).
+struct CheckReq {
+    accounts: Vec<String>,
+    waiters: Vec<u64>,
+}
+
 /// What [`AgentClient::check`] did.
 #[derive(Debug)]
 pub enum CheckStart {
     /// Every account was found able to take mail less than [`CHECKED_TTL`] ago: no check.
     Fresh,
-    /// A Check went out with this id; its answer comes from
+    /// A Check went out with this id (or one for the same accounts was already out, and
+    /// this connection waits for it too); its answer comes from
     /// [`AgentClient::take_check_answers`].
     Sent(u64),
-    /// The Check could not be sent (the agent is gone, or too many requests wait for it).
+    /// The account's check failed less than [`CHECKED_TTL`] ago (that failure is the
+    /// answer), or the Check could not be sent (the agent is gone, or too many requests
+    /// wait for it).
     Failed(DeliveryError),
 }
 
@@ -138,11 +148,14 @@ pub struct AgentClient {
     broken: Option<String>,
     /// The agent is gone and that was reported: nothing is sent any more.
     gone: bool,
-    /// Checks sent and not answered: id -> (connection, accounts).
-    checks: HashMap<u64, (u64, Vec<String>)>,
+    /// Checks sent and not answered, by id.
+    checks: HashMap<u64, CheckReq>,
     check_answers: VecDeque<CheckAnswer>,
     /// Accounts whose Maildir took mail, or passed a check, and when.
     checked: HashMap<String, Instant>,
+    /// Accounts whose check (of that account alone) failed, when, and why: RCPTs repeated to
+    /// a broken mailbox cost the agent one check per [`CHECKED_TTL`], not one each.
+    refused: HashMap<String, (Instant, DeliveryError)>,
 }
 
 fn gone_reply() -> Reply {
@@ -170,6 +183,7 @@ impl AgentClient {
             checks: HashMap::new(),
             check_answers: VecDeque::new(),
             checked: HashMap::new(),
+            refused: HashMap::new(),
         }
     }
 
@@ -257,6 +271,14 @@ impl AgentClient {
     /// failure found only at the dot fails the whole transaction (one reply to DATA covers
     /// every recipient, RFC 5321 4.2.5).
     pub fn check(&mut self, conn: u64, accounts: &[String], now: Instant) -> CheckStart {
+        let refused = accounts.iter().find_map(|a| {
+            self.refused
+                .get(a)
+                .filter(|(at, _)| now.saturating_duration_since(*at) < CHECKED_TTL)
+        });
+        if let Some((_, e)) = refused {
+            return CheckStart::Failed(e.clone());
+        }
         let stale: Vec<String> = accounts
             .iter()
             .filter(|a| {
@@ -271,6 +293,12 @@ impl AgentClient {
         if stale.is_empty() || stale.len() > MAX_ACCOUNTS {
             return CheckStart::Fresh;
         }
+        // The same accounts already being checked (a burst of mail to one account, or a
+        // hung home): wait for that answer, asking the agent nothing more.
+        if let Some((&id, req)) = self.checks.iter_mut().find(|(_, r)| r.accounts == stale) {
+            req.waiters.push(conn);
+            return CheckStart::Sent(id);
+        }
         self.next_id += 1;
         let id = self.next_id;
         let r = Request::Check {
@@ -279,16 +307,31 @@ impl AgentClient {
         };
         match self.send(&r) {
             Ok(()) => {
-                self.checks.insert(id, (conn, stale));
+                self.checks.insert(
+                    id,
+                    CheckReq {
+                        accounts: stale,
+                        waiters: vec![conn],
+                    },
+                );
                 CheckStart::Sent(id)
             }
             Err(e) => CheckStart::Failed(e),
         }
     }
 
-    /// The check `id` is no longer waited for (the client timed out or went away): its
-    /// answer, if it comes, is dropped.
-    pub fn forget_check(&mut self, id: u64) {
+    /// `conn` no longer waits for check `id` (the client timed out or went away). Once
+    /// nobody does, its answer, if it comes, is dropped.
+    pub fn forget_check(&mut self, id: u64, conn: u64) {
+        let Some(req) = self.checks.get_mut(&id) else {
+            return;
+        };
+        if let Some(i) = req.waiters.iter().position(|&c| c == conn) {
+            req.waiters.swap_remove(i);
+        }
+        if !req.waiters.is_empty() {
+            return;
+        }
         self.checks.remove(&id);
         // Still waiting for room on the socket: it never goes out, so clients that hang up
         // while a stalled agent has their checks leave nothing piled up for it.
@@ -312,8 +355,23 @@ impl AgentClient {
             }
         }
         for a in accounts {
+            self.refused.remove(a);
             self.checked.insert(a.clone(), now);
         }
+    }
+
+    /// The check of `account` alone failed at `now` with `e`. (A check of several accounts
+    /// does not say which one failed: nothing is remembered for it.)
+    fn mark_refused(&mut self, account: &str, now: Instant, e: &DeliveryError) {
+        if self.refused.len() >= CHECKED_MAX {
+            self.refused
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < CHECKED_TTL);
+            if self.refused.len() >= CHECKED_MAX {
+                self.refused.clear();
+            }
+        }
+        self.checked.remove(account);
+        self.refused.insert(account.to_string(), (now, e.clone()));
     }
 
     /// DATA began.
@@ -554,24 +612,31 @@ impl AgentClient {
 
     fn handle(&mut self, resp: Response, fds: Vec<OwnedFd>) {
         let id = resp.id();
-        if let Some((conn, accounts)) = self.checks.remove(&id) {
+        if let Some(req) = self.checks.remove(&id) {
             if !fds.is_empty() {
                 self.writers
                     .discard(fds.into_iter().map(File::from).collect());
             }
+            let now = Instant::now();
             let r = match resp {
                 Response::Done { .. } => {
-                    self.mark_checked(&accounts, Instant::now());
+                    self.mark_checked(&req.accounts, now);
                     Ok(())
                 }
                 Response::Failed { class, detail, .. } => {
-                    Err(DeliveryError::from_wire(class, detail))
+                    let e = DeliveryError::from_wire(class, detail);
+                    if let [account] = &req.accounts[..] {
+                        self.mark_refused(account, now, &e);
+                    }
+                    Err(e)
                 }
                 Response::Opened { .. } => Err(DeliveryError::Io(
                     "the delivery agent answered a check with descriptors".into(),
                 )),
             };
-            self.check_answers.push_back((conn, id, r));
+            for conn in req.waiters {
+                self.check_answers.push_back((conn, id, r.clone()));
+            }
             return;
         }
         let Some(t) = self.inflight.get_mut(&id) else {
@@ -726,9 +791,11 @@ impl AgentClient {
                 self.outcomes.push_back((t.conn, Err(gone_reply())));
             }
         }
-        for (id, (conn, _)) in self.checks.drain() {
-            self.check_answers
-                .push_back((conn, id, Err(DeliveryError::Io(why.to_string()))));
+        for (id, req) in self.checks.drain() {
+            for conn in req.waiters {
+                self.check_answers
+                    .push_back((conn, id, Err(DeliveryError::Io(why.to_string()))));
+            }
         }
         self.by_conn.clear();
         self.outbox.clear();
@@ -844,22 +911,58 @@ mod tests {
                 accounts: vec!["carol".to_string()]
             }]
         );
-        // A failure is answered and not remembered: the next RCPT asks again.
-        let e = DeliveryError::Unavailable("tmp/ not writable: EACCES".into());
+        // A failure is answered, and remembered for CHECKED_TTL: a RCPT that reaches carol
+        // meanwhile gets it without asking the agent.
+        let e = DeliveryError::Unavailable("tmp/ has mode 500".into());
         answer(&agent, Response::failed(id2, &e));
         c.on_readable().unwrap();
         let got = c.take_check_answers();
         assert!(
-            matches!(&got[..], [(8, _, Err(DeliveryError::Unavailable(m)))] if m.contains("EACCES")),
+            matches!(&got[..], [(8, _, Err(DeliveryError::Unavailable(m)))] if m.contains("mode 500")),
             "{got:?}"
         );
-        assert!(matches!(c.check(9, &more, t0), CheckStart::Sent(_)));
+        assert!(matches!(
+            c.check(9, &more, Instant::now()),
+            CheckStart::Failed(DeliveryError::Unavailable(_))
+        ));
+        assert!(sent(&agent).is_empty(), "asked again within CHECKED_TTL");
+        let after = Instant::now() + CHECKED_TTL;
+        assert!(matches!(c.check(9, &more, after), CheckStart::Sent(_)));
         // CHECKED_TTL after the answer (remembered when it came), alice is asked again.
         let later = Instant::now() + CHECKED_TTL;
         assert!(matches!(
             c.check(9, &accounts[..1], later),
             CheckStart::Sent(_)
         ));
+    }
+
+    #[test]
+    fn rcpts_to_an_account_being_checked_wait_for_the_same_check() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        let t0 = Instant::now();
+        let alice = vec!["alice".to_string()];
+        let CheckStart::Sent(id) = c.check(1, &alice, t0) else {
+            panic!()
+        };
+        for conn in [2, 3] {
+            assert!(matches!(c.check(conn, &alice, t0), CheckStart::Sent(i) if i == id));
+        }
+        assert_eq!(sent(&agent).len(), 1, "one Check for three RCPTs");
+        // One of them leaves: the others still get the answer.
+        c.forget_check(id, 2);
+        answer(&agent, Response::Done { id, names: vec![] });
+        c.on_readable().unwrap();
+        let mut got: Vec<u64> = c
+            .take_check_answers()
+            .into_iter()
+            .map(|(conn, i, r)| {
+                assert!(i == id && r.is_ok());
+                conn
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![1, 3]);
     }
 
     #[test]
@@ -873,7 +976,7 @@ mod tests {
         let CheckStart::Sent(waiting) = c.check(2, &["bob".to_string()], t0) else {
             panic!()
         };
-        c.forget_check(gone);
+        c.forget_check(gone, 1);
         answer(
             &agent,
             Response::Done {
@@ -912,12 +1015,13 @@ mod tests {
                 break;
             }
             match c.check(i, &[format!("u{i}")], t0) {
-                CheckStart::Sent(id) => last = Some(id),
+                CheckStart::Sent(id) => last = Some((id, i)),
                 other => panic!("{other:?}"),
             }
         }
         assert!(c.wants_write(), "the socket never filled");
-        c.forget_check(last.unwrap());
+        let (id, conn) = last.unwrap();
+        c.forget_check(id, conn);
         assert!(
             !c.wants_write(),
             "the forgotten check still waits to go out"

@@ -37,7 +37,7 @@ use nix::sys::stat::Mode;
 use crate::smtp::Reply;
 
 /// Why a delivery failed, classified where it was detected (RFC 3463; Postfix's mbox_dsn).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum DeliveryError {
     /// ENOSPC: 452 4.3.1, try later.
     NoSpace(String),

@@ -608,7 +608,7 @@ impl Server {
                 } else if let Some(w) = c.check.take() {
                     // The agent does not answer the mailbox check (a hung home, an NSS
                     // backend that never answers); its late answer is dropped.
-                    self.delivery.forget_check(w.id);
+                    self.delivery.forget_check(w.id, c.id);
                     let reply =
                         Reply::new(451, "4.3.0", "Mailbox check timed out, try again later");
                     Some((
@@ -960,7 +960,7 @@ impl Server {
             p.cancel();
         }
         if let Some(w) = &c.check {
-            self.delivery.forget_check(w.id);
+            self.delivery.forget_check(w.id, c.id);
         }
         if let Some(n) = self.per_ip.get_mut(&c.ip) {
             *n -= 1;
