@@ -18,8 +18,13 @@ struct Agent {
 
 impl Agent {
     fn start(args: &[&str]) -> Agent {
+        Agent::start_with(Command::new(env!("CARGO_BIN_EXE_inboxd")), args)
+    }
+
+    /// The agent started by `cmd` (inboxd itself, or a wrapper that execs it).
+    fn start_with(mut cmd: Command, args: &[&str]) -> Agent {
         let (ours, theirs) = channel::pair().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_inboxd"))
+        let child = cmd
             .arg("--delivery-agent")
             .args(["--hostname", "mx.test"])
             .args(args)
@@ -33,6 +38,21 @@ impl Agent {
 
     fn send(&self, r: &Request) {
         channel::send(self.sock.as_fd(), &r.encode(), &[]).unwrap();
+    }
+
+    /// The next answer, which must come within `limit`.
+    fn recv_within(&self, limit: Duration) -> (Response, Vec<OwnedFd>) {
+        let deadline = Instant::now() + limit;
+        loop {
+            match channel::recv(self.sock.as_fd(), false).unwrap() {
+                Received::Message(m, fds) => return (Response::decode(&m).unwrap(), fds),
+                Received::Empty => {
+                    assert!(Instant::now() < deadline, "no answer within {limit:?}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => panic!("agent: {other:?}"),
+            }
+        }
     }
 
     fn recv(&self) -> (Response, Vec<OwnedFd>) {
@@ -387,4 +407,91 @@ fn stop_signals_do_not_end_the_agent() {
     assert!(matches!(agent.recv().0, Response::Done { id: 1, .. }));
     assert_eq!(new_files(&dir.path().join("nobody")).len(), 1);
     assert!(agent.close());
+}
+
+/// An NSS backend that hangs stalls the agent, and so every delivery, for the agent's lookup
+/// wait (5 s) once, not for as long as it hangs: the request that needed the lookup fails
+/// (451 4.3.0 for its client), the next ones that need a lookup fail at once while it is
+/// still out, and the agent goes on answering. The backend is hung for real, as in
+/// lookups.rs: a FIFO bound over /etc/passwd in the agent's own mount namespace.
+#[test]
+fn a_hung_nss_backend_stalls_the_agent_only_for_its_wait() {
+    if skip_unless_root("a_hung_nss_backend_stalls_the_agent_only_for_its_wait") {
+        return;
+    }
+    let dir = TempDir::new("agenthungnss");
+    let fifo = dir.path().join("passwd.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let root = dir.path().join("mail");
+    std::fs::create_dir(&root).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--"])
+        .arg(env!("CARGO_BIN_EXE_inboxd"));
+    let agent = Agent::start_with(cmd, &["--maildir-root", root.to_str().unwrap()]);
+    let check = |id: u64, name: &str| {
+        agent.send(&Request::Check {
+            id,
+            accounts: vec![name.to_string()],
+        });
+        let t0 = Instant::now();
+        let (r, _) = agent.recv_within(Duration::from_secs(15));
+        (r, t0.elapsed())
+    };
+    // Before the backend hangs.
+    let (r, _) = check(1, "nobody");
+    assert_eq!(
+        r,
+        Response::Done {
+            id: 1,
+            names: vec![]
+        }
+    );
+    let pid = agent.child.id().to_string();
+    let st = Command::new("nsenter")
+        .args(["--target", &pid, "--mount", "--", "mount", "--bind"])
+        .arg(&fifo)
+        .arg("/etc/passwd")
+        .status()
+        .expect("nsenter");
+    assert!(
+        st.success(),
+        "binding the FIFO over the agent's /etc/passwd"
+    );
+    // The lookup hangs: the check fails after the wait.
+    let (r, took) = check(2, "daemon");
+    assert!(
+        matches!(&r, Response::Failed { id: 2, class: 5, detail } if detail.contains("did not return within 5s")),
+        "{r:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    // While it is out, another lookup fails at once, and so does a delivery that needs one.
+    let (r, took) = check(3, "bin");
+    assert!(
+        matches!(&r, Response::Failed { id: 3, class: 5, detail } if detail.contains("has not returned")),
+        "{r:?}"
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let t0 = Instant::now();
+    agent.send(&Request::Begin {
+        id: 4,
+        accounts: vec!["sys".into()],
+    });
+    let (r, fds) = agent.recv_within(Duration::from_secs(15));
+    assert!(
+        matches!(
+            r,
+            Response::Failed {
+                id: 4,
+                class: 5,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(fds.is_empty() && t0.elapsed() < Duration::from_secs(1));
+    // The agent still ends when the receiver goes, its lookup thread still stuck.
+    assert!(agent.close(), "the agent did not exit");
 }

@@ -19,10 +19,11 @@ use nix::errno::Errno;
 use nix::sys::stat::fstat;
 
 use super::fskind::{self, FsKind};
+use super::lookup::Lookups;
 use super::maildir::{Maildir, Owner};
 use super::syncer::{Policy, Syncer, Target};
 use super::{escape_host, privileges, DeliveryError, Layout};
-use crate::recipient::{is_account_name, lookup_account};
+use crate::recipient::is_account_name;
 
 /// What a committed transaction became: (account, file name in new/) per copy.
 pub type Delivered = Vec<(String, String)>;
@@ -95,6 +96,8 @@ pub struct Store {
     named_accounts: HashSet<String>,
     counter: u64,
     pid: u32,
+    /// Account lookups, in a thread, waited for a bounded time.
+    lookups: Lookups,
 }
 
 /// Whether copies can be created unnamed: linking one into new/ goes through /proc/self/fd.
@@ -169,6 +172,7 @@ impl Store {
             named_accounts: HashSet::new(),
             counter: 0,
             pid: std::process::id(),
+            lookups: Lookups::default(),
         }
     }
 
@@ -243,7 +247,7 @@ impl Store {
         self.maildirs.remove(account);
     }
 
-    fn open_maildir(&self, account: &str) -> Result<Maildir, DeliveryError> {
+    fn open_maildir(&mut self, account: &str) -> Result<Maildir, DeliveryError> {
         // NSS may talk to a daemon over a socket: as root, not as the last recipient.
         privileges::as_root();
         if !is_account_name(account) {
@@ -251,8 +255,9 @@ impl Store {
                 "{account:?} is not an account name"
             )));
         }
-        let acct = lookup_account(account)
-            .map_err(|e| DeliveryError::Account(e.to_string()))?
+        let acct = self
+            .lookups
+            .account(account)?
             .ok_or_else(|| DeliveryError::Account(format!("{account}: no such account")))?;
         // The name NSS returns becomes a path component under --maildir-root: it must be
         // one we would accept from a client (no '/', no '..'), whatever the backend says.

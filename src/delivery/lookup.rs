@@ -1,0 +1,210 @@
+//! The delivery agent's account lookups, made in a thread of their own and waited for at
+//! most [`LOOKUP_WAIT`], so that an NSS backend that hangs (an LDAP server that accepts and
+//! never answers, a stuck nscd) stalls the agent's one loop, and with it every delivery, for
+//! seconds rather than for as long as the backend likes.
+//!
+//! One lookup at a time: while one has not come back after its wait, every other lookup
+//! fails at once (the transaction or check that needed it gets a 4xx and is retried by its
+//! client), and Maildirs the agent already holds open (for 2 seconds after each was opened)
+//! keep taking mail. The stuck lookup's answer, when it comes, is dropped and lookups start
+//! again.
+//!
+//! Owns the thread and the waiting; it must not change credentials (the thread is started
+//! from the agent's loop while its filesystem identity is root's, after the capabilities
+//! were dropped, and keeps that identity: NSS may talk to a daemon over a socket, as root,
+//! not as the last recipient) and must not decide anything about the account it returns.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+
+use super::DeliveryError;
+use crate::recipient::{lookup_account, Account, RecipientError};
+
+/// How long the agent waits for one account lookup. The receiver has just looked the same
+/// account up (its own lookup has a 30 s limit), so an answer is expected at once; a
+/// backend slower than this makes the request that needed it fail with 451 4.3.0.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
+type Answer = (u64, Result<Option<Account>, RecipientError>);
+
+struct Thread {
+    ask: Sender<(u64, String)>,
+    answers: Receiver<Answer>,
+}
+
+/// The lookups of one agent.
+pub struct Lookups {
+    thread: Option<Thread>,
+    /// The thread could not be started: lookups are made in the loop itself.
+    inline: bool,
+    next: u64,
+    /// A lookup that has not come back in time: (its number, the name, when it was asked).
+    stuck: Option<(u64, String, Instant)>,
+    wait: Duration,
+}
+
+impl Default for Lookups {
+    fn default() -> Self {
+        Lookups::new(LOOKUP_WAIT)
+    }
+}
+
+impl Lookups {
+    pub fn new(wait: Duration) -> Lookups {
+        Lookups {
+            thread: None,
+            inline: false,
+            next: 0,
+            stuck: None,
+            wait,
+        }
+    }
+
+    /// `name`'s account, or None if there is no such account. Errors are temporary.
+    pub fn account(&mut self, name: &str) -> Result<Option<Account>, DeliveryError> {
+        self.account_with(name, lookup_account)
+    }
+
+    /// [`Lookups::account`] with the lookup function given (tests hang it).
+    pub fn account_with(
+        &mut self,
+        name: &str,
+        lookup: fn(&str) -> Result<Option<Account>, RecipientError>,
+    ) -> Result<Option<Account>, DeliveryError> {
+        if self.inline {
+            return lookup(name).map_err(|e| DeliveryError::Account(e.to_string()));
+        }
+        if self.thread.is_none() {
+            match start(lookup) {
+                Ok(t) => self.thread = Some(t),
+                Err(e) => {
+                    error!("delivery agent: cannot start the lookup thread ({e}); looking accounts up in the loop");
+                    self.inline = true;
+                    return lookup(name).map_err(|e| DeliveryError::Account(e.to_string()));
+                }
+            }
+        }
+        let Some(t) = &self.thread else {
+            return Err(DeliveryError::Account("no lookup thread".into()));
+        };
+        if let Some((n, who, since)) = &self.stuck {
+            // Has it come back meanwhile? Its answer is stale by now: dropped.
+            loop {
+                match t.answers.try_recv() {
+                    Ok((m, _)) if m == *n => break,
+                    Ok(_) => continue,
+                    Err(TryRecvError::Empty) => {
+                        return Err(DeliveryError::Account(format!(
+                            "the NSS lookup of {who} has not returned for {}s; lookups wait for it",
+                            since.elapsed().as_secs()
+                        )))
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        self.thread = None;
+                        return Err(DeliveryError::Account("the lookup thread is gone".into()));
+                    }
+                }
+            }
+            warn!(
+                "delivery agent: the NSS lookup of {who} came back after {:?}",
+                since.elapsed()
+            );
+            self.stuck = None;
+        }
+        self.next += 1;
+        let n = self.next;
+        let asked = Instant::now();
+        if t.ask.send((n, name.to_string())).is_err() {
+            self.thread = None;
+            return Err(DeliveryError::Account("the lookup thread is gone".into()));
+        }
+        let deadline = asked + self.wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match t.answers.recv_timeout(left) {
+                Ok((m, r)) if m == n => {
+                    return r.map_err(|e| DeliveryError::Account(e.to_string()))
+                }
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    warn!(
+                        "delivery agent: the NSS lookup of {name} has not returned after {:?}; \
+                         lookups fail until it does",
+                        self.wait
+                    );
+                    self.stuck = Some((n, name.to_string(), asked));
+                    return Err(DeliveryError::Account(format!(
+                        "the NSS lookup of {name} did not return within {}s",
+                        self.wait.as_secs()
+                    )));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.thread = None;
+                    return Err(DeliveryError::Account("the lookup thread is gone".into()));
+                }
+            }
+        }
+    }
+}
+
+fn start(lookup: fn(&str) -> Result<Option<Account>, RecipientError>) -> std::io::Result<Thread> {
+    let (ask, asked) = mpsc::channel::<(u64, String)>();
+    let (answer, answers) = mpsc::channel::<Answer>();
+    std::thread::Builder::new()
+        .name("agent-lookup".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            for (n, name) in asked {
+                if answer.send((n, lookup(&name))).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(Thread { ask, answers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::{Gid, Uid};
+
+    fn found(name: &str) -> Result<Option<Account>, RecipientError> {
+        if name.starts_with("hang") {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        Ok(Some(Account {
+            name: name.to_string(),
+            uid: Uid::from_raw(1000),
+            gid: Gid::from_raw(1000),
+            home: "/home/x".into(),
+        }))
+    }
+
+    #[test]
+    fn a_lookup_that_does_not_return_fails_alone_and_then_every_other_fails_at_once() {
+        let mut l = Lookups::new(Duration::from_millis(200));
+        assert_eq!(
+            l.account_with("alice", found).unwrap().unwrap().name,
+            "alice"
+        );
+        let t0 = Instant::now();
+        let e = l.account_with("hang1", found).unwrap_err();
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(e.to_string().contains("did not return within"), "{e}");
+        // While it is out, others fail without waiting.
+        let t1 = Instant::now();
+        let e = l.account_with("bob", found).unwrap_err();
+        assert!(t1.elapsed() < Duration::from_millis(100));
+        assert!(e.to_string().contains("has not returned"), "{e}");
+        // Once it came back (its answer dropped), lookups work again, in order.
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(l.account_with("bob", found).unwrap().unwrap().name, "bob");
+        assert_eq!(
+            l.account_with("carol", found).unwrap().unwrap().name,
+            "carol"
+        );
+    }
+}
