@@ -265,6 +265,7 @@ fn new_not_writable() {
     let (jones_home, _) = ensure_user("Jones");
     let (server, _aliases) = start_system();
     let at_rcpt = server.try_deliver(&["inboxd-ronew"], &message(&token()));
+    let refused_at = std::time::Instant::now();
     assert!(at_rcpt.starts_with("450 4.2.0"), "{at_rcpt}");
     let why = log_line(&server, "result=unavailable");
     assert!(why.contains("new/ has mode 500"), "{why}");
@@ -273,7 +274,11 @@ fn new_not_writable() {
     // after the fix is still refused without asking the agent; one after that is not.
     mode(0o700);
     let again = server.try_deliver(&["inboxd-ronew"], &message(&token()));
-    assert!(again.starts_with("450 4.2.0"), "{again}");
+    // Only a RCPT well within the 2 s can be sure to meet the remembered answer (on a
+    // loaded machine the steps between may take longer; found in review).
+    if refused_at.elapsed() < std::time::Duration::from_millis(1500) {
+        assert!(again.starts_with("450 4.2.0"), "{again}");
+    }
     std::thread::sleep(std::time::Duration::from_millis(2100));
     // Writable: delivered, and checked for the next 2 s. Unwritable again at once: the
     // RCPT is accepted on that answer, and the link into new/ fails at the dot.

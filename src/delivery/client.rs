@@ -332,11 +332,14 @@ impl AgentClient {
         if !req.waiters.is_empty() {
             return;
         }
-        self.checks.remove(&id);
         // Still waiting for room on the socket: it never goes out, so clients that hang up
-        // while a stalled agent has their checks leave nothing piled up for it.
+        // while a stalled agent has their checks leave nothing piled up for it. Already
+        // sent, it stays (with nobody waiting) until the agent answers, so that later RCPTs
+        // to the same accounts join it instead of queueing another behind it (found in
+        // review: a hung home got a new check every 30 s).
         if let Some(i) = self.outbox.iter().position(|q| q.id == id) {
             self.outbox.remove(i);
+            self.checks.remove(&id);
         }
     }
 
@@ -977,6 +980,14 @@ mod tests {
             panic!()
         };
         c.forget_check(gone, 1);
+        // Sent already, it stays out: a later RCPT to alice joins it, asking nothing more.
+        assert!(matches!(c.check(3, &["alice".to_string()], t0), CheckStart::Sent(i) if i == gone));
+        assert_eq!(
+            sent(&agent).len(),
+            2,
+            "alice's and bob's checks, and no other"
+        );
+        c.forget_check(gone, 3);
         answer(
             &agent,
             Response::Done {

@@ -6,7 +6,8 @@
 //! One lookup at a time: while one has not come back after its wait, every other lookup
 //! fails at once (the transaction or check that needed it gets a 4xx and is retried by its
 //! client), and Maildirs the agent already holds open (for 2 seconds after each was opened)
-//! keep taking mail. The stuck lookup's answer, when it comes, is dropped and lookups start
+//! keep taking mail. The stuck lookup's answer, when it comes, is kept for a minute (the
+//! client's retry of the request that gave up on it is answered from it) and lookups start
 //! again.
 //!
 //! Owns the thread and the waiting; it must not change credentials (the thread is started
@@ -14,6 +15,7 @@
 //! were dropped, and keeps that identity: NSS may talk to a daemon over a socket, as root,
 //! not as the last recipient) and must not decide anything about the account it returns.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,17 @@ pub const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
 type Answer = (u64, Result<Option<Account>, RecipientError>);
 
+/// How long the answer of a lookup that came back late is kept: the client's retry of the
+/// request that gave up on it is answered from it, so a backend slower than [`LOOKUP_WAIT`]
+/// (but within the receiver's 30 s) slows mail down instead of stopping it (found in
+/// review).
+const LATE_KEPT: Duration = Duration::from_secs(60);
+/// Late answers kept at most.
+const LATE_MAX: usize = 1024;
+/// After the thread could not be started, how long lookups are made in the loop before
+/// starting it is tried again.
+const RESTART_AFTER: Duration = Duration::from_secs(60);
+
 struct Thread {
     ask: Sender<(u64, String)>,
     answers: Receiver<Answer>,
@@ -37,11 +50,14 @@ struct Thread {
 /// The lookups of one agent.
 pub struct Lookups {
     thread: Option<Thread>,
-    /// The thread could not be started: lookups are made in the loop itself.
-    inline: bool,
+    /// The thread could not be started, at this time: lookups are made in the loop itself
+    /// until [`RESTART_AFTER`] has passed.
+    inline_since: Option<Instant>,
     next: u64,
     /// A lookup that has not come back in time: (its number, the name, when it was asked).
     stuck: Option<(u64, String, Instant)>,
+    /// Accounts whose lookup came back late, and when.
+    late: HashMap<String, (Instant, Option<Account>)>,
     wait: Duration,
 }
 
@@ -55,9 +71,10 @@ impl Lookups {
     pub fn new(wait: Duration) -> Lookups {
         Lookups {
             thread: None,
-            inline: false,
+            inline_since: None,
             next: 0,
             stuck: None,
+            late: HashMap::new(),
             wait,
         }
     }
@@ -67,58 +84,86 @@ impl Lookups {
         self.account_with(name, lookup_account)
     }
 
+    /// The thread is gone (it panicked): so is the lookup it had, and the next lookup
+    /// starts a new one (found in review: a stale `stuck` made every lookup fail for good).
+    fn lost(&mut self) -> DeliveryError {
+        self.thread = None;
+        self.stuck = None;
+        DeliveryError::Account("the lookup thread is gone".into())
+    }
+
     /// [`Lookups::account`] with the lookup function given (tests hang it).
     pub fn account_with(
         &mut self,
         name: &str,
         lookup: fn(&str) -> Result<Option<Account>, RecipientError>,
     ) -> Result<Option<Account>, DeliveryError> {
-        if self.inline {
-            return lookup(name).map_err(|e| DeliveryError::Account(e.to_string()));
+        let inline = |name: &str| lookup(name).map_err(|e| DeliveryError::Account(e.to_string()));
+        if let Some(since) = self.inline_since {
+            if since.elapsed() < RESTART_AFTER {
+                return inline(name);
+            }
+            self.inline_since = None;
         }
         if self.thread.is_none() {
             match start(lookup) {
                 Ok(t) => self.thread = Some(t),
                 Err(e) => {
-                    error!("delivery agent: cannot start the lookup thread ({e}); looking accounts up in the loop");
-                    self.inline = true;
-                    return lookup(name).map_err(|e| DeliveryError::Account(e.to_string()));
+                    error!("delivery agent: cannot start the lookup thread ({e}); looking accounts up in the loop for {RESTART_AFTER:?}");
+                    self.inline_since = Some(Instant::now());
+                    return inline(name);
                 }
             }
         }
-        let Some(t) = &self.thread else {
-            return Err(DeliveryError::Account("no lookup thread".into()));
-        };
-        if let Some((n, who, since)) = &self.stuck {
-            // Has it come back meanwhile? Its answer is stale by now: dropped.
-            loop {
+        if let Some((n, who, since)) = self.stuck.take() {
+            // Has it come back meanwhile? Its answer is kept for the retry.
+            let Some(t) = &self.thread else {
+                return Err(self.lost());
+            };
+            let came = loop {
                 match t.answers.try_recv() {
-                    Ok((m, _)) if m == *n => break,
+                    Ok((m, r)) if m == n => break r,
                     Ok(_) => continue,
                     Err(TryRecvError::Empty) => {
-                        return Err(DeliveryError::Account(format!(
+                        let e = DeliveryError::Account(format!(
                             "the NSS lookup of {who} has not returned for {}s; lookups wait for it",
                             since.elapsed().as_secs()
-                        )))
+                        ));
+                        self.stuck = Some((n, who, since));
+                        return Err(e);
                     }
-                    Err(TryRecvError::Disconnected) => {
-                        self.thread = None;
-                        return Err(DeliveryError::Account("the lookup thread is gone".into()));
-                    }
+                    Err(TryRecvError::Disconnected) => return Err(self.lost()),
                 }
-            }
+            };
             warn!(
                 "delivery agent: the NSS lookup of {who} came back after {:?}",
                 since.elapsed()
             );
-            self.stuck = None;
+            if let Ok(account) = came {
+                let now = Instant::now();
+                if self.late.len() >= LATE_MAX {
+                    self.late
+                        .retain(|_, (at, _)| now.saturating_duration_since(*at) < LATE_KEPT);
+                    if self.late.len() >= LATE_MAX {
+                        self.late.clear();
+                    }
+                }
+                self.late.insert(who, (now, account));
+            }
         }
+        if let Some((at, account)) = self.late.remove(name) {
+            if at.elapsed() < LATE_KEPT {
+                return Ok(account);
+            }
+        }
+        let Some(t) = &self.thread else {
+            return Err(self.lost());
+        };
         self.next += 1;
         let n = self.next;
         let asked = Instant::now();
         if t.ask.send((n, name.to_string())).is_err() {
-            self.thread = None;
-            return Err(DeliveryError::Account("the lookup thread is gone".into()));
+            return Err(self.lost());
         }
         let deadline = asked + self.wait;
         loop {
@@ -140,10 +185,7 @@ impl Lookups {
                         self.wait.as_secs()
                     )));
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.thread = None;
-                    return Err(DeliveryError::Account("the lookup thread is gone".into()));
-                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.lost()),
             }
         }
     }
@@ -154,7 +196,8 @@ fn start(lookup: fn(&str) -> Result<Option<Account>, RecipientError>) -> std::io
     let (answer, answers) = mpsc::channel::<Answer>();
     std::thread::Builder::new()
         .name("agent-lookup".into())
-        .stack_size(256 * 1024)
+        // The default stack (2 MiB), like the receiver's lookup thread: NSS modules (LDAP
+        // with TLS, sssd) run on it, and an overflow would abort the agent (found in review).
         .spawn(move || {
             for (n, name) in asked {
                 if answer.send((n, lookup(&name))).is_err() {
@@ -172,7 +215,7 @@ mod tests {
 
     fn found(name: &str) -> Result<Option<Account>, RecipientError> {
         if name.starts_with("hang") {
-            std::thread::sleep(Duration::from_millis(600));
+            std::thread::sleep(Duration::from_millis(1500));
         }
         Ok(Some(Account {
             name: name.to_string(),
@@ -194,14 +237,29 @@ mod tests {
         let waited = t0.elapsed();
         assert!(waited >= Duration::from_millis(200), "{waited:?}");
         assert!(e.to_string().contains("did not return within"), "{e}");
-        // While it is out, others fail without waiting.
+        // While it is out, others fail without waiting for it (it takes 1.5 s).
         let t1 = Instant::now();
         let e = l.account_with("bob", found).unwrap_err();
-        assert!(t1.elapsed() < Duration::from_millis(100));
+        assert!(t1.elapsed() < Duration::from_millis(1000));
         assert!(e.to_string().contains("has not returned"), "{e}");
-        // Once it came back (its answer dropped), lookups work again, in order.
-        std::thread::sleep(Duration::from_millis(600));
-        assert_eq!(l.account_with("bob", found).unwrap().unwrap().name, "bob");
+        // Once it came back, lookups work again, and its late answer serves the retry.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let bob = loop {
+            match l.account_with("bob", found) {
+                Ok(a) => break a,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the lookups never recovered");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        assert_eq!(bob.unwrap().name, "bob");
+        let t2 = Instant::now();
+        assert_eq!(
+            l.account_with("hang1", found).unwrap().unwrap().name,
+            "hang1"
+        );
+        assert!(t2.elapsed() < Duration::from_millis(1000), "asked again");
         assert_eq!(
             l.account_with("carol", found).unwrap().unwrap().name,
             "carol"
