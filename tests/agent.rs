@@ -22,8 +22,17 @@ impl Agent {
     }
 
     /// The agent started by `cmd` (inboxd itself, or a wrapper that execs it).
-    fn start_with(mut cmd: Command, args: &[&str]) -> Agent {
+    fn start_with(cmd: Command, args: &[&str]) -> Agent {
+        Agent::start_after(cmd, args, &[])
+    }
+
+    /// The agent started with `queued` already waiting on its socket: they make its first
+    /// batch, whatever the timing.
+    fn start_after(mut cmd: Command, args: &[&str], queued: &[Request]) -> Agent {
         let (ours, theirs) = channel::pair().unwrap();
+        for r in queued {
+            channel::send(ours.as_fd(), &r.encode(), &[]).unwrap();
+        }
         let child = cmd
             .arg("--delivery-agent")
             .args(["--hostname", "mx.test"])
@@ -494,4 +503,40 @@ fn a_hung_nss_backend_stalls_the_agent_only_for_its_wait() {
     assert!(fds.is_empty() && t0.elapsed() < Duration::from_secs(1));
     // The agent still ends when the receiver goes, its lookup thread still stuck.
     assert!(agent.close(), "the agent did not exit");
+}
+
+/// Mailbox checks (RCPT alone can ask for them) do not hold up a batch's commit: 16 are
+/// answered before it, the rest after.
+#[test]
+fn checks_beyond_sixteen_wait_for_the_batch_commit() {
+    let dir = TempDir::new("agentchecks");
+    let mut queued: Vec<Request> = (1..=40)
+        .map(|id| Request::Check {
+            id,
+            accounts: vec!["nobody".into()],
+        })
+        .collect();
+    queued.push(Request::Deliver {
+        id: 100,
+        accounts: vec!["nobody".into()],
+        heads: vec![b"Delivered-To: nobody\n".to_vec()],
+        data: b"Subject: x\n\nhello\n".to_vec(),
+    });
+    let agent = Agent::start_after(
+        Command::new(env!("CARGO_BIN_EXE_inboxd")),
+        &["--maildir-root", dir.path().to_str().unwrap()],
+        &queued,
+    );
+    let mut order = Vec::new();
+    for _ in 0..41 {
+        let (r, _) = agent.recv_within(Duration::from_secs(15));
+        match r {
+            Response::Done { id, .. } => order.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let expected: Vec<u64> = (1..=16).chain([100]).chain(17..=40).collect();
+    assert_eq!(order, expected);
+    assert_eq!(new_files(&dir.path().join("nobody")).len(), 1);
+    assert!(agent.close());
 }

@@ -25,6 +25,19 @@ use super::DeliveryError;
 /// Requests handled before a batch is committed at most, so a flood cannot grow a batch
 /// without bound.
 const MAX_BATCH: usize = 256;
+/// Mailbox checks answered in a batch before its commit; the batch's other checks are
+/// answered after it. A check is a lookup and a walk (or more, in a slow home) that a client
+/// can ask for with RCPT alone: RCPTs to many accounts must not hold up the commits of mail
+/// that other clients have finished sending.
+const CHECKS_BEFORE_COMMIT: usize = 16;
+
+/// What one batch has: the transactions to commit, and the checks left for after them.
+#[derive(Default)]
+struct Batch {
+    commits: Vec<u64>,
+    checks_answered: usize,
+    later_checks: Vec<(u64, Vec<String>)>,
+}
 
 /// Blocks the signals that stop the receiver, and SIGXFSZ (a file size limit makes writes
 /// fail with EFBIG instead of killing the agent); called at the agent's start.
@@ -48,14 +61,14 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     loop {
         // Everything already waiting joins the batch of the first request. Each request is
         // handled as it is read, so at most one (up to 64 KiB) is held at a time.
-        let mut commits = Vec::new();
+        let mut batch = Batch::default();
         let mut closed = false;
         let mut handled = 0;
         while handled < MAX_BATCH {
             match channel::recv(sock.as_fd(), handled == 0)? {
                 Received::Message(m, _) => {
                     handled += 1;
-                    request(&sock, &mut store, &m, &mut commits)?;
+                    request(&sock, &mut store, &m, &mut batch)?;
                 }
                 Received::TooLong(head) => {
                     // The receiver never sends one; it is refused, not a reason to end the
@@ -72,8 +85,8 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                 }
             }
         }
-        if !commits.is_empty() {
-            for (id, r) in store.commit(&commits) {
+        if !batch.commits.is_empty() {
+            for (id, r) in store.commit(&batch.commits) {
                 let resp = match r {
                     Ok(copies) => {
                         // The receiver logs each delivery, with its session; here only
@@ -94,6 +107,9 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                 channel::send(sock.as_fd(), &resp.encode(), &[])?;
             }
         }
+        for (id, accounts) in std::mem::take(&mut batch.later_checks) {
+            check(&sock, &mut store, id, &accounts)?;
+        }
         if closed {
             break;
         }
@@ -104,14 +120,10 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Handles one request; Commit, and Deliver once written, join `commits`. `Err` when the
-/// socket failed.
-fn request(
-    sock: &OwnedFd,
-    store: &mut Store,
-    m: &[u8],
-    commits: &mut Vec<u64>,
-) -> Result<(), Errno> {
+/// Handles one request; Commit, and Deliver once written, join the batch's commits, and a
+/// check beyond [`CHECKS_BEFORE_COMMIT`] waits for them. `Err` when the socket failed.
+fn request(sock: &OwnedFd, store: &mut Store, m: &[u8], batch: &mut Batch) -> Result<(), Errno> {
+    let commits = &mut batch.commits;
     match Request::decode(m) {
         Err(e) => {
             warn!("delivery agent: {e} ({} octets)", m.len());
@@ -124,16 +136,14 @@ fn request(
         }
         Ok(Request::Commit { id }) => commits.push(id),
         Ok(Request::Check { id, accounts }) => {
-            // Answered at once, not with the batch: a client waits for its RCPT reply.
-            debug!("delivery agent: check {id}");
-            let resp = match store.check(&accounts) {
-                Ok(()) => Response::Done {
-                    id,
-                    names: Vec::new(),
-                },
-                Err(e) => Response::failed(id, &e),
-            };
-            channel::send(sock.as_fd(), &resp.encode(), &[])?;
+            // Answered at once, not at the batch's end (a client waits for its RCPT reply),
+            // unless this batch has answered enough checks already.
+            if batch.checks_answered < CHECKS_BEFORE_COMMIT {
+                batch.checks_answered += 1;
+                check(sock, store, id, &accounts)?;
+            } else {
+                batch.later_checks.push((id, accounts));
+            }
         }
         Ok(Request::Deliver {
             id,
@@ -159,6 +169,19 @@ fn request(
         }
     }
     Ok(())
+}
+
+/// Answers a mailbox check.
+fn check(sock: &OwnedFd, store: &mut Store, id: u64, accounts: &[String]) -> Result<(), Errno> {
+    debug!("delivery agent: check {id}");
+    let resp = match store.check(accounts) {
+        Ok(()) => Response::Done {
+            id,
+            names: Vec::new(),
+        },
+        Err(e) => Response::failed(id, &e),
+    };
+    channel::send(sock.as_fd(), &resp.encode(), &[])
 }
 
 /// Answers a request that cannot be handled with a failure, by its id when its first octets
