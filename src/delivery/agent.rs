@@ -4,13 +4,15 @@
 //! It does not listen on the network and does not parse SMTP. It reads fixed binary requests
 //! (`protocol`), answers Begin with the tmp-file descriptors of a [`Store`] (SCM_RIGHTS),
 //! writes the copies of a Deliver (a small message sent whole) itself, answers a Check (can
-//! these Maildirs take mail now?) at once, and commits every
+//! these Maildirs take mail now?) as it comes (up to a budget per pass; the rest after the
+//! batch's commit, in later passes), and commits every
 //! Commit and Deliver that is waiting when it wakes up in one batch (group commit), then
 //! answers each. A malformed request is answered with a failure when its id can be read, and
 //! otherwise ignored. SIGHUP, SIGINT and SIGTERM are blocked: the agent ends only when the
 //! receiver closes the socket, so a signal meant for the receiver (or for the whole process
 //! group) never cuts a commit in half; every open transaction is then removed.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 
 use log::{debug, error, info, warn};
@@ -25,18 +27,28 @@ use super::DeliveryError;
 /// Requests handled before a batch is committed at most, so a flood cannot grow a batch
 /// without bound.
 const MAX_BATCH: usize = 256;
-/// Mailbox checks answered in a batch before its commit; the batch's other checks are
-/// answered after it. A check is a lookup and a walk (or more, in a slow home) that a client
-/// can ask for with RCPT alone: RCPTs to many accounts must not hold up the commits of mail
-/// that other clients have finished sending.
-const CHECKS_BEFORE_COMMIT: usize = 16;
+/// Accounts whose mailbox check is made per pass of the loop, before the batch's commit (as
+/// checks come) and again after it (from those that had to wait). A check is a lookup and a
+/// walk (or more, in a slow home) per account, which a client can ask for with RCPT alone:
+/// RCPTs to many accounts must not hold up the commits of mail that other clients have
+/// finished sending. (One check may take the budget over, by its own accounts.)
+const CHECK_BUDGET: usize = 16;
+/// Accounts in checks waiting for a later pass at most; beyond, a check is refused at once
+/// (451 for its RCPT). The receiver sends one check per session at a time, so only a
+/// receiver that was taken over gets there; the bound keeps what the agent holds small.
+const MAX_WAITING_ACCOUNTS: usize = 4096;
 
-/// What one batch has: the transactions to commit, and the checks left for after them.
+/// The checks that wait for a later pass, oldest first.
 #[derive(Default)]
+struct Waiting {
+    checks: VecDeque<(u64, Vec<String>)>,
+    accounts: usize,
+}
+
+/// What one batch has: the transactions to commit, and what is left of its check budget.
 struct Batch {
     commits: Vec<u64>,
-    checks_answered: usize,
-    later_checks: Vec<(u64, Vec<String>)>,
+    check_budget: usize,
 }
 
 /// Blocks the signals that stop the receiver, and SIGXFSZ (a file size limit makes writes
@@ -58,17 +70,24 @@ pub fn ignore_stop_signals() -> Result<(), Errno> {
 /// Serves the receiver on `sock` until it closes. Errors are socket errors; the store's
 /// open transactions are removed on every way out (see `Store`'s Drop).
 pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
+    let mut waiting = Waiting::default();
     loop {
         // Everything already waiting joins the batch of the first request. Each request is
-        // handled as it is read, so at most one (up to 64 KiB) is held at a time.
-        let mut batch = Batch::default();
+        // handled as it is read, so at most one (up to 64 KiB) is held at a time, besides
+        // the checks that wait (their account names). With checks waiting, the socket is
+        // only looked at, not waited on.
+        let mut batch = Batch {
+            commits: Vec::new(),
+            check_budget: CHECK_BUDGET,
+        };
         let mut closed = false;
         let mut handled = 0;
+        let block = waiting.checks.is_empty();
         while handled < MAX_BATCH {
-            match channel::recv(sock.as_fd(), handled == 0)? {
+            match channel::recv(sock.as_fd(), handled == 0 && block)? {
                 Received::Message(m, _) => {
                     handled += 1;
-                    request(&sock, &mut store, &m, &mut batch)?;
+                    request(&sock, &mut store, &m, &mut batch, &mut waiting)?;
                 }
                 Received::TooLong(head) => {
                     // The receiver never sends one; it is refused, not a reason to end the
@@ -77,7 +96,7 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                     warn!("delivery agent: a request longer than a datagram");
                     refuse(&sock, &head, "request too long")?;
                 }
-                Received::Empty if handled == 0 => continue,
+                Received::Empty if handled == 0 && block => continue,
                 Received::Empty => break,
                 Received::Closed => {
                     closed = true;
@@ -107,11 +126,19 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
                 channel::send(sock.as_fd(), &resp.encode(), &[])?;
             }
         }
-        for (id, accounts) in std::mem::take(&mut batch.later_checks) {
-            check(&sock, &mut store, id, &accounts)?;
-        }
+        // Nobody waits for the checks any more (found in review: they were still made).
         if closed {
             break;
+        }
+        // Checks that waited: one budget's worth, oldest first; then the socket again.
+        let mut budget = CHECK_BUDGET;
+        while budget > 0 {
+            let Some((id, accounts)) = waiting.checks.pop_front() else {
+                break;
+            };
+            waiting.accounts = waiting.accounts.saturating_sub(accounts.len());
+            budget = budget.saturating_sub(accounts.len());
+            check(&sock, &mut store, id, &accounts)?;
         }
     }
     store.abort_all();
@@ -120,9 +147,16 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Handles one request; Commit, and Deliver once written, join the batch's commits, and a
-/// check beyond [`CHECKS_BEFORE_COMMIT`] waits for them. `Err` when the socket failed.
-fn request(sock: &OwnedFd, store: &mut Store, m: &[u8], batch: &mut Batch) -> Result<(), Errno> {
+/// Handles one request; Commit, and Deliver once written, join the batch's commits; a check
+/// beyond the batch's budget (or behind others) waits for a later pass. `Err` when the
+/// socket failed.
+fn request(
+    sock: &OwnedFd,
+    store: &mut Store,
+    m: &[u8],
+    batch: &mut Batch,
+    waiting: &mut Waiting,
+) -> Result<(), Errno> {
     let commits = &mut batch.commits;
     match Request::decode(m) {
         Err(e) => {
@@ -136,13 +170,20 @@ fn request(sock: &OwnedFd, store: &mut Store, m: &[u8], batch: &mut Batch) -> Re
         }
         Ok(Request::Commit { id }) => commits.push(id),
         Ok(Request::Check { id, accounts }) => {
-            // Answered at once, not at the batch's end (a client waits for its RCPT reply),
-            // unless this batch has answered enough checks already.
-            if batch.checks_answered < CHECKS_BEFORE_COMMIT {
-                batch.checks_answered += 1;
+            // Answered as it comes, not at the batch's end (a client waits for its RCPT
+            // reply), unless this pass has checked enough accounts already.
+            if batch.check_budget > 0 && waiting.checks.is_empty() {
+                batch.check_budget = batch.check_budget.saturating_sub(accounts.len());
                 check(sock, store, id, &accounts)?;
+            } else if waiting.accounts + accounts.len() > MAX_WAITING_ACCOUNTS {
+                let e = DeliveryError::Io(format!(
+                    "{} accounts already wait for their check",
+                    waiting.accounts
+                ));
+                channel::send(sock.as_fd(), &Response::failed(id, &e).encode(), &[])?;
             } else {
-                batch.later_checks.push((id, accounts));
+                waiting.accounts += accounts.len();
+                waiting.checks.push_back((id, accounts));
             }
         }
         Ok(Request::Deliver {
