@@ -429,14 +429,12 @@ fn a_hung_nss_backend_stalls_the_agent_only_for_its_wait() {
         return;
     }
     let dir = TempDir::new("agenthungnss");
-    let fifo = dir.path().join("passwd.fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let root = dir.path().join("mail");
     std::fs::create_dir(&root).unwrap();
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--"])
-        .arg(env!("CARGO_BIN_EXE_inboxd"));
-    let agent = Agent::start_with(cmd, &["--maildir-root", root.to_str().unwrap()]);
+    let agent = Agent::start_with(
+        inboxd_in_own_mount_namespace(),
+        &["--maildir-root", root.to_str().unwrap()],
+    );
     let check = |id: u64, name: &str| {
         agent.send(&Request::Check {
             id,
@@ -455,17 +453,7 @@ fn a_hung_nss_backend_stalls_the_agent_only_for_its_wait() {
             names: vec![]
         }
     );
-    let pid = agent.child.id().to_string();
-    let st = Command::new("nsenter")
-        .args(["--target", &pid, "--mount", "--", "mount", "--bind"])
-        .arg(&fifo)
-        .arg("/etc/passwd")
-        .status()
-        .expect("nsenter");
-    assert!(
-        st.success(),
-        "binding the FIFO over the agent's /etc/passwd"
-    );
+    hang_nss(agent.child.id(), dir.path());
     // The lookup hangs: the check fails after the wait.
     let (r, took) = check(2, "daemon");
     assert!(

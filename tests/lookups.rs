@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{skip_unless_root, Client, Server, TempDir};
+use common::{hang_nss, inboxd_in_own_mount_namespace, skip_unless_root, Client, Server, TempDir};
 
 #[test]
 fn a_hung_nss_backend_holds_up_neither_other_sessions_nor_a_stop() {
@@ -18,33 +17,14 @@ fn a_hung_nss_backend_holds_up_neither_other_sessions_nor_a_stop() {
         return;
     }
     let dir = TempDir::new("hungnss");
-    let fifo = dir.path().join("passwd.fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
-    // The receiver, no longer root, opens it: 0666 whatever the umask.
-    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let mail = dir.path().join("mail");
-    // unshare(1) makes the new mount namespace private and then execs inboxd (same pid).
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--"])
-        .arg(env!("CARGO_BIN_EXE_inboxd"));
-    let mut server = Server::spawn_in(cmd, &mail, &[]);
+    let mut server = Server::spawn_in(inboxd_in_own_mount_namespace(), &mail, &[]);
     // Mail flows before the backend hangs.
     assert!(server
         .deliver(&["root"], "Subject: before\r\n\r\nx\r\n")
         .starts_with("250"));
-
     let pid = server.child.id().to_string();
-    let st = Command::new("nsenter")
-        .args(["--target", &pid, "--mount", "--", "mount", "--bind"])
-        .arg(&fifo)
-        .arg("/etc/passwd")
-        .status()
-        .expect("nsenter");
-    assert!(st.success(), "binding the FIFO over inboxd's /etc/passwd");
-    // The host's own /etc/passwd is untouched.
-    assert!(std::fs::read_to_string("/etc/passwd")
-        .unwrap()
-        .contains("root:"));
+    hang_nss(server.child.id(), dir.path());
 
     // A: a recipient that is not in the cache (no such user is ever cached), whose lookup
     // now blocks in the lookup thread.

@@ -568,6 +568,43 @@ impl Drop for Mount {
     }
 }
 
+/// inboxd in a mount namespace of its own (unshare(1) makes it private, then execs inboxd:
+/// same pid), where [`hang_nss`] can hang its NSS lookups without touching the host's.
+pub fn inboxd_in_own_mount_namespace() -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--"])
+        .arg(env!("CARGO_BIN_EXE_inboxd"));
+    cmd
+}
+
+/// Hangs the NSS lookups (nss_files) of process `pid`, started by
+/// [`inboxd_in_own_mount_namespace`], and of its children: a FIFO in `dir` is bound over
+/// /etc/passwd in its mount namespace, so the next getpwnam blocks in open(2) until the
+/// process ends. The host's /etc/passwd is untouched.
+pub fn hang_nss(pid: u32, dir: &Path) {
+    let fifo = dir.join("passwd.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    // An unprivileged receiver opens it too: 0666 whatever the umask.
+    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let st = Command::new("nsenter")
+        .args([
+            "--target",
+            &pid.to_string(),
+            "--mount",
+            "--",
+            "mount",
+            "--bind",
+        ])
+        .arg(&fifo)
+        .arg("/etc/passwd")
+        .status()
+        .expect("nsenter");
+    assert!(st.success(), "binding the FIFO over /etc/passwd of {pid}");
+    assert!(std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .contains("root:"));
+}
+
 pub fn skip_unless_root(test: &str) -> bool {
     if !is_root() {
         eprintln!("{test}: skipped, needs root");
