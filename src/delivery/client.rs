@@ -90,6 +90,9 @@ enum State {
 
 struct InFlight {
     conn: u64,
+    /// When DATA began: a mailbox check that failed after this is newer news than the
+    /// transaction's success (its copies may have been created before the mailbox broke).
+    started: Instant,
     tx_id: String,
     /// The accounts of the copies, in the agent's order (for the log).
     accounts: Vec<String>,
@@ -392,6 +395,7 @@ impl AgentClient {
             id,
             InFlight {
                 conn,
+                started: Instant::now(),
                 tx_id: tx_id.to_string(),
                 accounts,
                 commit_at: None,
@@ -628,7 +632,16 @@ impl AgentClient {
                 }
                 Response::Failed { class, detail, .. } => {
                     let e = DeliveryError::from_wire(class, detail);
-                    if let [account] = &req.accounts[..] {
+                    // Only what is about the mailbox itself; an agent-wide condition (a
+                    // stuck lookup of someone else, too many checks waiting) is not
+                    // remembered against this account (found in review).
+                    let about_the_mailbox = matches!(
+                        e,
+                        DeliveryError::Unavailable(_)
+                            | DeliveryError::Quota(_)
+                            | DeliveryError::NoSpace(_)
+                    );
+                    if let ([account], true) = (&req.accounts[..], about_the_mailbox) {
                         self.mark_refused(account, now, &e);
                     }
                     Err(e)
@@ -723,7 +736,16 @@ impl AgentClient {
                     );
                 }
                 if let Some(t) = self.inflight.remove(&id) {
-                    self.mark_checked(&t.accounts, Instant::now());
+                    // Not over a check that failed while this transaction was under way
+                    // (found in review: a commit of copies created before tmp/ was made
+                    // unwritable cleared that failure).
+                    let fresh: Vec<String> = t
+                        .accounts
+                        .iter()
+                        .filter(|a| self.refused.get(*a).is_none_or(|(at, _)| *at < t.started))
+                        .cloned()
+                        .collect();
+                    self.mark_checked(&fresh, Instant::now());
                 }
                 self.by_conn.remove(&conn);
                 self.outcomes.push_back((conn, Ok(())));
@@ -916,12 +938,12 @@ mod tests {
         );
         // A failure is answered, and remembered for CHECKED_TTL: a RCPT that reaches carol
         // meanwhile gets it without asking the agent.
-        let e = DeliveryError::Unavailable("tmp/ has mode 500".into());
+        let e = DeliveryError::Unavailable("tmp/ is not writable by its owner".into());
         answer(&agent, Response::failed(id2, &e));
         c.on_readable().unwrap();
         let got = c.take_check_answers();
         assert!(
-            matches!(&got[..], [(8, _, Err(DeliveryError::Unavailable(m)))] if m.contains("mode 500")),
+            matches!(&got[..], [(8, _, Err(DeliveryError::Unavailable(m)))] if m.contains("not writable")),
             "{got:?}"
         );
         assert!(matches!(
@@ -935,6 +957,60 @@ mod tests {
         let later = Instant::now() + CHECKED_TTL;
         assert!(matches!(
             c.check(9, &accounts[..1], later),
+            CheckStart::Sent(_)
+        ));
+    }
+
+    #[test]
+    fn a_failed_check_outlives_the_success_of_an_older_transaction_and_agent_trouble_is_not_remembered(
+    ) {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        // A transaction to user0 begins; then a check of user0 fails (tmp/ made unwritable).
+        let tx = transaction(1, "client.example");
+        start(&mut c, 1, &tx);
+        c.write(1, b"Subject: x\n\nhello\n".to_vec());
+        let CheckStart::Sent(id) = c.check(2, &["user0".to_string()], Instant::now()) else {
+            panic!()
+        };
+        let e = DeliveryError::Unavailable("tmp/ is not writable by its owner".into());
+        answer(&agent, Response::failed(id, &e));
+        c.on_readable().unwrap();
+        assert_eq!(c.take_check_answers().len(), 1);
+        // The older transaction still commits (its copy was made before).
+        c.finish(1);
+        let deliver = sent(&agent)
+            .into_iter()
+            .find_map(|r| match r {
+                Request::Deliver { id, .. } => Some(id),
+                _ => None,
+            })
+            .unwrap();
+        answer(
+            &agent,
+            Response::Done {
+                id: deliver,
+                names: vec!["1.M1P1Q1.mx,S=5".into()],
+            },
+        );
+        c.on_readable().unwrap();
+        assert!(matches!(c.poll_outcome(), Some((1, Ok(())))));
+        // The failure is the newer news: still refused, without asking the agent.
+        assert!(matches!(
+            c.check(3, &["user0".to_string()], Instant::now()),
+            CheckStart::Failed(DeliveryError::Unavailable(_))
+        ));
+        assert!(sent(&agent).is_empty());
+        // A failure that is the agent's, not the mailbox's, is not remembered.
+        let CheckStart::Sent(id) = c.check(4, &["user1".to_string()], Instant::now()) else {
+            panic!()
+        };
+        let busy = DeliveryError::Io("4096 accounts already wait for their check".into());
+        answer(&agent, Response::failed(id, &busy));
+        c.on_readable().unwrap();
+        assert_eq!(c.take_check_answers().len(), 1);
+        assert!(matches!(
+            c.check(5, &["user1".to_string()], Instant::now()),
             CheckStart::Sent(_)
         ));
     }

@@ -471,13 +471,13 @@ impl Session {
 
     // ---- internals ----
 
-    /// Whether adding `accounts` would take the transaction over [`MAX_ACCOUNTS`].
     /// Whether accepting a recipient that reaches `accounts` would take the transaction over
     /// its limits (it would get 452): the server asks before any further check of them.
     pub fn would_exceed(&self, accounts: &[String]) -> bool {
         self.too_many(accounts)
     }
 
+    /// Whether adding `accounts` would take the transaction over [`MAX_ACCOUNTS`].
     fn too_many(&self, accounts: &[String]) -> bool {
         self.tx
             .as_ref()
