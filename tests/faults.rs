@@ -739,6 +739,35 @@ fn over_quota() {
 /// before, one such write stalled every client (found in review; without the writer thread
 /// the second client below gets no greeting). Once the filesystem answers again the message
 /// is delivered. quotafs's "hang" line makes its writes wait.
+/// A user at their quota with no Maildir yet: the mailbox check cannot create it (EDQUOT
+/// from mkdir) and the RCPT gets 452 4.2.2, temporary at RCPT (a 552 there can be read as
+/// "too many recipients", RFC 5321 4.5.3.1.10); the other recipient gets the message.
+#[test]
+fn over_quota_without_a_maildir_is_452_at_rcpt() {
+    if skip_unless_root("over_quota_without_a_maildir_is_452_at_rcpt") {
+        return;
+    }
+    let Some((_dir, fuse, mnt, limits)) =
+        mount_quotafs("over_quota_without_a_maildir_is_452_at_rcpt")
+    else {
+        return;
+    };
+    let home = mnt.join("home");
+    let (uid, _) = account("inboxd-quotadir", &home, true);
+    std::fs::write(&limits, format!("{uid} 0\n")).unwrap();
+    refused(
+        "user at the quota, no Maildir yet (mkdir refused)",
+        "inboxd-quotadir",
+        &home,
+        None,
+        "452 4.2.2",
+        "EDQUOT",
+    );
+    assert!(!home.join("Maildir").exists());
+    drop(fuse);
+    remove_account("inboxd-quotadir");
+}
+
 #[test]
 fn a_hung_home_holds_up_only_its_own_mail() {
     if skip_unless_root("a_hung_home_holds_up_only_its_own_mail") {
