@@ -87,12 +87,19 @@ fn one_failing_recipient_means_nothing_is_delivered() {
     std::fs::remove_file(&nobody).unwrap();
     // The failed check is remembered for those 2 s too.
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    assert!(server
-        .deliver(&["nobody"], &message(&token()))
-        .starts_with("250 "));
-    std::fs::set_permissions(nobody.join("tmp"), std::fs::Permissions::from_mode(0o500)).unwrap();
+    let tmp = nobody.join("tmp");
     let tok = token();
-    let end = server.deliver(&["root", "nobody"], &message(&tok));
+    let (end, _) = server.fail_at_the_dot(
+        "nobody",
+        &|| {
+            if tmp.exists() {
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)).unwrap();
+            }
+        },
+        &|| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500)).unwrap(),
+        &["root", "nobody"],
+        &message(&tok),
+    );
     assert!(end.starts_with("450 4.2.0"), "{end}");
     assert!(
         messages_with(&root_md, &tok).is_empty(),

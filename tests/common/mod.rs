@@ -156,19 +156,58 @@ impl Server {
     /// Like [`Server::deliver`], but a RCPT may be refused: then its reply is the answer (the
     /// session is ended with QUIT, nothing sent).
     pub fn try_deliver(&self, rcpts: &[&str], body: &str) -> String {
+        self.deliver_or_refused(rcpts, body)
+            .unwrap_or_else(|refused| refused)
+    }
+
+    /// Like [`Server::try_deliver`], telling the reply at the dot (`Ok`) from a RCPT's
+    /// refusal (`Err`).
+    pub fn deliver_or_refused(&self, rcpts: &[&str], body: &str) -> Result<String, String> {
         let mut c = self.mail_from();
         for r in rcpts {
             let reply = c.cmd(&format!("RCPT TO:<{r}@localhost>"));
             if !reply.starts_with("250 ") {
                 assert!(c.cmd("QUIT").starts_with("221 "));
-                return reply;
+                return Err(reply);
             }
         }
         assert!(c.cmd("DATA").starts_with("354 "));
         c.send(body.as_bytes());
         let end = c.cmd(".");
         assert!(c.cmd("QUIT").starts_with("221 "));
-        end
+        Ok(end)
+    }
+
+    /// Breaks a mailbox (`break_it`) just after a delivery to `account` (which `fix` makes
+    /// possible), so that the next RCPT to it is accepted on the check's remembered answer
+    /// (2 s, delivery/client.rs CHECKED_TTL) and the failure comes at the dot; then sends to
+    /// `rcpts` and returns the reply at the dot, and how many deliveries to `account` went
+    /// through on the way. On a machine too slow for the 2 s, the RCPT is refused instead:
+    /// the whole is tried again, at most 5 times.
+    pub fn fail_at_the_dot(
+        &self,
+        account: &str,
+        fix: &dyn Fn(),
+        break_it: &dyn Fn(),
+        rcpts: &[&str],
+        body: &str,
+    ) -> (String, usize) {
+        let mut delivered = 0;
+        for _ in 0..5 {
+            fix();
+            let ok = self.try_deliver(&[account], &message(&token()));
+            if ok.starts_with("250 ") {
+                delivered += 1;
+                break_it();
+                match self.deliver_or_refused(rcpts, body) {
+                    Ok(end) => return (end, delivered),
+                    Err(refused) => assert!(refused.starts_with("4"), "{refused}"),
+                }
+            }
+            // A refusal is remembered for 2 s too: wait it out.
+            std::thread::sleep(Duration::from_millis(2100));
+        }
+        panic!("the failure never came at the dot in 5 tries");
     }
 
     /// A session up to the 354: EHLO, MAIL FROM:<tester@client.example>, each RCPT (which
