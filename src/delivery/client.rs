@@ -362,7 +362,13 @@ impl AgentClient {
         }
         for a in accounts {
             self.refused.remove(a);
-            self.checked.insert(a.clone(), now);
+            // Every delivery comes here: no new key while the account is known.
+            match self.checked.get_mut(a) {
+                Some(at) => *at = now,
+                None => {
+                    self.checked.insert(a.clone(), now);
+                }
+            }
         }
     }
 
@@ -570,12 +576,9 @@ impl AgentClient {
             );
             let conn = t.conn;
             self.by_conn.remove(&conn);
-            // Its writer, if any, closes the copies as it goes. The next RCPT to these
-            // accounts asks the agent again.
+            // Its writer, if any, closes the copies as it goes.
             if let Some(t) = self.inflight.remove(&id) {
-                for a in &t.accounts {
-                    self.checked.remove(a);
-                }
+                forget_checked(&mut self.checked, &t.accounts);
             }
             let _ = self.send(&Request::Abort { id });
             self.outcomes.push_back((conn, Err(e.reply())));
@@ -693,10 +696,7 @@ impl AgentClient {
             }
             Response::Failed { class, detail, .. } => {
                 let e = DeliveryError::from_wire(class, detail);
-                // The next RCPT to these accounts asks the agent again.
-                for a in &t.accounts {
-                    self.checked.remove(a);
-                }
+                forget_checked(&mut self.checked, &t.accounts);
                 if t.state == State::Committing {
                     let conn = t.conn;
                     error!(
@@ -735,17 +735,13 @@ impl AgentClient {
                         t.tx_id
                     );
                 }
-                if let Some(t) = self.inflight.remove(&id) {
+                if let Some(mut t) = self.inflight.remove(&id) {
                     // Not over a check that failed while this transaction was under way
                     // (found in review: a commit of copies created before tmp/ was made
                     // unwritable cleared that failure).
-                    let fresh: Vec<String> = t
-                        .accounts
-                        .iter()
-                        .filter(|a| self.refused.get(*a).is_none_or(|(at, _)| *at < t.started))
-                        .cloned()
-                        .collect();
-                    self.mark_checked(&fresh, Instant::now());
+                    t.accounts
+                        .retain(|a| self.refused.get(a).is_none_or(|(at, _)| *at < t.started));
+                    self.mark_checked(&t.accounts, Instant::now());
                 }
                 self.by_conn.remove(&conn);
                 self.outcomes.push_back((conn, Ok(())));
@@ -835,6 +831,13 @@ impl AgentClient {
     /// Connections that may read again since the last call.
     pub fn take_resumed(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.resumed)
+    }
+}
+
+/// A delivery to `accounts` failed: the next RCPT to them asks the agent again.
+fn forget_checked(checked: &mut HashMap<String, Instant>, accounts: &[String]) {
+    for a in accounts {
+        checked.remove(a);
     }
 }
 

@@ -117,6 +117,12 @@ impl Connection {
         }
     }
 
+    /// Whether the session waits for its RCPT's answer (a lookup or a mailbox check), which
+    /// has its own time limit.
+    pub fn waits_for_recipient(&self) -> bool {
+        self.lookup.is_some() || self.check.is_some()
+    }
+
     /// One read(2) into the session, if it wants input.
     pub fn read_once(&mut self, buf: &mut [u8], now: Instant) -> ReadStep {
         if self.eof || self.drained || !self.session.wants_read() {

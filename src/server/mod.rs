@@ -589,9 +589,9 @@ impl Server {
                 self.finish(c);
                 continue;
             }
-            let lookup_wait = c.lookup.is_some() || c.check.is_some();
+            let rcpt_wait = c.waits_for_recipient();
             if c.waiting_since
-                .is_some_and(|w| now >= wait_deadline(stop_at, w, lookup_wait))
+                .is_some_and(|w| now >= wait_deadline(stop_at, w, rcpt_wait))
             {
                 // A recipient's wait: 451 for this recipient, within the 5 minutes a client
                 // waits for a RCPT reply (RFC 5321 4.5.3.2.3).
@@ -740,11 +740,7 @@ impl Server {
         }
         let deadline = match (c.closing_since, c.waiting_since) {
             (Some(t), _) => Some(t + CLOSE_GRACE),
-            (None, Some(w)) => Some(wait_deadline(
-                self.stop_at,
-                w,
-                c.lookup.is_some() || c.check.is_some(),
-            )),
+            (None, Some(w)) => Some(wait_deadline(self.stop_at, w, c.waits_for_recipient())),
             (None, None) => c.session.next_deadline(),
         };
         if let Some(d) = deadline {
@@ -866,10 +862,7 @@ impl Server {
             let Some(c) = self.conns.get_mut(&token) else {
                 continue;
             };
-            if c.check.as_ref().map(|w| w.id) != Some(id) {
-                continue;
-            }
-            let Some(w) = c.check.take() else {
+            let Some(w) = c.check.take_if(|w| w.id == id) else {
                 continue;
             };
             c.waiting_since = None;
@@ -994,9 +987,9 @@ fn linger_end(c: &Connection) -> Option<Instant> {
     Some(c.closing_since.map_or(end, |t| end.min(t + CLOSE_GRACE)))
 }
 
-/// When a session waiting (since `since`) for the agent's answer, or for a lookup, gets a
-/// 451 instead: after AGENT_TIMEOUT (LOOKUP_TIMEOUT), or once stopping (since `stop_at`),
-/// after STOP_WAIT.
+/// When a session waiting (since `since`) for the agent's answer, or for a recipient's
+/// lookup or mailbox check, gets a 451 instead: after AGENT_TIMEOUT (LOOKUP_TIMEOUT), or once
+/// stopping (since `stop_at`), after STOP_WAIT.
 fn wait_deadline(stop_at: Option<Instant>, since: Instant, lookup: bool) -> Instant {
     let d = since
         + if lookup {
