@@ -276,7 +276,12 @@ fn run(
         data_timeout: config.timeout.max(Duration::from_secs(600)),
         max_errors: config.max_errors,
     };
-    let delivery = AgentClient::new(agent_sock, &config.hostname);
+    let mut delivery = AgentClient::new(agent_sock, &config.hostname);
+    if config.maildir_root.is_none() {
+        // Each filesystem holding homes gets a lane of the agent (see delivery::lanes).
+        let homes = resolver.clone();
+        delivery.route_by_home(move |account| homes.home_of(account));
+    }
     // Everything that needs root is done: listeners bound, agent started. The server's
     // lookup thread starts after the switch, so it never held privileges either.
     privileges::drop_to(&config.user).map_err(|e| (EX_CONFIG, e))?;

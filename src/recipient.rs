@@ -262,6 +262,14 @@ impl Resolver {
     }
 
     /// An account found in the last [`ACCOUNT_TTL`], if any.
+    /// The home of an account found by an earlier lookup, however long ago (homes seldom
+    /// move; the delivery agent looks the account up again anyway): what the receiver needs
+    /// to pick the agent's lane for it (see `delivery::lanes`), without a lookup.
+    pub fn home_of(&self, name: &str) -> Option<PathBuf> {
+        let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        found.get(name).map(|(_, a)| a.home.clone())
+    }
+
     fn cached(&self, name: &str, now: Instant) -> Option<Account> {
         let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
         match found.get(name) {

@@ -528,3 +528,120 @@ fn checks_beyond_sixteen_wait_for_the_batch_commit() {
     assert_eq!(new_files(&dir.path().join("nobody")).len(), 1);
     assert!(agent.close());
 }
+
+/// Sends a Lane request on `on` with `fd` and returns nothing: the caller watches `fd`'s
+/// other end.
+fn ask_lane(on: &OwnedFd, id: u64, fd: &OwnedFd) {
+    channel::send(on.as_fd(), &Request::Lane { id }.encode(), &[fd.as_fd()]).unwrap();
+}
+
+/// A new lane: our end of a socket pair whose other end went to the agent on `on`.
+fn open_lane(on: &OwnedFd, id: u64) -> OwnedFd {
+    let (ours, theirs) = channel::pair().unwrap();
+    ask_lane(on, id, &theirs);
+    ours
+}
+
+/// Whether the agent closed the other end of `ours` (a refused lane) within 5 s.
+fn closed_within_5s(ours: &OwnedFd) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match channel::recv(ours.as_fd(), false) {
+            Ok(Received::Closed) | Err(_) => return true,
+            Ok(Received::Empty) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(other) => panic!("a refused lane answered: {other:?}"),
+        }
+    }
+    false
+}
+
+fn deliver_on(sock: &OwnedFd, id: u64, account: &str, data: &[u8]) -> Response {
+    let r = Request::Deliver {
+        id,
+        accounts: vec![account.to_string()],
+        heads: vec![Vec::new()],
+        data: data.to_vec(),
+    };
+    channel::send(sock.as_fd(), &r.encode(), &[]).unwrap();
+    match channel::recv(sock.as_fd(), true).unwrap() {
+        Received::Message(m, _) => Response::decode(&m).unwrap(),
+        other => panic!("agent: {other:?}"),
+    }
+}
+
+/// Lanes (see delivery::lanes): a socket brought by a Lane request is served like the first
+/// one, by a thread of its own, with the same checks; a Lane is refused (its socket closed,
+/// the agent going on) when it brings no socket or one that is not SOCK_SEQPACKET, when asked
+/// on a lane, beyond MAX_LANES, and under --maildir-root.
+#[test]
+fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
+    if skip_unless_root("lanes_are_served_like_the_first_socket_and_forged_ones_refused") {
+        return;
+    }
+    let (home, _) = ensure_user("Jones");
+    let agent = Agent::start(&[]);
+    let lane = open_lane(&agent.sock, 1);
+    let token = token();
+    let r = deliver_on(
+        &lane,
+        7,
+        "Jones",
+        format!("Subject: {token}\n\nlane\n").as_bytes(),
+    );
+    assert!(
+        matches!(r, Response::Done { id: 7, ref names } if names.len() == 1),
+        "{r:?}"
+    );
+    assert_eq!(messages_with(&home.join("Maildir"), &token).len(), 1);
+    // The lane re-checks like the first socket: uid 0 and paths are refused there too.
+    for (id, bad) in [(8, "root"), (9, "../etc")] {
+        let r = deliver_on(&lane, id, bad, b"x\n");
+        assert!(matches!(r, Response::Failed { .. }), "{bad}: {r:?}");
+    }
+    // Forged lanes: a pipe; no descriptor at all; a Lane asked on a lane.
+    let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
+    ask_lane(&agent.sock, 2, &pipe_r);
+    drop(pipe_r);
+    agent.send(&Request::Lane { id: 3 });
+    let (ours, theirs) = channel::pair().unwrap();
+    ask_lane(&lane, 4, &theirs);
+    drop(theirs);
+    assert!(closed_within_5s(&ours), "a lane asked on a lane was served");
+    // The pipe's reading end is gone from the agent too: writing finds no reader.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nix::unistd::write(&pipe_w, b"x") != Err(nix::errno::Errno::EPIPE) {
+        assert!(Instant::now() < deadline, "the agent kept the pipe");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Up to MAX_LANES in all; the next is refused. The first socket still answers.
+    let mut kept = vec![lane];
+    for id in 10..10 + inboxd::delivery::agent::MAX_LANES as u64 - 1 {
+        kept.push(open_lane(&agent.sock, id));
+    }
+    let extra = open_lane(&agent.sock, 99);
+    assert!(
+        closed_within_5s(&extra),
+        "a lane beyond MAX_LANES was served"
+    );
+    for (i, l) in kept.iter().enumerate() {
+        let r = deliver_on(l, 100 + i as u64, "Jones", b"Subject: lanes\n\nx\n");
+        assert!(matches!(r, Response::Done { .. }), "lane {i}: {r:?}");
+    }
+    agent.send(&Request::Check {
+        id: 200,
+        accounts: vec!["Jones".into()],
+    });
+    assert!(matches!(agent.recv().0, Response::Done { id: 200, .. }));
+    drop(kept);
+    assert!(agent.close(), "the agent did not end with its lanes");
+
+    // Under --maildir-root every Maildir is on one filesystem: no lanes.
+    let dir = TempDir::new("agent-lanes");
+    let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);
+    let lane = open_lane(&agent.sock, 1);
+    assert!(
+        closed_within_5s(&lane),
+        "a lane was served under --maildir-root"
+    );
+    assert!(agent.close());
+}

@@ -830,6 +830,70 @@ fn a_hung_home_holds_up_only_its_own_mail() {
     remove_account("inboxd-hung");
 }
 
+/// A home whose filesystem stops answering while the delivery agent writes a small message
+/// into it (a Deliver: the agent writes the copy itself) holds up that message only: the
+/// agent serves each filesystem of homes in a lane (a thread and a socket) of its own, so
+/// mail to a home on another filesystem is delivered meanwhile. Before lanes the agent's one
+/// loop waited in that write(2) and every delivery waited with it (this test then failed:
+/// Jones's 250 never came while the home hung). Once the filesystem answers again the
+/// message is delivered, whole and once.
+#[test]
+fn a_hung_filesystem_stalls_only_its_own_lane_of_the_agent() {
+    let test = "a_hung_filesystem_stalls_only_its_own_lane_of_the_agent";
+    if skip_unless_root(test) {
+        return;
+    }
+    let Some((_dir, fuse, mnt, limits)) = mount_quotafs(test) else {
+        return;
+    };
+    let home = mnt.join("home");
+    account("inboxd-stuck", &home, true);
+    let (server, _aliases) = start_system();
+    // The RCPT's check makes the Maildir (a mkdir, which "hang" does not hold up).
+    let mut a = server.open_data(&["inboxd-stuck"]);
+    replace_file(&limits, "hang\n");
+    let unhang = Unhang(limits.clone());
+    let stuck = token();
+    a.send(format!("{}.\r\n", message(&stuck)).as_bytes());
+    if a.readable_within(std::time::Duration::from_secs(1)) {
+        panic!("the hung home should hold up its message: {}", a.reply());
+    }
+    // Jones's home is on another filesystem: delivered while the agent's lane for the hung
+    // one waits in write(2), both a small message and a streamed one.
+    let jones = nix::unistd::User::from_name("Jones").unwrap().unwrap().dir;
+    let started = std::time::Instant::now();
+    let small = token();
+    let r = server.deliver(&["Jones"], &message(&small));
+    assert!(r.starts_with("250 "), "{r}");
+    let large = token();
+    let lines: String = (0..100).map(|_| "j".repeat(900) + "\r\n").collect();
+    let r = server.deliver(&["Jones"], &format!("{}{lines}", message(&large)));
+    assert!(r.starts_with("250 "), "{r}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "Jones's mail waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(messages_with(&jones.join("Maildir"), &small).len(), 1);
+    assert_eq!(messages_with(&jones.join("Maildir"), &large).len(), 1);
+    let lanes = server
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("event=lane_opened"))
+        .count();
+    assert!(lanes >= 2, "{lanes} lanes opened");
+    // The filesystem answers again: the held message is delivered, once.
+    drop(unhang);
+    let r = a.reply();
+    assert!(r.starts_with("250 "), "{r}");
+    let md = home.join("Maildir");
+    assert_eq!(messages_with(&md, &stuck).len(), 1);
+    assert!(emptied(&md.join("tmp")), "nothing left in tmp/");
+    drop(server);
+    drop(fuse);
+    remove_account("inboxd-stuck");
+}
+
 /// A user races inboxd: while messages are delivered, a loop swaps ~/Maildir/new, then
 /// ~/Maildir itself, for a symlink to another directory of theirs and back, as fast as it
 /// can. Every walk is by descriptor with O_NOFOLLOW, so no timing lets a write through the

@@ -11,18 +11,34 @@
 //! otherwise ignored. SIGHUP, SIGINT and SIGTERM are blocked: the agent ends only when the
 //! receiver closes the socket, so a signal meant for the receiver (or for the whole process
 //! group) never cuts a commit in half; every open transaction is then removed.
+//!
+//! Lanes: a Lane request on the first socket brings another socket, which a thread of its
+//! own serves the same way, with a store of its own (`Store::for_lane`). The receiver sends
+//! there the requests for the accounts of one filesystem (see `lanes`), so that a home whose
+//! filesystem stops answering stalls that thread only; the other lanes, and the first
+//! socket (mixed transactions, and everything under `--maildir-root`), go on. The thread
+//! takes recipients' identities for itself (fsuid is per thread, see `privileges`) and is
+//! started as root. A lane is refused (its socket closed, which the receiver takes for the
+//! agent going away) beyond [`MAX_LANES`], on a socket that is not a SOCK_SEQPACKET one,
+//! when asked on a lane, or under `--maildir-root`. The agent ends once every lane has.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
+use std::thread::JoinHandle;
 
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{getsockopt, sockopt, SockType};
 
 use super::channel::{self, Received};
-use super::protocol::{Request, Response};
+use super::protocol::{Request, Response, LANE_KIND};
 use super::store::Store;
-use super::DeliveryError;
+use super::{privileges, DeliveryError};
+
+/// Lanes served besides the first socket at most (the receiver asks for no more: see
+/// `client`).
+pub const MAX_LANES: usize = 8;
 
 /// Requests handled before a batch is committed at most, so a flood cannot grow a batch
 /// without bound.
@@ -67,9 +83,27 @@ pub fn ignore_stop_signals() -> Result<(), Errno> {
     mask.thread_block()
 }
 
-/// Serves the receiver on `sock` until it closes. Errors are socket errors; the store's
-/// open transactions are removed on every way out (see `Store`'s Drop).
-pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
+/// Serves the receiver on `sock` until it closes, and the lanes it asks for until they
+/// close. Errors are socket errors of `sock`; the stores' open transactions are removed on
+/// every way out (see `Store`'s Drop).
+pub fn serve(sock: OwnedFd, store: Store) -> Result<(), Errno> {
+    let mut lanes = Vec::new();
+    let r = serve_lane(sock, store, 0, Some(&mut lanes));
+    // The receiver closes every lane as it closes the first socket; a lane stuck in a hung
+    // filesystem keeps the agent until it returns (main's AGENT_EXIT_WAIT bounds the wait).
+    for h in lanes {
+        let _ = h.join();
+    }
+    r
+}
+
+/// Serves one lane (`lane` 0: the first socket, which alone may start others into `lanes`).
+fn serve_lane(
+    sock: OwnedFd,
+    mut store: Store,
+    lane: u64,
+    mut lanes: Option<&mut Vec<JoinHandle<()>>>,
+) -> Result<(), Errno> {
     let mut waiting = Waiting::default();
     loop {
         // Everything already waiting joins the batch of the first request. Each request is
@@ -85,8 +119,12 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
         let block = waiting.checks.is_empty();
         while handled < MAX_BATCH {
             match channel::recv(sock.as_fd(), handled == 0 && block)? {
-                Received::Message(m, _) => {
+                Received::Message(m, fds) => {
                     handled += 1;
+                    if m.first() == Some(&LANE_KIND) {
+                        start_lane(&store, &m, fds, lanes.as_deref_mut());
+                        continue;
+                    }
                     request(&sock, &mut store, &m, &mut batch, &mut waiting)?;
                 }
                 Received::TooLong(head) => {
@@ -142,9 +180,61 @@ pub fn serve(sock: OwnedFd, mut store: Store) -> Result<(), Errno> {
         }
     }
     store.abort_all();
-    info!("delivery agent: receiver closed");
-    info!("event=sync_stats {}", store.sync_stats());
+    info!("delivery agent: receiver closed lane {lane}");
+    info!("event=sync_stats lane={lane} {}", store.sync_stats());
     Ok(())
+}
+
+/// A Lane request (`m`, with `fds`): a thread serves the socket it brought, or the socket is
+/// closed (see the module's doc for when).
+fn start_lane(
+    store: &Store,
+    m: &[u8],
+    mut fds: Vec<OwnedFd>,
+    lanes: Option<&mut Vec<JoinHandle<()>>>,
+) {
+    let id = match Request::decode(m) {
+        Ok(Request::Lane { id }) => id,
+        _ => {
+            warn!("delivery agent: a malformed lane request");
+            return;
+        }
+    };
+    let refuse = |why: &str| warn!("delivery agent: lane {id} refused: {why}");
+    let Some(lanes) = lanes else {
+        return refuse("asked on a lane");
+    };
+    if fds.len() != 1 {
+        return refuse(&format!("{} sockets with it", fds.len()));
+    }
+    if lanes.len() >= MAX_LANES {
+        return refuse(&format!("{MAX_LANES} lanes already"));
+    }
+    let Some(sock) = fds.pop() else {
+        return;
+    };
+    if getsockopt(&sock, sockopt::SockType) != Ok(SockType::SeqPacket) {
+        return refuse("not a SOCK_SEQPACKET socket");
+    }
+    let Some(lane_store) = store.for_lane() else {
+        return refuse("every Maildir is under --maildir-root");
+    };
+    // A new thread starts with its creator's filesystem identity; it must start as root.
+    privileges::as_root();
+    let spawned = std::thread::Builder::new()
+        .name(format!("lane {id}"))
+        .spawn(move || {
+            if let Err(e) = serve_lane(sock, lane_store, id, None) {
+                error!("delivery agent: lane {id}: {e}");
+            }
+        });
+    match spawned {
+        Ok(h) => {
+            info!("event=lane_started lane={id}");
+            lanes.push(h);
+        }
+        Err(e) => refuse(&format!("no thread: {e}")),
+    }
 }
 
 /// Handles one request; Commit, and Deliver once written, join the batch's commits; a check
@@ -169,6 +259,8 @@ fn request(
             store.abort(id);
         }
         Ok(Request::Commit { id }) => commits.push(id),
+        // Handled by `start_lane` before it gets here.
+        Ok(Request::Lane { .. }) => {}
         Ok(Request::Check { id, accounts }) => {
             // Answered as it comes, not at the batch's end (a client waits for its RCPT
             // reply), unless this pass has checked enough accounts already.

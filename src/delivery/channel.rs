@@ -47,10 +47,22 @@ pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
 /// Sends one datagram without descriptors unless the socket's buffer is full: `Ok(false)`
 /// then, and nothing was sent (the caller queues it and waits for the socket to drain).
 pub fn try_send(sock: BorrowedFd<'_>, msg: &[u8]) -> Result<bool, Errno> {
+    try_send_with(sock, msg, &[])
+}
+
+/// [`try_send`] with `fds` attached.
+pub fn try_send_with(
+    sock: BorrowedFd<'_>,
+    msg: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<bool, Errno> {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [IoSlice::new(msg)];
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
     let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
     loop {
-        match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, &[], flags, None) {
+        match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, flags, None) {
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => return Ok(false),
             Err(e) => return Err(e),

@@ -12,16 +12,26 @@
 //! of data the writer closes the copies, then Commit goes out. Either way the outcome comes
 //! back later. If the agent goes away, every transaction in flight gets 451 4.3.0 and
 //! [`AgentClient::on_readable`] reports it. It must not open files itself.
+//!
+//! Lanes: when Maildirs are in homes ([`AgentClient::route_by_home`]), the requests for the
+//! accounts of one filesystem go down a socket of their own, which a thread of the agent
+//! serves (see `agent` and `lanes`), so that a filesystem that stops answering holds up only
+//! its own accounts' checks and transactions; the others go on, each lane in order. A
+//! transaction whose accounts are on different filesystems, an account whose home is not
+//! known yet, and all beyond the agent's `MAX_LANES` take the first socket.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
+use super::agent::MAX_LANES;
 use super::channel::{self, Received};
+use super::lanes;
 use super::protocol::{deliver_size, Request, Response, MAX_ACCOUNTS, MAX_DATAGRAM};
 use super::writer::{CopyWriter, Progress, Writers};
 use super::DeliveryError;
@@ -47,9 +57,16 @@ const CHECKED_TTL: Duration = Duration::from_secs(2);
 /// Accounts remembered so at most.
 const CHECKED_MAX: usize = 4096;
 
+/// How long the mount table read to place homes on lanes is used before it is read again
+/// (a filesystem mounted since then gets its own lane from then on).
+const MOUNTS_TTL: Duration = Duration::from_secs(10);
+/// Accounts whose lane is remembered at most (beyond, the memory starts again).
+const LANE_MEMORY: usize = 4096;
+
 /// A check sent to the agent: its accounts, and the connections waiting for its answer
 /// (more than one when RCPTs to the same account came while it was out).
 struct CheckReq {
+    lane: usize,
     accounts: Vec<String>,
     waiters: Vec<u64>,
 }
@@ -90,6 +107,8 @@ enum State {
 
 struct InFlight {
     conn: u64,
+    /// The agent's lane that has the transaction: every request about it goes there.
+    lane: usize,
     /// When DATA began: a mailbox check that failed after this is newer news than the
     /// transaction's success (its copies may have been created before the mailbox broke).
     started: Instant,
@@ -129,8 +148,37 @@ struct Queued {
 #[derive(Debug)]
 pub struct AgentGone(pub String);
 
-pub struct AgentClient {
+/// One socket to the agent: the first one, or a lane.
+struct Lane {
     sock: OwnedFd,
+    /// Requests the socket had no room for, in order, with their transaction ids. The event
+    /// loop never blocks on the agent: they go out when the socket is writable again
+    /// ([`AgentClient::flush`]). An Abort whose Begin still waits here removes that Begin
+    /// instead of joining it, so what waits belongs to live transactions (or to Begins the
+    /// agent already has), and at most [`OUTBOX_LIMIT`] requests wait in all lanes: beyond, a
+    /// new transaction gets 451.
+    outbox: VecDeque<Queued>,
+}
+
+/// Where an account's home is, if the receiver found it (its resolver's memory).
+type Homes = Box<dyn Fn(&str) -> Option<PathBuf>>;
+
+/// Which lane an account's requests take: by the filesystem of its home.
+struct Router {
+    homes: Homes,
+    mounts: Vec<String>,
+    mounts_at: Option<Instant>,
+    /// Mount point -> lane (0 when no lane was left for it).
+    by_mount: HashMap<String, usize>,
+    by_account: HashMap<String, usize>,
+}
+
+pub struct AgentClient {
+    /// The agent's sockets: the first one, then the lanes opened since, by number.
+    lanes: Vec<Lane>,
+    router: Option<Router>,
+    /// Lanes opened since the server last asked (it registers them with its poller).
+    new_lanes: Vec<usize>,
     hostname: String,
     next_id: u64,
     by_conn: HashMap<u64, u64>,
@@ -140,13 +188,6 @@ pub struct AgentClient {
     resumed: Vec<u64>,
     /// Streamed transactions' writer threads.
     writers: Writers,
-    /// Requests the socket had no room for, in order, with their transaction ids. The event
-    /// loop never blocks on the agent: they go out when the socket is writable again
-    /// ([`AgentClient::flush`]). An Abort whose Begin still waits here removes that Begin
-    /// instead of joining it, so what waits belongs to live transactions (or to Begins the
-    /// agent already has), and at most [`OUTBOX_LIMIT`] requests wait: beyond, a new
-    /// transaction gets 451.
-    outbox: VecDeque<Queued>,
     /// A send failed: the agent is gone; reported by the next `flush` or `on_readable`.
     broken: Option<String>,
     /// The agent is gone and that was reported: nothing is sent any more.
@@ -172,7 +213,12 @@ fn gone_reply() -> Reply {
 impl AgentClient {
     pub fn new(sock: OwnedFd, hostname: &str) -> AgentClient {
         AgentClient {
-            sock,
+            lanes: vec![Lane {
+                sock,
+                outbox: VecDeque::new(),
+            }],
+            router: None,
+            new_lanes: Vec::new(),
             hostname: hostname.to_string(),
             next_id: 0,
             by_conn: HashMap::new(),
@@ -180,7 +226,6 @@ impl AgentClient {
             outcomes: VecDeque::new(),
             resumed: Vec::new(),
             writers: Writers::new(),
-            outbox: VecDeque::new(),
             broken: None,
             gone: false,
             checks: HashMap::new(),
@@ -196,13 +241,120 @@ impl AgentClient {
         self.writers.set_waker(waker);
     }
 
-    /// The socket, for the poller.
-    pub fn raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+    /// Sends each filesystem's accounts down a lane of its own (Maildirs in homes), `homes`
+    /// telling where an account's home is.
+    pub fn route_by_home(&mut self, homes: impl Fn(&str) -> Option<PathBuf> + 'static) {
+        self.router = Some(Router {
+            homes: Box::new(homes),
+            mounts: Vec::new(),
+            mounts_at: None,
+            by_mount: HashMap::new(),
+            by_account: HashMap::new(),
+        });
     }
 
-    /// Sends `r`, or queues it behind earlier requests when the socket is full.
-    fn send(&mut self, r: &Request) -> Result<(), DeliveryError> {
+    /// Lane `lane`'s socket, for the poller.
+    pub fn raw_fd(&self, lane: usize) -> Option<RawFd> {
+        self.lanes.get(lane).map(|l| l.sock.as_raw_fd())
+    }
+
+    /// The lanes opened since the last call, for the poller.
+    pub fn take_new_lanes(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.new_lanes)
+    }
+
+    /// The lane for requests about `accounts`: theirs if they share one, else the first.
+    fn lane_for(&mut self, accounts: &[String], now: Instant) -> usize {
+        let mut lane = None;
+        for a in accounts {
+            let l = self.account_lane(a, now);
+            if lane.is_some_and(|x| x != l) {
+                return 0;
+            }
+            lane = Some(l);
+        }
+        lane.unwrap_or(0)
+    }
+
+    fn account_lane(&mut self, account: &str, now: Instant) -> usize {
+        let Some(r) = self.router.as_mut() else {
+            return 0;
+        };
+        if r.mounts_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= MOUNTS_TTL)
+        {
+            r.mounts = lanes::read_mounts();
+            r.mounts_at = Some(now);
+            r.by_account.clear();
+        }
+        if let Some(&l) = r.by_account.get(account) {
+            return l;
+        }
+        // Not found by this receiver yet: not remembered, asked again next time.
+        let Some(home) = (r.homes)(account) else {
+            return 0;
+        };
+        let Some(mount) = lanes::mount_of(&r.mounts, &home).map(str::to_string) else {
+            return 0;
+        };
+        let lane = match r.by_mount.get(&mount) {
+            Some(&l) => l,
+            None => match self.open_lane(&mount) {
+                Some(l) => l,
+                // The first socket's requests wait (the lane goes after them next time).
+                None if self.lanes.len() <= MAX_LANES => return 0,
+                None => 0,
+            },
+        };
+        let Some(r) = self.router.as_mut() else {
+            return lane;
+        };
+        r.by_mount.insert(mount, lane);
+        if r.by_account.len() >= LANE_MEMORY {
+            r.by_account.clear();
+        }
+        r.by_account.insert(account.to_string(), lane);
+        lane
+    }
+
+    /// Opens a lane for the filesystem mounted at `mount`: a socket pair, one end sent to
+    /// the agent on the first socket. `None` when no more may be opened, or not now.
+    fn open_lane(&mut self, mount: &str) -> Option<usize> {
+        if self.lanes.len() > MAX_LANES || self.gone || self.broken.is_some() {
+            return None;
+        }
+        // Behind queued requests it could not go out first; it is asked again later.
+        if !self.lanes[0].outbox.is_empty() {
+            return None;
+        }
+        let (ours, theirs) = match channel::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("cannot open a lane to the delivery agent for {mount:?}: {e}");
+                return None;
+            }
+        };
+        let n = self.lanes.len();
+        let msg = Request::Lane { id: n as u64 }.encode();
+        match channel::try_send_with(self.lanes[0].sock.as_fd(), &msg, &[theirs.as_fd()]) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                self.broken = Some(format!("delivery agent socket: {e}"));
+                return None;
+            }
+        }
+        info!("event=lane_opened lane={n} mount={mount:?}");
+        self.lanes.push(Lane {
+            sock: ours,
+            outbox: VecDeque::new(),
+        });
+        self.new_lanes.push(n);
+        Some(n)
+    }
+
+    /// Sends `r` down `lane`, or queues it behind earlier requests when its socket is full.
+    fn send(&mut self, lane: usize, r: &Request) -> Result<(), DeliveryError> {
         if self.gone || self.broken.is_some() {
             return Err(DeliveryError::Io("delivery agent gone".into()));
         }
@@ -211,23 +363,27 @@ impl AgentClient {
             r,
             Request::Begin { .. } | Request::Deliver { .. } | Request::Check { .. }
         );
+        let waiting: usize = self.lanes.iter().map(|l| l.outbox.len()).sum();
+        let Some(l) = self.lanes.get_mut(lane) else {
+            return Err(DeliveryError::Io(format!("no lane {lane} to the agent")));
+        };
         if let Request::Abort { id } = r {
             // Its Begin (or Deliver) never left (and so nothing after it did): forget both. A
             // Commit is only sent once the Begin was answered, so a queued Begin is all there
             // is.
-            if let Some(i) = self.outbox.iter().position(|q| q.id == *id && q.begin) {
-                self.outbox.remove(i);
+            if let Some(i) = l.outbox.iter().position(|q| q.id == *id && q.begin) {
+                l.outbox.remove(i);
                 return Ok(());
             }
         }
-        if starts && self.outbox.len() >= OUTBOX_LIMIT {
+        if starts && waiting >= OUTBOX_LIMIT {
             return Err(DeliveryError::Io(
                 "too many requests wait for the delivery agent".into(),
             ));
         }
         let msg = r.encode();
-        if self.outbox.is_empty() {
-            match channel::try_send(self.sock.as_fd(), &msg) {
+        if l.outbox.is_empty() {
+            match channel::try_send(l.sock.as_fd(), &msg) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => {
@@ -237,7 +393,7 @@ impl AgentClient {
                 }
             }
         }
-        self.outbox.push_back(Queued {
+        l.outbox.push_back(Queued {
             id: r.id(),
             begin: starts,
             msg,
@@ -245,9 +401,9 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Whether requests wait for the socket to become writable.
-    pub fn wants_write(&self) -> bool {
-        !self.outbox.is_empty()
+    /// Whether requests wait for `lane`'s socket to become writable.
+    pub fn wants_write(&self, lane: usize) -> bool {
+        self.lanes.get(lane).is_some_and(|l| !l.outbox.is_empty())
     }
 
     /// Sends what the socket has room for now. `Err` when the agent is gone (every
@@ -256,13 +412,16 @@ impl AgentClient {
         if let Some(why) = self.broken.take() {
             return Err(self.fail_all(&why));
         }
-        while let Some(q) = self.outbox.front() {
-            match channel::try_send(self.sock.as_fd(), &q.msg) {
-                Ok(true) => {
-                    self.outbox.pop_front();
+        for i in 0..self.lanes.len() {
+            let l = &mut self.lanes[i];
+            while let Some(q) = l.outbox.front() {
+                match channel::try_send(l.sock.as_fd(), &q.msg) {
+                    Ok(true) => {
+                        l.outbox.pop_front();
+                    }
+                    Ok(false) => break,
+                    Err(e) => return Err(self.fail_all(&format!("delivery agent socket: {e}"))),
                 }
-                Ok(false) => break,
-                Err(e) => return Err(self.fail_all(&format!("delivery agent socket: {e}"))),
             }
         }
         Ok(())
@@ -308,11 +467,13 @@ impl AgentClient {
             id,
             accounts: stale.clone(),
         };
-        match self.send(&r) {
+        let lane = self.lane_for(&stale, now);
+        match self.send(lane, &r) {
             Ok(()) => {
                 self.checks.insert(
                     id,
                     CheckReq {
+                        lane,
                         accounts: stale,
                         waiters: vec![conn],
                     },
@@ -340,8 +501,11 @@ impl AgentClient {
         // sent, it stays (with nobody waiting) until the agent answers, so that later RCPTs
         // to the same accounts join it instead of queueing another behind it (found in
         // review: a hung home got a new check every 30 s).
-        if let Some(i) = self.outbox.iter().position(|q| q.id == id) {
-            self.outbox.remove(i);
+        let Some(l) = self.lanes.get_mut(req.lane) else {
+            return;
+        };
+        if let Some(i) = l.outbox.iter().position(|q| q.id == id) {
+            l.outbox.remove(i);
             self.checks.remove(&id);
         }
     }
@@ -396,12 +560,15 @@ impl AgentClient {
             .iter()
             .map(|a| trace.for_account(a, &self.hostname))
             .collect();
+        let now = Instant::now();
+        let lane = self.lane_for(&accounts, now);
         self.by_conn.insert(conn, id);
         self.inflight.insert(
             id,
             InFlight {
                 conn,
-                started: Instant::now(),
+                lane,
+                started: now,
                 tx_id: tx_id.to_string(),
                 accounts,
                 commit_at: None,
@@ -421,8 +588,8 @@ impl AgentClient {
         let Some(t) = self.inflight.get(&id) else {
             return;
         };
-        let accounts = t.accounts.clone();
-        let error = self.send(&Request::Begin { id, accounts }).err();
+        let (lane, accounts) = (t.lane, t.accounts.clone());
+        let error = self.send(lane, &Request::Begin { id, accounts }).err();
         let Some(t) = self.inflight.get_mut(&id) else {
             return;
         };
@@ -470,14 +637,15 @@ impl AgentClient {
 
     pub fn abort(&mut self, conn: u64) {
         if let Some(id) = self.by_conn.remove(&conn) {
-            if let Some(t) = self.inflight.remove(&id) {
-                if t.state == State::Buffering {
-                    return; // the agent never heard of it
-                }
+            let Some(t) = self.inflight.remove(&id) else {
+                return;
+            };
+            if t.state == State::Buffering {
+                return; // the agent never heard of it
             }
-            // The agent handles requests in order: an Abort after a Begin it has not answered
-            // yet still finds the transaction.
-            let _ = self.send(&Request::Abort { id });
+            // The agent handles a lane's requests in order: an Abort after a Begin it has not
+            // answered yet still finds the transaction.
+            let _ = self.send(t.lane, &Request::Abort { id });
         }
     }
 
@@ -526,13 +694,14 @@ impl AgentClient {
         }
         t.state = State::Committing;
         t.commit_at = Some(Instant::now());
+        let lane = t.lane;
         let r = Request::Deliver {
             id,
             accounts: t.accounts.clone(),
             heads: std::mem::take(&mut t.heads),
             data: std::mem::take(&mut t.held),
         };
-        if let Err(e) = self.send(&r) {
+        if let Err(e) = self.send(lane, &r) {
             if let Some(t) = self.inflight.remove(&id) {
                 self.by_conn.remove(&t.conn);
                 self.outcomes.push_back((t.conn, Err(e.reply())));
@@ -574,20 +743,21 @@ impl AgentClient {
                 e.reply().code,
                 e.to_string()
             );
-            let conn = t.conn;
+            let (conn, lane) = (t.conn, t.lane);
             self.by_conn.remove(&conn);
             // Its writer, if any, closes the copies as it goes.
             if let Some(t) = self.inflight.remove(&id) {
                 forget_checked(&mut self.checked, &t.accounts);
             }
-            let _ = self.send(&Request::Abort { id });
+            let _ = self.send(lane, &Request::Abort { id });
             self.outcomes.push_back((conn, Err(e.reply())));
             return;
         }
         t.writer = None;
         t.state = State::Committing;
         t.commit_at = Some(Instant::now());
-        if let Err(e) = self.send(&Request::Commit { id }) {
+        let lane = t.lane;
+        if let Err(e) = self.send(lane, &Request::Commit { id }) {
             if let Some(t) = self.inflight.remove(&id) {
                 self.by_conn.remove(&t.conn);
                 self.outcomes.push_back((t.conn, Err(e.reply())));
@@ -595,14 +765,21 @@ impl AgentClient {
         }
     }
 
-    /// Reads the agent's answers. `Err` when the agent is gone: every transaction in flight
-    /// has then been answered with 451.
-    pub fn on_readable(&mut self) -> Result<(), AgentGone> {
+    /// Reads the agent's answers on `lane`. `Err` when the agent is gone (any of its lanes
+    /// closed): every transaction in flight has then been answered with 451.
+    pub fn on_readable(&mut self, lane: usize) -> Result<(), AgentGone> {
         if let Some(why) = self.broken.take() {
             return Err(self.fail_all(&why));
         }
+        if self.gone {
+            return Ok(());
+        }
+        if lane >= self.lanes.len() {
+            return Ok(());
+        }
         loop {
-            let (msg, fds) = match channel::recv(self.sock.as_fd(), false) {
+            let received = channel::recv(self.lanes[lane].sock.as_fd(), false);
+            let (msg, fds) = match received {
                 Ok(Received::Message(m, fds)) => (m, fds),
                 Ok(Received::Empty) => return Ok(()),
                 Ok(Received::TooLong(_)) => {
@@ -819,7 +996,9 @@ impl AgentClient {
             }
         }
         self.by_conn.clear();
-        self.outbox.clear();
+        for l in &mut self.lanes {
+            l.outbox.clear();
+        }
         self.gone = true;
         AgentGone(why.to_string())
     }
@@ -906,6 +1085,132 @@ mod tests {
         channel::send(agent.as_fd(), &r.encode(), &[]).unwrap();
     }
 
+    /// Takes the Lane request the client sent on `first`: its number and its socket.
+    fn lane_opened(first: &OwnedFd) -> (u64, OwnedFd) {
+        match channel::recv(first.as_fd(), false).unwrap() {
+            Received::Message(m, mut fds) => {
+                let Ok(Request::Lane { id }) = Request::decode(&m) else {
+                    panic!("not a Lane: {m:?}");
+                };
+                assert_eq!(fds.len(), 1);
+                (id, fds.pop().unwrap())
+            }
+            other => panic!("no Lane: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_filesystem_of_homes_gets_a_lane_and_mixed_or_unknown_take_the_first() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        // /proc is a mount point of its own wherever these tests run; /nonexistent is on /.
+        c.route_by_home(|a| match a {
+            "rooted" => Some(PathBuf::from("/nonexistent/rooted")),
+            "procish" | "procish2" => Some(PathBuf::from("/proc/procish")),
+            _ => None,
+        });
+        let now = Instant::now();
+        let one = |a: &str| vec![a.to_string()];
+        let CheckStart::Sent(id1) = c.check(1, &one("rooted"), now) else {
+            panic!("a Check must go out");
+        };
+        let (n1, lane1) = lane_opened(&agent);
+        assert_eq!(n1, 1);
+        assert_eq!(c.take_new_lanes(), vec![1]);
+        assert_eq!(
+            sent(&lane1),
+            vec![Request::Check {
+                id: id1,
+                accounts: one("rooted")
+            }]
+        );
+        let CheckStart::Sent(id2) = c.check(2, &one("procish"), now) else {
+            panic!("a Check must go out");
+        };
+        let (n2, lane2) = lane_opened(&agent);
+        assert_eq!(n2, 2);
+        assert_eq!(
+            sent(&lane2),
+            vec![Request::Check {
+                id: id2,
+                accounts: one("procish")
+            }]
+        );
+        // Another account on the same filesystem takes the same lane; nothing new is opened.
+        let CheckStart::Sent(id3) = c.check(3, &one("procish2"), now) else {
+            panic!("a Check must go out");
+        };
+        assert_eq!(
+            sent(&lane2),
+            vec![Request::Check {
+                id: id3,
+                accounts: one("procish2")
+            }]
+        );
+        // Filesystems mixed, or a home not known: the first socket.
+        let mixed = vec!["rooted".to_string(), "procish".to_string()];
+        let CheckStart::Sent(id4) = c.check(4, &mixed, now) else {
+            panic!("a Check must go out");
+        };
+        let CheckStart::Sent(id5) = c.check(5, &one("stranger"), now) else {
+            panic!("a Check must go out");
+        };
+        assert_eq!(
+            sent(&agent),
+            vec![
+                Request::Check {
+                    id: id4,
+                    accounts: mixed
+                },
+                Request::Check {
+                    id: id5,
+                    accounts: one("stranger")
+                }
+            ]
+        );
+        assert_eq!(c.take_new_lanes(), vec![2]);
+        assert!(sent(&lane1).is_empty());
+        // Answers come back on their lanes; a lane that closes is the agent going away.
+        answer(
+            &lane2,
+            Response::Done {
+                id: id2,
+                names: Vec::new(),
+            },
+        );
+        c.on_readable(2).unwrap();
+        let answers = c.take_check_answers();
+        assert_eq!(answers.len(), 1);
+        assert!(matches!(answers[0], (2, id, Ok(())) if id == id2));
+        drop(lane1);
+        assert!(c.on_readable(1).is_err());
+    }
+
+    #[test]
+    fn no_more_lanes_than_the_agent_serves() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = AgentClient::new(ours, "mx.test");
+        c.route_by_home(|a| Some(PathBuf::from(format!("/mnt/{a}"))));
+        let now = Instant::now();
+        let router = c.router.as_mut().unwrap();
+        // Pretend each account's home is a mount point of its own.
+        router.mounts = (0..MAX_LANES + 3).map(|i| format!("/mnt/u{i}")).collect();
+        router.mounts_at = Some(now);
+        let mut kept = Vec::new();
+        for i in 0..MAX_LANES + 3 {
+            assert!(matches!(
+                c.check(i as u64, &[format!("u{i}")], now),
+                CheckStart::Sent(_)
+            ));
+            if i < MAX_LANES {
+                kept.push(lane_opened(&agent).1);
+            }
+        }
+        assert_eq!(c.take_new_lanes().len(), MAX_LANES);
+        // The three beyond went to the first socket.
+        assert_eq!(sent(&agent).len(), 3);
+    }
+
     #[test]
     fn a_mailbox_check_is_asked_once_and_its_success_remembered() {
         let (ours, agent) = channel::pair().unwrap();
@@ -923,7 +1228,7 @@ mod tests {
             }]
         );
         answer(&agent, Response::Done { id, names: vec![] });
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         let got = c.take_check_answers();
         assert!(matches!(&got[..], [(7, i, Ok(()))] if *i == id), "{got:?}");
         // Within CHECKED_TTL no new check; bob's is fresh, carol alone is asked about.
@@ -943,7 +1248,7 @@ mod tests {
         // meanwhile gets it without asking the agent.
         let e = DeliveryError::Unavailable("tmp/ is not writable by its owner".into());
         answer(&agent, Response::failed(id2, &e));
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         let got = c.take_check_answers();
         assert!(
             matches!(&got[..], [(8, _, Err(DeliveryError::Unavailable(m)))] if m.contains("not writable")),
@@ -978,7 +1283,7 @@ mod tests {
         };
         let e = DeliveryError::Unavailable("tmp/ is not writable by its owner".into());
         answer(&agent, Response::failed(id, &e));
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         assert_eq!(c.take_check_answers().len(), 1);
         // The older transaction still commits (its copy was made before).
         c.finish(1);
@@ -996,7 +1301,7 @@ mod tests {
                 names: vec!["1.M1P1Q1.mx,S=5".into()],
             },
         );
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         assert!(matches!(c.poll_outcome(), Some((1, Ok(())))));
         // The failure is the newer news: still refused, without asking the agent.
         assert!(matches!(
@@ -1010,7 +1315,7 @@ mod tests {
         };
         let busy = DeliveryError::Io("4096 accounts already wait for their check".into());
         answer(&agent, Response::failed(id, &busy));
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         assert_eq!(c.take_check_answers().len(), 1);
         assert!(matches!(
             c.check(5, &["user1".to_string()], Instant::now()),
@@ -1034,7 +1339,7 @@ mod tests {
         // One of them leaves: the others still get the answer.
         c.forget_check(id, 2);
         answer(&agent, Response::Done { id, names: vec![] });
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         let mut got: Vec<u64> = c
             .take_check_answers()
             .into_iter()
@@ -1074,10 +1379,10 @@ mod tests {
                 names: vec![],
             },
         );
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
         assert!(c.take_check_answers().is_empty(), "nobody waits for it");
         drop(agent);
-        assert!(c.on_readable().is_err());
+        assert!(c.on_readable(0).is_err());
         let got = c.take_check_answers();
         assert!(
             matches!(&got[..], [(2, i, Err(DeliveryError::Io(_)))] if *i == waiting),
@@ -1101,7 +1406,7 @@ mod tests {
         let t0 = Instant::now();
         let mut last = None;
         for i in 0..1_000_000u64 {
-            if c.wants_write() {
+            if c.wants_write(0) {
                 break;
             }
             match c.check(i, &[format!("u{i}")], t0) {
@@ -1109,20 +1414,20 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(c.wants_write(), "the socket never filled");
+        assert!(c.wants_write(0), "the socket never filled");
         let (id, conn) = last.unwrap();
         c.forget_check(id, conn);
         assert!(
-            !c.wants_write(),
+            !c.wants_write(0),
             "the forgotten check still waits to go out"
         );
         // A streamed transaction's Begin, waiting likewise, then the client hangs up.
         let tx = transaction(1, "client.example");
         start(&mut c, 77, &tx);
         c.write(77, vec![b'x'; MAX_DATAGRAM]);
-        assert!(c.wants_write(), "the Begin waits for room");
+        assert!(c.wants_write(0), "the Begin waits for room");
         c.abort(77);
-        assert!(!c.wants_write(), "the aborted Begin still waits to go out");
+        assert!(!c.wants_write(0), "the aborted Begin still waits to go out");
     }
 
     #[test]
@@ -1174,7 +1479,7 @@ mod tests {
         let answer = Response::Opened { id, count: 1 }.encode();
         channel::send(agent.as_fd(), &answer, &[copy.as_fd()]).unwrap();
         drop(copy);
-        c.on_readable().unwrap();
+        c.on_readable(0).unwrap();
     }
 
     /// The progress of `c`'s writers, once `done` says so (bounded wait).

@@ -45,7 +45,7 @@ pub fn protocol(input: &[u8]) {
                 assert_eq!(accounts.len(), heads.len());
                 assert_eq!(deliver_size(accounts, heads, data.len()), b.len());
             }
-            Request::Commit { .. } | Request::Abort { .. } => {}
+            Request::Commit { .. } | Request::Abort { .. } | Request::Lane { .. } => {}
         }
     } else {
         let Ok(r) = Response::decode(b) else {

@@ -19,6 +19,7 @@ pub mod channel;
 pub mod client;
 pub mod fskind;
 pub mod fuzz;
+pub mod lanes;
 pub mod lookup;
 pub mod maildir;
 pub mod privileges;

@@ -9,8 +9,10 @@
 //! meanwhile runs with fewer rights than root's, never more.
 //! Unprivileged, inboxd writes as itself and this module changes nothing.
 //! The receiver gives up root entirely with [`drop_to`] once it has bound its listeners.
-//! It must not be used from more than one thread: fsuid is per thread and inboxd's event loop
-//! is single-threaded.
+//! fsuid is per thread (the raw setfsuid(2), which glibc does not broadcast), and so is the
+//! identity remembered here: each of the delivery agent's lane threads takes recipients'
+//! identities for itself, and a thread is started as root (see `agent`). The receiver's
+//! event loop is single-threaded and takes none.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

@@ -9,6 +9,7 @@
 //!   Deliver(4) body := n:u16le n * (len:u8 account-name hlen:u16le trace-fields) data
 //!                      data: the rest of the datagram      reply: Done or Failed
 //!   Check  (5) body := n:u16le n * (len:u8 account-name)   reply: Done (no names) or Failed
+//!   Lane   (6) body := -   one socket rides along (SCM_RIGHTS)   no reply
 //! response := kind:u8 id:u64le body
 //!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
 //!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`
@@ -23,6 +24,11 @@
 //! lookup, walk and checks a delivery makes, and write permission on tmp/ and new/), so that
 //! one broken mailbox gets its own 4xx instead of failing a whole transaction at the dot.
 //!
+//! Lane hands the agent one end of a new socket pair (the id is the lane's number, for the
+//! log): a thread of the agent serves it as it serves the first, and the receiver sends
+//! there the requests for the accounts whose homes are on one filesystem, so that one that
+//! hangs (an NFS server that stops answering) holds up only those (see `agent`).
+//!
 //! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts; a
 //! Deliver's data has no length of its own, it is what the datagram holds after the fields,
 //! and the channel refuses a cut datagram). It
@@ -35,6 +41,8 @@ pub const MAX_DATAGRAM: usize = 64 * 1024;
 /// Accounts in one Begin: their descriptors come back in one datagram, which carries at
 /// most 253 (SCM_MAX_FD); the session keeps transactions below that.
 pub const MAX_ACCOUNTS: usize = 253;
+/// The kind octet of a Lane request, which the agent handles apart (it brings a socket).
+pub const LANE_KIND: u8 = 6;
 /// Octets of a Failed's detail at most (it is logged, not parsed).
 const MAX_DETAIL: usize = 1024;
 
@@ -61,6 +69,10 @@ pub enum Request {
     Check {
         id: u64,
         accounts: Vec<String>,
+    },
+    /// A new lane: the socket that comes with it is served by a thread of its own.
+    Lane {
+        id: u64,
     },
 }
 
@@ -188,7 +200,8 @@ impl Request {
             | Request::Commit { id }
             | Request::Abort { id }
             | Request::Deliver { id, .. }
-            | Request::Check { id, .. } => *id,
+            | Request::Check { id, .. }
+            | Request::Lane { id } => *id,
         }
     }
 
@@ -198,6 +211,7 @@ impl Request {
             Request::Check { id, accounts } => names_request(5, *id, accounts),
             Request::Commit { id } => head(2, *id),
             Request::Abort { id } => head(3, *id),
+            Request::Lane { id } => head(LANE_KIND, *id),
             Request::Deliver {
                 id,
                 accounts,
@@ -237,6 +251,7 @@ impl Request {
             }
             2 => Request::Commit { id },
             3 => Request::Abort { id },
+            LANE_KIND => Request::Lane { id },
             5 => {
                 let accounts = r.names()?;
                 if accounts.is_empty() {
@@ -369,6 +384,7 @@ mod tests {
             },
             Request::Commit { id: u64::MAX },
             Request::Abort { id: 0 },
+            Request::Lane { id: 3 },
             Request::Check {
                 id: 11,
                 accounts: vec!["bob".into(), "Carol".into()],

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -79,8 +80,9 @@ pub struct Store {
     /// Copies (open descriptors) in `pending`, and how many may be open at once: half the
     /// agent's descriptor limit, so that a flood of open transactions (or a receiver that
     /// was taken over) gets a 451 for the next one rather than leaving the agent without
-    /// descriptors for anybody's delivery (found in review).
-    open_copies: usize,
+    /// descriptors for anybody's delivery (found in review). The count is shared with the
+    /// stores of the agent's other lanes (see [`Store::for_lane`]): one process, one limit.
+    open_copies: Arc<AtomicUsize>,
     max_open_copies: usize,
     maildirs: HashMap<String, Opened>,
     /// When each account's tmp/ was last cleaned.
@@ -94,7 +96,6 @@ pub struct Store {
     /// unwritable, ...): their copies are named, so the retry takes the classic path and
     /// one account's trouble does not change anyone else's delivery.
     named_accounts: HashSet<String>,
-    counter: u64,
     pid: u32,
     /// Account lookups, in a thread, waited for a bounded time.
     lookups: Lookups,
@@ -139,6 +140,17 @@ fn discard(copies: Vec<Copy>) {
     }
 }
 
+/// The Q part of unique names: one counter for the whole process, whose lanes' threads
+/// create files in the same second and microsecond.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Takes `n` from a shared count, never below zero.
+fn release(count: &AtomicUsize, n: usize) {
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+        Some(c.saturating_sub(n))
+    });
+}
+
 /// Half the soft limit on open descriptors (at least 64): the copies of open transactions
 /// may use that many, the rest is left for Maildirs, the syncer and the channel.
 fn max_open_copies() -> usize {
@@ -157,12 +169,26 @@ impl Drop for Store {
 impl Store {
     /// `allow_root`: whether copies may be written as uid 0 (root's own Maildir).
     pub fn new(hostname: &str, layout: Layout, allow_root: bool) -> Store {
+        Store::with(
+            escape_host(hostname),
+            layout,
+            allow_root,
+            Arc::new(AtomicUsize::new(0)),
+        )
+    }
+
+    fn with(
+        name_host: String,
+        layout: Layout,
+        allow_root: bool,
+        open_copies: Arc<AtomicUsize>,
+    ) -> Store {
         Store {
-            name_host: escape_host(hostname),
+            name_host,
             layout,
             allow_root,
             pending: HashMap::new(),
-            open_copies: 0,
+            open_copies,
             max_open_copies: max_open_copies(),
             maildirs: HashMap::new(),
             cleaned: HashMap::new(),
@@ -170,15 +196,30 @@ impl Store {
             unnamed: unnamed_possible(),
             named_devs: HashSet::new(),
             named_accounts: HashSet::new(),
-            counter: 0,
             pid: std::process::id(),
             lookups: Lookups::default(),
         }
     }
 
+    /// A store for another lane of the agent (a thread serving the accounts of one
+    /// filesystem): the same host name and rules, its own Maildirs, transactions, barriers
+    /// and lookups, the limit on open copies shared. Homes only: under `--maildir-root` every
+    /// Maildir is on one filesystem, and the receiver asks for no lane.
+    pub fn for_lane(&self) -> Option<Store> {
+        match self.layout {
+            Layout::Home => Some(Store::with(
+                self.name_host.clone(),
+                Layout::Home,
+                self.allow_root,
+                self.open_copies.clone(),
+            )),
+            Layout::Root(_) => None,
+        }
+    }
+
     /// Maildir unique name: `<secs>.M<usecs>P<pid>Q<n>.<host>` (maildir(5), Dovecot's form).
     fn unique(&mut self) -> String {
-        self.counter += 1;
+        let q = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -187,7 +228,7 @@ impl Store {
             now.as_secs(),
             now.subsec_micros(),
             self.pid,
-            self.counter,
+            q,
             self.name_host
         )
     }
@@ -365,10 +406,11 @@ impl Store {
             )));
         }
         // At most one copy per account named (the loop below skips a repeated one).
-        if self.open_copies + accounts.len() > self.max_open_copies {
+        let open = self.open_copies.load(Ordering::Relaxed);
+        if open + accounts.len() > self.max_open_copies {
             return Err(DeliveryError::Io(format!(
-                "{} copies already open, at most {} at once",
-                self.open_copies, self.max_open_copies
+                "{open} copies already open, at most {} at once",
+                self.max_open_copies
             )));
         }
         let mut copies: Vec<Copy> = Vec::new();
@@ -405,7 +447,7 @@ impl Store {
                 fd,
             });
         }
-        self.open_copies += copies.len();
+        self.open_copies.fetch_add(copies.len(), Ordering::Relaxed);
         self.pending.insert(id, copies);
         Ok(out)
     }
@@ -434,7 +476,7 @@ impl Store {
     /// Removes the tmp files of `id` (nothing of it becomes visible).
     pub fn abort(&mut self, id: u64) {
         if let Some(c) = self.pending.remove(&id) {
-            self.open_copies = self.open_copies.saturating_sub(c.len());
+            release(&self.open_copies, c.len());
             discard(c);
         }
     }
@@ -448,9 +490,9 @@ impl Store {
     /// Removes the tmp files of every open transaction.
     pub fn abort_all(&mut self) {
         for (_, c) in self.pending.drain() {
+            release(&self.open_copies, c.len());
             discard(c);
         }
-        self.open_copies = 0;
     }
 
     /// Makes the copies of every transaction in `ids` durable and visible, together: first
@@ -465,7 +507,7 @@ impl Store {
         for &id in ids {
             match self.pending.remove(&id) {
                 Some(copies) => {
-                    self.open_copies = self.open_copies.saturating_sub(copies.len());
+                    release(&self.open_copies, copies.len());
                     batch.push((id, copies))
                 }
                 None => results.push((
@@ -693,9 +735,14 @@ mod tests {
         assert!(matches!(store.open(4, &one), Err(DeliveryError::Io(_))));
         store.abort(1);
         assert!(store.open(4, &one).is_ok());
-        assert_eq!(store.open_copies, 3);
+        assert_eq!(store.open_copies.load(Ordering::Relaxed), 3);
+        // Another lane's store shares the limit.
+        let mut lane = Store::new("host.test", Layout::Home, true);
+        lane.open_copies = store.open_copies.clone();
+        lane.max_open_copies = 3;
+        assert!(matches!(lane.open(5, &one), Err(DeliveryError::Io(_))));
         store.abort_all();
-        assert_eq!(store.open_copies, 0);
+        assert_eq!(store.open_copies.load(Ordering::Relaxed), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

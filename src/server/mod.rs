@@ -38,7 +38,9 @@ use lookups::{Answer, Lookups, NotQueued};
 use timers::Timers;
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
-const AGENT_TOKEN: Token = Token(usize::MAX - 2);
+/// The delivery agent's socket of lane i has token `LANE_BASE + i` (lane 0: the first;
+/// connection tokens, counted up from 1, never get there).
+const LANE_BASE: usize = usize::MAX / 2;
 /// The lookup thread and the copy writers wake the loop through one waker (mio allows one
 /// per poller).
 const WAKE_TOKEN: Token = Token(usize::MAX - 3);
@@ -108,8 +110,9 @@ pub struct Server {
     parked: Vec<(u64, crate::smtp::DeliveryOutcome)>,
     /// Set when the delivery agent went away; the server then stops.
     agent_gone: Option<String>,
-    /// Whether the agent's socket is registered for WRITABLE (requests wait in its outbox).
-    agent_write_interest: bool,
+    /// Whether each of the agent's sockets (lanes) is registered for WRITABLE (requests wait
+    /// in its outbox).
+    agent_write_interest: Vec<bool>,
     /// A read buffer for new connections' first read (the loop has its own).
     spare_buf: Option<Vec<u8>>,
     /// Tells the service manager about stops and reloads.
@@ -180,13 +183,11 @@ impl Server {
                 Interest::READABLE,
             )
             .map_err(setup("registering the signalfd"))?;
-        poll.registry()
-            .register(
-                &mut SourceFd(&delivery.raw_fd()),
-                AGENT_TOKEN,
-                Interest::READABLE,
-            )
-            .map_err(setup("registering the delivery agent's socket"))?;
+        if let Some(fd) = delivery.raw_fd(0) {
+            poll.registry()
+                .register(&mut SourceFd(&fd), Token(LANE_BASE), Interest::READABLE)
+                .map_err(setup("registering the delivery agent's socket"))?;
+        }
         // After the signal masks above: the thread inherits them, so SIGTERM and friends
         // still reach only the signalfd.
         let waker = std::sync::Arc::new(
@@ -224,7 +225,7 @@ impl Server {
             aliases_path,
             parked: Vec::new(),
             agent_gone: None,
-            agent_write_interest: false,
+            agent_write_interest: vec![false],
             spare_buf: None,
             notifier: None,
         })
@@ -280,9 +281,9 @@ impl Server {
                         self.lookup_answers(&mut buf);
                         self.writer_progress(&mut buf);
                     }
-                    AGENT_TOKEN => {
+                    t if t.0 >= LANE_BASE && t.0 < LANE_BASE + self.agent_write_interest.len() => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.agent_readable(&mut buf);
+                            self.agent_readable(t.0 - LANE_BASE, &mut buf);
                         }
                         if ev.is_writable() {
                             self.agent_flush(&mut buf);
@@ -887,8 +888,8 @@ impl Server {
     }
 
     /// The agent's socket is readable: its answers go to their connections.
-    fn agent_readable(&mut self, buf: &mut [u8]) {
-        let result = self.delivery.on_readable();
+    fn agent_readable(&mut self, lane: usize, buf: &mut [u8]) {
+        let result = self.delivery.on_readable(lane);
         let resumed = self.delivery.take_resumed();
         self.deliver_parked(buf);
         for id in resumed {
@@ -910,23 +911,49 @@ impl Server {
             self.agent_failed(gone);
             return;
         }
-        let want = self.delivery.wants_write();
-        if want != self.agent_write_interest {
+        // Lanes opened since (see delivery::lanes) are watched from now on.
+        for lane in self.delivery.take_new_lanes() {
+            let Some(fd) = self.delivery.raw_fd(lane) else {
+                continue;
+            };
+            let r = self.poll.registry().register(
+                &mut SourceFd(&fd),
+                Token(LANE_BASE + lane),
+                Interest::READABLE,
+            );
+            if let Err(e) = r {
+                return self.agent_failed(AgentGone(format!(
+                    "cannot watch the delivery agent's lane {lane}: {e}"
+                )));
+            }
+            if self.agent_write_interest.len() <= lane {
+                self.agent_write_interest.resize(lane + 1, false);
+            }
+        }
+        for lane in 0..self.agent_write_interest.len() {
+            let want = self.delivery.wants_write(lane);
+            if want == self.agent_write_interest[lane] {
+                continue;
+            }
             let interest = if want {
                 Interest::READABLE | Interest::WRITABLE
             } else {
                 Interest::READABLE
             };
-            let fd = self.delivery.raw_fd();
-            match self
-                .poll
-                .registry()
-                .reregister(&mut SourceFd(&fd), AGENT_TOKEN, interest)
-            {
-                Ok(()) => self.agent_write_interest = want,
-                Err(e) => self.agent_failed(AgentGone(format!(
-                    "cannot watch the delivery agent's socket: {e}"
-                ))),
+            let Some(fd) = self.delivery.raw_fd(lane) else {
+                continue;
+            };
+            match self.poll.registry().reregister(
+                &mut SourceFd(&fd),
+                Token(LANE_BASE + lane),
+                interest,
+            ) {
+                Ok(()) => self.agent_write_interest[lane] = want,
+                Err(e) => {
+                    return self.agent_failed(AgentGone(format!(
+                        "cannot watch the delivery agent's socket: {e}"
+                    )))
+                }
             }
         }
     }
@@ -936,8 +963,11 @@ impl Server {
             error!("{why}: stopping (a service manager restarts inboxd)");
             self.notify(&format!("STATUS=delivery agent gone ({why}); stopping"));
             self.agent_gone = Some(why);
-            let fd = self.delivery.raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            for lane in 0..self.agent_write_interest.len() {
+                if let Some(fd) = self.delivery.raw_fd(lane) {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+            }
             self.stop();
         }
     }
