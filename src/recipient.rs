@@ -261,15 +261,23 @@ impl Resolver {
         }
     }
 
-    /// An account found in the last [`ACCOUNT_TTL`], if any.
     /// The home of an account found by an earlier lookup, however long ago (homes seldom
     /// move; the delivery agent looks the account up again anyway): what the receiver needs
-    /// to pick the agent's lane for it (see `delivery::lanes`), without a lookup.
+    /// to pick the agent's lane for it (see `delivery::lanes`), without a lookup. `name` is
+    /// the account's name as NSS gave it, which may differ from the name it was asked by
+    /// (a directory that matches names without regard to case), the key of the memory.
     pub fn home_of(&self, name: &str) -> Option<PathBuf> {
         let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
-        found.get(name).map(|(_, a)| a.home.clone())
+        match found.get(name) {
+            Some((_, a)) if a.name == name => Some(a.home.clone()),
+            _ => found
+                .values()
+                .find(|(_, a)| a.name == name)
+                .map(|(_, a)| a.home.clone()),
+        }
     }
 
+    /// An account found in the last [`ACCOUNT_TTL`], if any.
     fn cached(&self, name: &str, now: Instant) -> Option<Account> {
         let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
         match found.get(name) {

@@ -569,10 +569,24 @@ fn deliver_on(sock: &OwnedFd, id: u64, account: &str, data: &[u8]) -> Response {
     }
 }
 
+/// The agent's answer to Lane `id` on `sock`: whether it took the lane (Done) or not
+/// (Failed).
+fn lane_answer(sock: &OwnedFd, id: u64) -> bool {
+    match channel::recv(sock.as_fd(), true).unwrap() {
+        Received::Message(m, _) => match Response::decode(&m).unwrap() {
+            Response::Done { id: got, names } if got == id && names.is_empty() => true,
+            Response::Failed { id: got, .. } if got == id => false,
+            other => panic!("lane {id}: {other:?}"),
+        },
+        other => panic!("lane {id}: {other:?}"),
+    }
+}
+
 /// Lanes (see delivery::lanes): a socket brought by a Lane request is served like the first
-/// one, by a thread of its own, with the same checks; a Lane is refused (its socket closed,
-/// the agent going on) when it brings no socket or one that is not SOCK_SEQPACKET, when asked
-/// on a lane, beyond MAX_LANES, and under --maildir-root.
+/// one, by a thread of its own, with the same checks, and the Lane is answered Done; it is
+/// refused (Failed, its socket closed, the agent going on) when it brings no socket or one
+/// that is not SOCK_SEQPACKET, when asked on a lane, beyond MAX_LANES, and under
+/// --maildir-root.
 #[test]
 fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
     if skip_unless_root("lanes_are_served_like_the_first_socket_and_forged_ones_refused") {
@@ -581,6 +595,7 @@ fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
     let (home, _) = ensure_user("Jones");
     let agent = Agent::start(&[]);
     let lane = open_lane(&agent.sock, 1);
+    assert!(lane_answer(&agent.sock, 1), "lane 1 refused");
     let token = token();
     let r = deliver_on(
         &lane,
@@ -602,10 +617,16 @@ fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
     let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
     ask_lane(&agent.sock, 2, &pipe_r);
     drop(pipe_r);
+    assert!(!lane_answer(&agent.sock, 2), "a pipe was taken for a lane");
     agent.send(&Request::Lane { id: 3 });
+    assert!(
+        !lane_answer(&agent.sock, 3),
+        "a lane without a socket was taken"
+    );
     let (ours, theirs) = channel::pair().unwrap();
     ask_lane(&lane, 4, &theirs);
     drop(theirs);
+    assert!(!lane_answer(&lane, 4), "a lane asked on a lane was taken");
     assert!(closed_within_5s(&ours), "a lane asked on a lane was served");
     // The pipe's reading end is gone from the agent too: writing finds no reader.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -617,8 +638,13 @@ fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
     let mut kept = vec![lane];
     for id in 10..10 + inboxd::delivery::agent::MAX_LANES as u64 - 1 {
         kept.push(open_lane(&agent.sock, id));
+        assert!(lane_answer(&agent.sock, id), "lane {id} refused");
     }
     let extra = open_lane(&agent.sock, 99);
+    assert!(
+        !lane_answer(&agent.sock, 99),
+        "a lane beyond MAX_LANES was taken"
+    );
     assert!(
         closed_within_5s(&extra),
         "a lane beyond MAX_LANES was served"
@@ -639,6 +665,10 @@ fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
     let dir = TempDir::new("agent-lanes");
     let agent = Agent::start(&["--maildir-root", dir.path().to_str().unwrap()]);
     let lane = open_lane(&agent.sock, 1);
+    assert!(
+        !lane_answer(&agent.sock, 1),
+        "a lane was taken under --maildir-root"
+    );
     assert!(
         closed_within_5s(&lane),
         "a lane was served under --maildir-root"

@@ -876,12 +876,19 @@ fn a_hung_filesystem_stalls_only_its_own_lane_of_the_agent() {
     );
     assert_eq!(messages_with(&jones.join("Maildir"), &small).len(), 1);
     assert_eq!(messages_with(&jones.join("Maildir"), &large).len(), 1);
-    let lanes = server
-        .log_lines()
+    // Lanes: the general one, Jones's filesystem's and the FUSE home's.
+    let log = server.log_lines();
+    let fuse_lane = format!("mount={:?}", mnt.to_str().unwrap());
+    assert!(
+        log.iter()
+            .any(|l| l.contains("event=lane_opening") && l.contains(&fuse_lane)),
+        "no lane for the FUSE home: {log:?}"
+    );
+    let ready = log
         .iter()
-        .filter(|l| l.contains("event=lane_opened"))
+        .filter(|l| l.contains("event=lane_ready"))
         .count();
-    assert!(lanes >= 2, "{lanes} lanes opened");
+    assert!(ready >= 3, "{ready} lanes ready");
     // The filesystem answers again: the held message is delivered, once.
     drop(unhang);
     let r = a.reply();
@@ -890,7 +897,7 @@ fn a_hung_filesystem_stalls_only_its_own_lane_of_the_agent() {
     assert_eq!(messages_with(&md, &stuck).len(), 1);
     assert!(emptied(&md.join("tmp")), "nothing left in tmp/");
     println!(
-        "fault-row | the filesystem of a home stops answering while the agent writes a small message into it; meanwhile a small and a streamed message to Jones (another filesystem) | Jones: 250 twice, within {:.1} s; the held message: {} once the filesystem answers | two lanes opened; the held message in new/ once, nothing in tmp/ |",
+        "fault-row | the filesystem of a home stops answering while the agent writes a small message into it; meanwhile a small and a streamed message to Jones (another filesystem) | Jones: 250 twice, within {:.1} s; the held message: {} once the filesystem answers | a lane for each filesystem; the held message in new/ once, nothing in tmp/ |",
         waited.as_secs_f64(),
         r.get(..9).unwrap_or(&r)
     );

@@ -18,9 +18,14 @@
 //! filesystem stops answering stalls that thread only; the other lanes, and the first
 //! socket (mixed transactions, and everything under `--maildir-root`), go on. The thread
 //! takes recipients' identities for itself (fsuid is per thread, see `privileges`) and is
-//! started as root. A lane is refused (its socket closed, which the receiver takes for the
-//! agent going away) beyond [`MAX_LANES`], on a socket that is not a SOCK_SEQPACKET one,
-//! when asked on a lane, or under `--maildir-root`. The agent ends once every lane has.
+//! started as root. The Lane is answered (Done once the thread runs, Failed if refused) on
+//! the socket it came on; it is refused (and its socket closed) without exactly one socket,
+//! with one that is not SOCK_SEQPACKET, beyond [`MAX_LANES`], when asked on a lane, under
+//! `--maildir-root`, or when no thread can be started. The receiver uses a lane only once it
+//! has been answered Done, and keeps using another for that filesystem otherwise. With
+//! lanes in use the receiver sends the first socket nothing but Lane requests, so that a
+//! filesystem that hangs can never stop a lane from being opened. The agent ends once every
+//! lane has.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
@@ -122,7 +127,7 @@ fn serve_lane(
                 Received::Message(m, fds) => {
                     handled += 1;
                     if m.first() == Some(&LANE_KIND) {
-                        start_lane(&store, &m, fds, lanes.as_deref_mut());
+                        start_lane(&sock, &store, &m, fds, lanes.as_deref_mut())?;
                         continue;
                     }
                     request(&sock, &mut store, &m, &mut batch, &mut waiting)?;
@@ -185,39 +190,57 @@ fn serve_lane(
     Ok(())
 }
 
-/// A Lane request (`m`, with `fds`): a thread serves the socket it brought, or the socket is
-/// closed (see the module's doc for when).
+/// A Lane request (`m`, with `fds`) that came on `on`: a thread serves the socket it
+/// brought, and Done says so; or it is refused with Failed (see the module's doc for when).
+/// `Err` when `on` failed.
 fn start_lane(
+    on: &OwnedFd,
     store: &Store,
     m: &[u8],
-    mut fds: Vec<OwnedFd>,
+    fds: Vec<OwnedFd>,
     lanes: Option<&mut Vec<JoinHandle<()>>>,
-) {
-    let id = match Request::decode(m) {
-        Ok(Request::Lane { id }) => id,
-        _ => {
-            warn!("delivery agent: a malformed lane request");
-            return;
+) -> Result<(), Errno> {
+    let Ok(Request::Lane { id }) = Request::decode(m) else {
+        warn!("delivery agent: a malformed lane request");
+        return refuse(on, m, "malformed request");
+    };
+    let answer = match lane_thread(store, id, fds, lanes) {
+        Ok(()) => Response::Done {
+            id,
+            names: Vec::new(),
+        },
+        Err(why) => {
+            warn!("delivery agent: lane {id} refused: {why}");
+            Response::failed(id, &DeliveryError::Io(format!("lane refused: {why}")))
         }
     };
-    let refuse = |why: &str| warn!("delivery agent: lane {id} refused: {why}");
+    channel::send(on.as_fd(), &answer.encode(), &[])
+}
+
+/// Starts the thread of a lane, or says why not.
+fn lane_thread(
+    store: &Store,
+    id: u64,
+    mut fds: Vec<OwnedFd>,
+    lanes: Option<&mut Vec<JoinHandle<()>>>,
+) -> Result<(), String> {
     let Some(lanes) = lanes else {
-        return refuse("asked on a lane");
+        return Err("asked on a lane".into());
     };
     if fds.len() != 1 {
-        return refuse(&format!("{} sockets with it", fds.len()));
+        return Err(format!("{} sockets with it", fds.len()));
     }
     if lanes.len() >= MAX_LANES {
-        return refuse(&format!("{MAX_LANES} lanes already"));
+        return Err(format!("{MAX_LANES} lanes already"));
     }
     let Some(sock) = fds.pop() else {
-        return;
+        return Err("no socket with it".into());
     };
     if getsockopt(&sock, sockopt::SockType) != Ok(SockType::SeqPacket) {
-        return refuse("not a SOCK_SEQPACKET socket");
+        return Err("not a SOCK_SEQPACKET socket".into());
     }
     let Some(lane_store) = store.for_lane() else {
-        return refuse("every Maildir is under --maildir-root");
+        return Err("every Maildir is under --maildir-root".into());
     };
     // A new thread starts with its creator's filesystem identity; it must start as root.
     privileges::as_root();
@@ -232,8 +255,9 @@ fn start_lane(
         Ok(h) => {
             info!("event=lane_started lane={id}");
             lanes.push(h);
+            Ok(())
         }
-        Err(e) => refuse(&format!("no thread: {e}")),
+        Err(e) => Err(format!("no thread: {e}")),
     }
 }
 

@@ -18,7 +18,11 @@
 //! serves (see `agent` and `lanes`), so that a filesystem that stops answering holds up only
 //! its own accounts' checks and transactions; the others go on, each lane in order. A
 //! transaction whose accounts are on different filesystems, an account whose home is not
-//! known yet, and all beyond the agent's `MAX_LANES` take the first socket.
+//! known, and the filesystems beyond the agent's `MAX_LANES` (or whose lane was refused)
+//! share one more lane, the general one. The first socket then carries only Lane requests,
+//! so that no hung filesystem can keep a lane from being opened. A lane is used once the
+//! agent has answered its Lane request (until then its requests take the general lane, or
+//! the first socket while that one is not answered either).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -158,6 +162,16 @@ struct Lane {
     /// agent already has), and at most [`OUTBOX_LIMIT`] requests wait in all lanes: beyond, a
     /// new transaction gets 451.
     outbox: VecDeque<Queued>,
+    state: LaneState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneState {
+    /// Asked for; the agent has not answered yet: nothing is sent down it.
+    Opening,
+    Ready,
+    /// The agent refused it: never used.
+    Refused,
 }
 
 /// Where an account's home is, if the receiver found it (its resolver's memory).
@@ -166,11 +180,16 @@ type Homes = Box<dyn Fn(&str) -> Option<PathBuf>>;
 /// Which lane an account's requests take: by the filesystem of its home.
 struct Router {
     homes: Homes,
-    mounts: Vec<String>,
+    /// Homes seen, so that a lane does not depend on how long the resolver keeps them.
+    known: HashMap<String, PathBuf>,
+    mounts: Vec<lanes::Mount>,
     mounts_at: Option<Instant>,
-    /// Mount point -> lane (0 when no lane was left for it).
-    by_mount: HashMap<String, usize>,
+    /// Filesystem (device) -> its lane; `None`: no lane for it (none left, or none could be
+    /// made; forgotten when the mount table is read again).
+    by_dev: HashMap<String, Option<usize>>,
     by_account: HashMap<String, usize>,
+    /// The lane of mixed transactions, unknown homes and filesystems without a lane.
+    general: Option<usize>,
 }
 
 pub struct AgentClient {
@@ -179,6 +198,8 @@ pub struct AgentClient {
     router: Option<Router>,
     /// Lanes opened since the server last asked (it registers them with its poller).
     new_lanes: Vec<usize>,
+    /// Lane requests not answered yet: request id -> lane.
+    opening: HashMap<u64, usize>,
     hostname: String,
     next_id: u64,
     by_conn: HashMap<u64, u64>,
@@ -216,9 +237,11 @@ impl AgentClient {
             lanes: vec![Lane {
                 sock,
                 outbox: VecDeque::new(),
+                state: LaneState::Ready,
             }],
             router: None,
             new_lanes: Vec::new(),
+            opening: HashMap::new(),
             hostname: hostname.to_string(),
             next_id: 0,
             by_conn: HashMap::new(),
@@ -242,15 +265,21 @@ impl AgentClient {
     }
 
     /// Sends each filesystem's accounts down a lane of its own (Maildirs in homes), `homes`
-    /// telling where an account's home is.
+    /// telling where an account's home is. The general lane is asked for at once.
     pub fn route_by_home(&mut self, homes: impl Fn(&str) -> Option<PathBuf> + 'static) {
         self.router = Some(Router {
             homes: Box::new(homes),
+            known: HashMap::new(),
             mounts: Vec::new(),
             mounts_at: None,
-            by_mount: HashMap::new(),
+            by_dev: HashMap::new(),
             by_account: HashMap::new(),
+            general: None,
         });
+        let general = self.open_lane("mixed filesystems and unknown homes");
+        if let Some(r) = self.router.as_mut() {
+            r.general = general;
+        }
     }
 
     /// Lane `lane`'s socket, for the poller.
@@ -263,63 +292,94 @@ impl AgentClient {
         std::mem::take(&mut self.new_lanes)
     }
 
-    /// The lane for requests about `accounts`: theirs if they share one, else the first.
-    fn lane_for(&mut self, accounts: &[String], now: Instant) -> usize {
-        let mut lane = None;
-        for a in accounts {
-            let l = self.account_lane(a, now);
-            if lane.is_some_and(|x| x != l) {
-                return 0;
-            }
-            lane = Some(l);
-        }
-        lane.unwrap_or(0)
+    fn ready(&self, lane: usize) -> bool {
+        self.lanes
+            .get(lane)
+            .is_some_and(|l| l.state == LaneState::Ready)
     }
 
-    fn account_lane(&mut self, account: &str, now: Instant) -> usize {
-        let Some(r) = self.router.as_mut() else {
+    /// The general lane once it is ready, else the first socket.
+    fn general(&self) -> usize {
+        self.router
+            .as_ref()
+            .and_then(|r| r.general)
+            .filter(|&g| self.ready(g))
+            .unwrap_or(0)
+    }
+
+    /// The lane for requests about `accounts`: that of their filesystem if they share one
+    /// and it is ready, else the general one.
+    fn lane_for(&mut self, accounts: &[String], now: Instant) -> usize {
+        if self.router.is_none() {
             return 0;
-        };
+        }
+        let mut lane = None;
+        for a in accounts {
+            match (lane, self.account_lane(a, now)) {
+                (_, None) => return self.general(),
+                (Some(x), Some(y)) if x != y => return self.general(),
+                (_, l) => lane = l,
+            }
+        }
+        match lane {
+            Some(l) if self.ready(l) => l,
+            _ => self.general(),
+        }
+    }
+
+    /// The lane of the filesystem of `account`'s home (opened the first time), `None` when
+    /// there is none for it.
+    fn account_lane(&mut self, account: &str, now: Instant) -> Option<usize> {
+        let r = self.router.as_mut()?;
         if r.mounts_at
             .is_none_or(|at| now.saturating_duration_since(at) >= MOUNTS_TTL)
         {
             r.mounts = lanes::read_mounts();
             r.mounts_at = Some(now);
             r.by_account.clear();
+            r.by_dev.retain(|_, l| l.is_some());
         }
         if let Some(&l) = r.by_account.get(account) {
-            return l;
+            return Some(l);
         }
-        // Not found by this receiver yet: not remembered, asked again next time.
-        let Some(home) = (r.homes)(account) else {
-            return 0;
+        let home = match (r.homes)(account) {
+            Some(h) => {
+                if r.known.len() >= LANE_MEMORY {
+                    r.known.clear();
+                }
+                r.known.insert(account.to_string(), h.clone());
+                h
+            }
+            None => r.known.get(account)?.clone(),
         };
-        let Some(mount) = lanes::mount_of(&r.mounts, &home).map(str::to_string) else {
-            return 0;
+        let m = lanes::mount_of(&r.mounts, &home)?;
+        let (dev, point) = (m.dev.clone(), m.point.clone());
+        let lane = match r.by_dev.get(&dev) {
+            Some(l) => (*l)?,
+            None => {
+                let opened = self.open_lane(&point);
+                // Not now (the first socket is full): asked again next time.
+                if opened.is_none() && self.lanes.len() <= MAX_LANES && !self.gone {
+                    return None;
+                }
+                self.router.as_mut()?.by_dev.insert(dev, opened);
+                opened?
+            }
         };
-        let lane = match r.by_mount.get(&mount) {
-            Some(&l) => l,
-            None => match self.open_lane(&mount) {
-                Some(l) => l,
-                // The first socket's requests wait (the lane goes after them next time).
-                None if self.lanes.len() <= MAX_LANES => return 0,
-                None => 0,
-            },
-        };
-        let Some(r) = self.router.as_mut() else {
-            return lane;
-        };
-        r.by_mount.insert(mount, lane);
+        if self.lanes.get(lane)?.state == LaneState::Refused {
+            return None;
+        }
+        let r = self.router.as_mut()?;
         if r.by_account.len() >= LANE_MEMORY {
             r.by_account.clear();
         }
         r.by_account.insert(account.to_string(), lane);
-        lane
+        Some(lane)
     }
 
-    /// Opens a lane for the filesystem mounted at `mount`: a socket pair, one end sent to
-    /// the agent on the first socket. `None` when no more may be opened, or not now.
-    fn open_lane(&mut self, mount: &str) -> Option<usize> {
+    /// Asks the agent for a lane (for the filesystem mounted at `what`): a socket pair, one
+    /// end sent on the first socket. `None` when no more may be opened, or not now.
+    fn open_lane(&mut self, what: &str) -> Option<usize> {
         if self.lanes.len() > MAX_LANES || self.gone || self.broken.is_some() {
             return None;
         }
@@ -330,12 +390,13 @@ impl AgentClient {
         let (ours, theirs) = match channel::pair() {
             Ok(p) => p,
             Err(e) => {
-                warn!("cannot open a lane to the delivery agent for {mount:?}: {e}");
+                warn!("cannot open a lane to the delivery agent for {what:?}: {e}");
                 return None;
             }
         };
-        let n = self.lanes.len();
-        let msg = Request::Lane { id: n as u64 }.encode();
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = Request::Lane { id }.encode();
         match channel::try_send_with(self.lanes[0].sock.as_fd(), &msg, &[theirs.as_fd()]) {
             Ok(true) => {}
             Ok(false) => return None,
@@ -344,11 +405,14 @@ impl AgentClient {
                 return None;
             }
         }
-        info!("event=lane_opened lane={n} mount={mount:?}");
+        let n = self.lanes.len();
+        info!("event=lane_opening lane={n} mount={what:?}");
         self.lanes.push(Lane {
             sock: ours,
             outbox: VecDeque::new(),
+            state: LaneState::Opening,
         });
+        self.opening.insert(id, n);
         self.new_lanes.push(n);
         Some(n)
     }
@@ -785,6 +849,12 @@ impl AgentClient {
                 Ok(Received::TooLong(_)) => {
                     return Err(self.fail_all("the delivery agent sent a datagram too long"))
                 }
+                // A lane not in use (refused, or not answered yet: the answer may come later
+                // on the first socket) closing is not the agent going away.
+                Ok(Received::Closed) if lane != 0 && !self.ready(lane) => {
+                    self.lanes[lane].state = LaneState::Refused;
+                    return Ok(());
+                }
                 Ok(Received::Closed) => {
                     return Err(self.fail_all("the delivery agent closed its socket"))
                 }
@@ -799,6 +869,23 @@ impl AgentClient {
 
     fn handle(&mut self, resp: Response, fds: Vec<OwnedFd>) {
         let id = resp.id();
+        if let Some(lane) = self.opening.remove(&id) {
+            let Some(l) = self.lanes.get_mut(lane) else {
+                return;
+            };
+            match resp {
+                Response::Done { .. } if l.state == LaneState::Opening => {
+                    l.state = LaneState::Ready;
+                    info!("event=lane_ready lane={lane}");
+                }
+                Response::Failed { detail, .. } => {
+                    l.state = LaneState::Refused;
+                    warn!("event=lane_refused lane={lane} error={detail:?}: its accounts take the general lane");
+                }
+                _ => l.state = LaneState::Refused,
+            }
+            return;
+        }
         if let Some(req) = self.checks.remove(&id) {
             if !fds.is_empty() {
                 self.writers
@@ -1099,102 +1186,126 @@ mod tests {
         }
     }
 
+    /// Answers lane `id`'s Lane request on the first socket (`ok`: Done, else Failed) and
+    /// lets the client read it.
+    fn answer_lane(c: &mut AgentClient, first: &OwnedFd, id: u64, ok: bool) {
+        let r = if ok {
+            Response::Done {
+                id,
+                names: Vec::new(),
+            }
+        } else {
+            Response::failed(id, &DeliveryError::Io("lane refused: test".into()))
+        };
+        answer(first, r);
+        c.on_readable(0).unwrap();
+    }
+
+    /// A client routing by home with a fixed mount table: `/` (device 1:1) and `/proc`
+    /// (device 0:5). Its general lane is asked for at once (on `first`).
+    fn routed(first: OwnedFd, homes: impl Fn(&str) -> Option<PathBuf> + 'static) -> AgentClient {
+        let mut c = AgentClient::new(first, "mx.test");
+        c.route_by_home(homes);
+        let router = c.router.as_mut().unwrap();
+        router.mounts = vec![
+            lanes::Mount {
+                point: "/".into(),
+                dev: "1:1".into(),
+            },
+            lanes::Mount {
+                point: "/proc".into(),
+                dev: "0:5".into(),
+            },
+        ];
+        router.mounts_at = Some(Instant::now());
+        c
+    }
+
     #[test]
-    fn each_filesystem_of_homes_gets_a_lane_and_mixed_or_unknown_take_the_first() {
+    fn each_filesystem_of_homes_gets_a_lane_once_the_agent_took_it_and_the_rest_the_general_one() {
         let (ours, agent) = channel::pair().unwrap();
-        let mut c = AgentClient::new(ours, "mx.test");
-        // /proc is a mount point of its own wherever these tests run; /nonexistent is on /.
-        c.route_by_home(|a| match a {
-            "rooted" => Some(PathBuf::from("/nonexistent/rooted")),
+        let mut c = routed(ours, |a| match a {
+            "rooted" | "rooted2" | "rooted3" => Some(PathBuf::from("/nonexistent/rooted")),
             "procish" | "procish2" => Some(PathBuf::from("/proc/procish")),
             _ => None,
         });
+        let (gid, general) = lane_opened(&agent);
+        assert_eq!(c.take_new_lanes(), vec![1]);
+        answer_lane(&mut c, &agent, gid, true);
         let now = Instant::now();
         let one = |a: &str| vec![a.to_string()];
-        let CheckStart::Sent(id1) = c.check(1, &one("rooted"), now) else {
-            panic!("a Check must go out");
+        let check = |c: &mut AgentClient, conn: u64, accounts: &[String]| {
+            let CheckStart::Sent(id) = c.check(conn, accounts, now) else {
+                panic!("a Check must go out");
+            };
+            Request::Check {
+                id,
+                accounts: accounts.to_vec(),
+            }
         };
-        let (n1, lane1) = lane_opened(&agent);
-        assert_eq!(n1, 1);
-        assert_eq!(c.take_new_lanes(), vec![1]);
-        assert_eq!(
-            sent(&lane1),
-            vec![Request::Check {
-                id: id1,
-                accounts: one("rooted")
-            }]
-        );
-        let CheckStart::Sent(id2) = c.check(2, &one("procish"), now) else {
-            panic!("a Check must go out");
-        };
-        let (n2, lane2) = lane_opened(&agent);
-        assert_eq!(n2, 2);
-        assert_eq!(
-            sent(&lane2),
-            vec![Request::Check {
-                id: id2,
-                accounts: one("procish")
-            }]
-        );
-        // Another account on the same filesystem takes the same lane; nothing new is opened.
-        let CheckStart::Sent(id3) = c.check(3, &one("procish2"), now) else {
-            panic!("a Check must go out");
-        };
-        assert_eq!(
-            sent(&lane2),
-            vec![Request::Check {
-                id: id3,
-                accounts: one("procish2")
-            }]
-        );
-        // Filesystems mixed, or a home not known: the first socket.
-        let mixed = vec!["rooted".to_string(), "procish".to_string()];
-        let CheckStart::Sent(id4) = c.check(4, &mixed, now) else {
-            panic!("a Check must go out");
-        };
-        let CheckStart::Sent(id5) = c.check(5, &one("stranger"), now) else {
-            panic!("a Check must go out");
-        };
-        assert_eq!(
-            sent(&agent),
-            vec![
-                Request::Check {
-                    id: id4,
-                    accounts: mixed
-                },
-                Request::Check {
-                    id: id5,
-                    accounts: one("stranger")
-                }
-            ]
-        );
+        // The first account of a filesystem: its lane is asked for; until the agent took it,
+        // the check takes the general lane.
+        let r1 = check(&mut c, 1, &one("rooted"));
+        let (l1id, lane1) = lane_opened(&agent);
         assert_eq!(c.take_new_lanes(), vec![2]);
+        assert_eq!(sent(&general), vec![r1]);
+        answer_lane(&mut c, &agent, l1id, true);
+        let r2 = check(&mut c, 2, &one("rooted2"));
+        assert_eq!(sent(&lane1), vec![r2]);
+        // A lane the agent refused is never used: its accounts take the general lane.
+        let r3 = check(&mut c, 3, &one("procish"));
+        let (l2id, lane2) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, l2id, false);
+        let r4 = check(&mut c, 4, &one("procish2"));
+        // Mixed filesystems, or a home not known: the general lane.
+        let r5 = check(&mut c, 5, &["rooted".to_string(), "procish".to_string()]);
+        let r6 = check(&mut c, 6, &one("stranger"));
+        assert_eq!(sent(&general), vec![r3, r4, r5, r6]);
         assert!(sent(&lane1).is_empty());
-        // Answers come back on their lanes; a lane that closes is the agent going away.
+        // The first socket carries Lane requests only.
+        assert!(sent(&agent).is_empty());
+        // Answers come back on their lanes.
+        let Request::Check { id: id2, .. } = check(&mut c, 7, &one("rooted3")) else {
+            unreachable!()
+        };
+        assert!(!sent(&lane1).is_empty());
         answer(
-            &lane2,
+            &lane1,
             Response::Done {
                 id: id2,
                 names: Vec::new(),
             },
         );
         c.on_readable(2).unwrap();
-        let answers = c.take_check_answers();
-        assert_eq!(answers.len(), 1);
-        assert!(matches!(answers[0], (2, id, Ok(())) if id == id2));
+        assert!(c
+            .take_check_answers()
+            .iter()
+            .any(|(conn, id, r)| *conn == 7 && *id == id2 && r.is_ok()));
+        // A refused lane closing is nothing; a lane in use closing is the agent going away.
+        drop(lane2);
+        c.on_readable(3).unwrap();
         drop(lane1);
-        assert!(c.on_readable(1).is_err());
+        assert!(c.on_readable(2).is_err());
     }
 
     #[test]
     fn no_more_lanes_than_the_agent_serves() {
         let (ours, agent) = channel::pair().unwrap();
-        let mut c = AgentClient::new(ours, "mx.test");
-        c.route_by_home(|a| Some(PathBuf::from(format!("/mnt/{a}"))));
+        // "u2b" lives on u2's filesystem.
+        let mut c = routed(ours, |a| {
+            Some(PathBuf::from(format!("/mnt/{}", a.trim_end_matches('b'))))
+        });
+        let (gid, general) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, gid, true);
         let now = Instant::now();
+        // Pretend each account's home is a filesystem of its own.
         let router = c.router.as_mut().unwrap();
-        // Pretend each account's home is a mount point of its own.
-        router.mounts = (0..MAX_LANES + 3).map(|i| format!("/mnt/u{i}")).collect();
+        router.mounts = (0..MAX_LANES + 3)
+            .map(|i| lanes::Mount {
+                point: format!("/mnt/u{i}"),
+                dev: format!("9:{i}"),
+            })
+            .collect();
         router.mounts_at = Some(now);
         let mut kept = Vec::new();
         for i in 0..MAX_LANES + 3 {
@@ -1202,13 +1313,21 @@ mod tests {
                 c.check(i as u64, &[format!("u{i}")], now),
                 CheckStart::Sent(_)
             ));
-            if i < MAX_LANES {
-                kept.push(lane_opened(&agent).1);
+            // The general lane is one of MAX_LANES.
+            if i + 1 < MAX_LANES {
+                let (id, l) = lane_opened(&agent);
+                answer_lane(&mut c, &agent, id, true);
+                kept.push(l);
             }
         }
         assert_eq!(c.take_new_lanes().len(), MAX_LANES);
-        // The three beyond went to the first socket.
-        assert_eq!(sent(&agent).len(), 3);
+        assert!(sent(&agent).is_empty(), "more lanes asked for");
+        // Every check went to the general lane: the first ones while their lanes were being
+        // opened, the last four for want of lanes.
+        assert_eq!(sent(&general).len(), MAX_LANES + 3);
+        let again = c.check(100, &["u2b".to_string()], now);
+        assert!(matches!(again, CheckStart::Sent(_)));
+        assert_eq!(sent(&kept[2]).len(), 1, "a lane in use");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   Deliver(4) body := n:u16le n * (len:u8 account-name hlen:u16le trace-fields) data
 //!                      data: the rest of the datagram      reply: Done or Failed
 //!   Check  (5) body := n:u16le n * (len:u8 account-name)   reply: Done (no names) or Failed
-//!   Lane   (6) body := -   one socket rides along (SCM_RIGHTS)   no reply
+//!   Lane   (6) body := -   one socket rides along (SCM_RIGHTS)   reply: Done (no names) or Failed
 //! response := kind:u8 id:u64le body
 //!   Opened (1) body := n:u16le      n tmp-file descriptors ride along (SCM_RIGHTS)
 //!   Failed (2) body := class:u8 len:u16le detail           class: see `DeliveryError`

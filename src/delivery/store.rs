@@ -37,7 +37,7 @@ type Published = Vec<(usize, String)>;
 /// gets mail at its new place; one that was removed makes the delivery fail (4xx) and is
 /// opened afresh. A burst of mail to one account costs one NSS lookup and one walk.
 const MAILDIR_TTL: Duration = Duration::from_secs(2);
-/// Opened Maildirs kept at most (two descriptors each).
+/// Opened Maildirs kept at most (two descriptors each), by all the agent's lanes together.
 const MAILDIR_CACHE: usize = 256;
 
 /// A new/ directory's identity: (st_dev, st_ino), when its fstat worked.
@@ -85,6 +85,9 @@ pub struct Store {
     open_copies: Arc<AtomicUsize>,
     max_open_copies: usize,
     maildirs: HashMap<String, Opened>,
+    /// Opened Maildirs kept by this store and its lanes' stores together (see
+    /// [`MAILDIR_CACHE`]).
+    cached_maildirs: Arc<AtomicUsize>,
     /// When each account's tmp/ was last cleaned.
     cleaned: HashMap<String, Instant>,
     syncer: Syncer,
@@ -163,6 +166,7 @@ impl Drop for Store {
     /// However the agent ends, no tmp file of an unfinished transaction stays behind.
     fn drop(&mut self) {
         self.abort_all();
+        release(&self.cached_maildirs, self.maildirs.len());
     }
 }
 
@@ -173,24 +177,26 @@ impl Store {
             escape_host(hostname),
             layout,
             allow_root,
-            Arc::new(AtomicUsize::new(0)),
+            (Arc::default(), Arc::default()),
         )
     }
 
+    /// `shared`: the counts of open copies and of kept Maildirs, shared with other lanes.
     fn with(
         name_host: String,
         layout: Layout,
         allow_root: bool,
-        open_copies: Arc<AtomicUsize>,
+        shared: (Arc<AtomicUsize>, Arc<AtomicUsize>),
     ) -> Store {
         Store {
             name_host,
             layout,
             allow_root,
             pending: HashMap::new(),
-            open_copies,
+            open_copies: shared.0,
             max_open_copies: max_open_copies(),
             maildirs: HashMap::new(),
+            cached_maildirs: shared.1,
             cleaned: HashMap::new(),
             syncer: Syncer::new(Policy::Adaptive),
             unnamed: unnamed_possible(),
@@ -211,7 +217,7 @@ impl Store {
                 self.name_host.clone(),
                 Layout::Home,
                 self.allow_root,
-                self.open_copies.clone(),
+                (self.open_copies.clone(), self.cached_maildirs.clone()),
             )),
             Layout::Root(_) => None,
         }
@@ -264,28 +270,37 @@ impl Store {
                 info!("event=tmp_cleaned account={account} files={n} older_than=36h");
             }
         }
-        if self.maildirs.len() >= MAILDIR_CACHE {
+        let full = || self.cached_maildirs.load(Ordering::Relaxed) >= MAILDIR_CACHE;
+        if full() {
+            let before = self.maildirs.len();
             self.maildirs
                 .retain(|_, o| now.duration_since(o.at) < MAILDIR_TTL);
-            if self.maildirs.len() >= MAILDIR_CACHE {
+            release(&self.cached_maildirs, before - self.maildirs.len());
+            if full() {
+                release(&self.cached_maildirs, self.maildirs.len());
                 self.maildirs.clear();
             }
         }
-        self.maildirs.insert(
-            account.to_string(),
-            Opened {
+        // Other lanes may keep all there is room for: then this one is not kept.
+        if !full() || self.maildirs.contains_key(account) {
+            let opened = Opened {
                 maildir: maildir.clone(),
                 new_key,
                 kind,
                 at: now,
-            },
-        );
+            };
+            if self.maildirs.insert(account.to_string(), opened).is_none() {
+                self.cached_maildirs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok((maildir, new_key, kind))
     }
 
     /// Forgets an opened Maildir after a failure in it: the next delivery walks afresh.
     fn forget(&mut self, account: &str) {
-        self.maildirs.remove(account);
+        if self.maildirs.remove(account).is_some() {
+            release(&self.cached_maildirs, 1);
+        }
     }
 
     fn open_maildir(&mut self, account: &str) -> Result<Maildir, DeliveryError> {
@@ -406,11 +421,16 @@ impl Store {
             )));
         }
         // At most one copy per account named (the loop below skips a repeated one).
-        let open = self.open_copies.load(Ordering::Relaxed);
-        if open + accounts.len() > self.max_open_copies {
+        // Taken before any is opened, so lanes opening at the same time cannot all pass.
+        let (want, max) = (accounts.len(), self.max_open_copies);
+        let taken = self
+            .open_copies
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c + want <= max).then_some(c + want)
+            });
+        if let Err(open) = taken {
             return Err(DeliveryError::Io(format!(
-                "{open} copies already open, at most {} at once",
-                self.max_open_copies
+                "{open} copies already open, at most {max} at once"
             )));
         }
         let mut copies: Vec<Copy> = Vec::new();
@@ -432,6 +452,7 @@ impl Store {
                     warn!("delivery to {account:?} cannot start: {e}");
                     self.forget(account);
                     discard(copies);
+                    release(&self.open_copies, want);
                     return Err(e);
                 }
             };
@@ -447,7 +468,8 @@ impl Store {
                 fd,
             });
         }
-        self.open_copies.fetch_add(copies.len(), Ordering::Relaxed);
+        // A repeated account got no copy of its own.
+        release(&self.open_copies, want - copies.len());
         self.pending.insert(id, copies);
         Ok(out)
     }
@@ -743,6 +765,19 @@ mod tests {
         assert!(matches!(lane.open(5, &one), Err(DeliveryError::Io(_))));
         store.abort_all();
         assert_eq!(store.open_copies.load(Ordering::Relaxed), 0);
+        // Kept Maildirs are counted for all lanes together: one kept, then forgotten; with
+        // the count full (other lanes keep all there is room for) none is kept.
+        assert_eq!(store.maildirs.len(), 1);
+        assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), 1);
+        store.forget(&one[0]);
+        assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), 0);
+        store
+            .cached_maildirs
+            .store(MAILDIR_CACHE, Ordering::Relaxed);
+        assert!(store.open(6, &one).is_ok());
+        assert!(store.maildirs.is_empty());
+        assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), MAILDIR_CACHE);
+        store.abort_all();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
