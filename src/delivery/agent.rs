@@ -38,7 +38,7 @@ use nix::sys::socket::{getsockopt, sockopt, SockType};
 
 use super::channel::{self, Received};
 use super::protocol::{Request, Response, LANE_KIND};
-use super::store::Store;
+use super::store::{Store, MAILDIR_TTL};
 use super::{privileges, DeliveryError};
 
 /// Lanes served besides the first socket at most (the receiver asks for no more: see
@@ -122,6 +122,12 @@ fn serve_lane(
         let mut closed = false;
         let mut handled = 0;
         let block = waiting.checks.is_empty();
+        // Idle with Maildirs kept: woken when they expire, to let go of them (they count
+        // against every lane's share; see store::MAILDIR_CACHE).
+        if block && store.keeps_maildirs() && !channel::wait_readable(sock.as_fd(), MAILDIR_TTL)? {
+            store.prune();
+            continue;
+        }
         while handled < MAX_BATCH {
             match channel::recv(sock.as_fd(), handled == 0 && block)? {
                 Received::Message(m, fds) => {

@@ -20,9 +20,11 @@
 //! transaction whose accounts are on different filesystems, an account whose home is not
 //! known, and the filesystems beyond the agent's `MAX_LANES` (or whose lane was refused)
 //! share one more lane, the general one. The first socket then carries only Lane requests,
-//! so that no hung filesystem can keep a lane from being opened. A lane is used once the
-//! agent has answered its Lane request (until then its requests take the general lane, or
-//! the first socket while that one is not answered either).
+//! so that no hung filesystem can keep a lane from being opened (unless the general lane
+//! could not be had: then the first socket is the general lane, and it is asked for again
+//! every [`MOUNTS_TTL`]). Requests for a lane the agent has not answered yet wait in its
+//! outbox; if the agent refuses it, they move, in order, to the general lane, and the
+//! filesystem is given another try at the next reading of the mount table.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -167,7 +169,7 @@ struct Lane {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LaneState {
-    /// Asked for; the agent has not answered yet: nothing is sent down it.
+    /// Asked for; the agent has not answered yet: its requests wait in its outbox.
     Opening,
     Ready,
     /// The agent refused it: never used.
@@ -276,7 +278,7 @@ impl AgentClient {
             by_account: HashMap::new(),
             general: None,
         });
-        let general = self.open_lane("mixed filesystems and unknown homes");
+        let general = self.open_lane("mixed filesystems and unknown homes").ok();
         if let Some(r) = self.router.as_mut() {
             r.general = general;
         }
@@ -298,17 +300,33 @@ impl AgentClient {
             .is_some_and(|l| l.state == LaneState::Ready)
     }
 
-    /// The general lane once it is ready, else the first socket.
+    /// Whether requests may be given to `lane`: it is ready, or being opened.
+    fn usable(&self, lane: usize) -> bool {
+        self.lanes
+            .get(lane)
+            .is_some_and(|l| l.state != LaneState::Refused)
+    }
+
+    /// The general lane, unless the agent refused it (or it could not be asked for): then
+    /// the first socket.
     fn general(&self) -> usize {
         self.router
             .as_ref()
             .and_then(|r| r.general)
-            .filter(|&g| self.ready(g))
+            .filter(|&g| self.usable(g))
             .unwrap_or(0)
     }
 
-    /// The lane for requests about `accounts`: that of their filesystem if they share one
-    /// and it is ready, else the general one.
+    /// Lanes asked for and not refused, the first socket included.
+    fn lanes_in_use(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter(|l| l.state != LaneState::Refused)
+            .count()
+    }
+
+    /// The lane for requests about `accounts`: that of their filesystem if they share one,
+    /// else the general one.
     fn lane_for(&mut self, accounts: &[String], now: Instant) -> usize {
         if self.router.is_none() {
             return 0;
@@ -322,13 +340,13 @@ impl AgentClient {
             }
         }
         match lane {
-            Some(l) if self.ready(l) => l,
+            Some(l) if self.usable(l) => l,
             _ => self.general(),
         }
     }
 
-    /// The lane of the filesystem of `account`'s home (opened the first time), `None` when
-    /// there is none for it.
+    /// The lane of the filesystem of `account`'s home (asked for the first time), `None`
+    /// when there is none for it.
     fn account_lane(&mut self, account: &str, now: Instant) -> Option<usize> {
         let r = self.router.as_mut()?;
         if r.mounts_at
@@ -337,8 +355,21 @@ impl AgentClient {
             r.mounts = lanes::read_mounts();
             r.mounts_at = Some(now);
             r.by_account.clear();
-            r.by_dev.retain(|_, l| l.is_some());
+            // Filesystems without a lane, or whose lane was refused, get another try, and
+            // so does the general lane.
+            let lanes = &self.lanes;
+            r.by_dev.retain(|_, l| {
+                l.is_some_and(|l| lanes.get(l).is_some_and(|x| x.state != LaneState::Refused))
+            });
+            let general = r.general;
+            if general.is_none_or(|g| !self.usable(g)) {
+                let g = self.open_lane("mixed filesystems and unknown homes").ok();
+                if let Some(r) = self.router.as_mut() {
+                    r.general = g.or(r.general);
+                }
+            }
         }
+        let r = self.router.as_mut()?;
         if let Some(&l) = r.by_account.get(account) {
             return Some(l);
         }
@@ -357,16 +388,17 @@ impl AgentClient {
         let lane = match r.by_dev.get(&dev) {
             Some(l) => (*l)?,
             None => {
-                let opened = self.open_lane(&point);
-                // Not now (the first socket is full): asked again next time.
-                if opened.is_none() && self.lanes.len() <= MAX_LANES && !self.gone {
-                    return None;
-                }
+                let opened = match self.open_lane(&point) {
+                    Ok(l) => Some(l),
+                    // Not now (the first socket is full): asked again next time.
+                    Err(true) => return None,
+                    Err(false) => None,
+                };
                 self.router.as_mut()?.by_dev.insert(dev, opened);
                 opened?
             }
         };
-        if self.lanes.get(lane)?.state == LaneState::Refused {
+        if !self.usable(lane) {
             return None;
         }
         let r = self.router.as_mut()?;
@@ -378,20 +410,21 @@ impl AgentClient {
     }
 
     /// Asks the agent for a lane (for the filesystem mounted at `what`): a socket pair, one
-    /// end sent on the first socket. `None` when no more may be opened, or not now.
-    fn open_lane(&mut self, what: &str) -> Option<usize> {
-        if self.lanes.len() > MAX_LANES || self.gone || self.broken.is_some() {
-            return None;
+    /// end sent on the first socket. `Err(true)`: not now, ask again; `Err(false)`: no more
+    /// lanes, or none could be made (until the mount table is read again).
+    fn open_lane(&mut self, what: &str) -> Result<usize, bool> {
+        if self.lanes_in_use() > MAX_LANES || self.gone || self.broken.is_some() {
+            return Err(false);
         }
         // Behind queued requests it could not go out first; it is asked again later.
         if !self.lanes[0].outbox.is_empty() {
-            return None;
+            return Err(true);
         }
         let (ours, theirs) = match channel::pair() {
             Ok(p) => p,
             Err(e) => {
                 warn!("cannot open a lane to the delivery agent for {what:?}: {e}");
-                return None;
+                return Err(false);
             }
         };
         self.next_id += 1;
@@ -399,14 +432,15 @@ impl AgentClient {
         let msg = Request::Lane { id }.encode();
         match channel::try_send_with(self.lanes[0].sock.as_fd(), &msg, &[theirs.as_fd()]) {
             Ok(true) => {}
-            Ok(false) => return None,
+            Ok(false) => return Err(true),
             Err(e) => {
                 self.broken = Some(format!("delivery agent socket: {e}"));
-                return None;
+                return Err(false);
             }
         }
         let n = self.lanes.len();
-        info!("event=lane_opening lane={n} mount={what:?}");
+        // The agent's log names the lane by the request's id.
+        info!("event=lane_opening lane={n} request={id} mount={what:?}");
         self.lanes.push(Lane {
             sock: ours,
             outbox: VecDeque::new(),
@@ -414,7 +448,27 @@ impl AgentClient {
         });
         self.opening.insert(id, n);
         self.new_lanes.push(n);
-        Some(n)
+        Ok(n)
+    }
+
+    /// Lane `lane` was refused: what waits for it, and what is bound to it, goes to the
+    /// general lane (nothing of it was sent: a lane is written to only once ready).
+    fn lane_refused(&mut self, lane: usize) {
+        let Some(l) = self.lanes.get_mut(lane) else {
+            return;
+        };
+        l.state = LaneState::Refused;
+        let moved = std::mem::take(&mut l.outbox);
+        let to = self.general();
+        for t in self.inflight.values_mut().filter(|t| t.lane == lane) {
+            t.lane = to;
+        }
+        for c in self.checks.values_mut().filter(|c| c.lane == lane) {
+            c.lane = to;
+        }
+        if let Some(g) = self.lanes.get_mut(to) {
+            g.outbox.extend(moved);
+        }
     }
 
     /// Sends `r` down `lane`, or queues it behind earlier requests when its socket is full.
@@ -446,7 +500,7 @@ impl AgentClient {
             ));
         }
         let msg = r.encode();
-        if l.outbox.is_empty() {
+        if l.outbox.is_empty() && l.state == LaneState::Ready {
             match channel::try_send(l.sock.as_fd(), &msg) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
@@ -465,9 +519,12 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Whether requests wait for `lane`'s socket to become writable.
+    /// Whether requests wait for `lane`'s socket to become writable (not those waiting for
+    /// the lane to be answered).
     pub fn wants_write(&self, lane: usize) -> bool {
-        self.lanes.get(lane).is_some_and(|l| !l.outbox.is_empty())
+        self.lanes
+            .get(lane)
+            .is_some_and(|l| l.state == LaneState::Ready && !l.outbox.is_empty())
     }
 
     /// Sends what the socket has room for now. `Err` when the agent is gone (every
@@ -478,6 +535,9 @@ impl AgentClient {
         }
         for i in 0..self.lanes.len() {
             let l = &mut self.lanes[i];
+            if l.state != LaneState::Ready {
+                continue;
+            }
             while let Some(q) = l.outbox.front() {
                 match channel::try_send(l.sock.as_fd(), &q.msg) {
                     Ok(true) => {
@@ -852,7 +912,7 @@ impl AgentClient {
                 // A lane not in use (refused, or not answered yet: the answer may come later
                 // on the first socket) closing is not the agent going away.
                 Ok(Received::Closed) if lane != 0 && !self.ready(lane) => {
-                    self.lanes[lane].state = LaneState::Refused;
+                    self.lane_refused(lane);
                     return Ok(());
                 }
                 Ok(Received::Closed) => {
@@ -875,14 +935,16 @@ impl AgentClient {
             };
             match resp {
                 Response::Done { .. } if l.state == LaneState::Opening => {
+                    // What waited for it goes out with the next flush.
                     l.state = LaneState::Ready;
                     info!("event=lane_ready lane={lane}");
                 }
+                Response::Done { .. } => {}
                 Response::Failed { detail, .. } => {
-                    l.state = LaneState::Refused;
-                    warn!("event=lane_refused lane={lane} error={detail:?}: its accounts take the general lane");
+                    warn!("event=lane_refused lane={lane} error={detail:?}: its requests take the general lane");
+                    self.lane_refused(lane);
                 }
-                _ => l.state = LaneState::Refused,
+                Response::Opened { .. } => self.lane_refused(lane),
             }
             return;
         }
@@ -1222,12 +1284,17 @@ mod tests {
     }
 
     #[test]
-    fn each_filesystem_of_homes_gets_a_lane_once_the_agent_took_it_and_the_rest_the_general_one() {
+    fn each_filesystem_of_homes_gets_a_lane_and_the_rest_the_general_one() {
         let (ours, agent) = channel::pair().unwrap();
         let mut c = routed(ours, |a| match a {
             "rooted" | "rooted2" | "rooted3" => Some(PathBuf::from("/nonexistent/rooted")),
             "procish" | "procish2" => Some(PathBuf::from("/proc/procish")),
+            "srvish" => Some(PathBuf::from("/srv/srvish")),
             _ => None,
+        });
+        c.router.as_mut().unwrap().mounts.push(lanes::Mount {
+            point: "/srv".into(),
+            dev: "3:3".into(),
         });
         let (gid, general) = lane_opened(&agent);
         assert_eq!(c.take_new_lanes(), vec![1]);
@@ -1243,36 +1310,51 @@ mod tests {
                 accounts: accounts.to_vec(),
             }
         };
-        // The first account of a filesystem: its lane is asked for; until the agent took it,
-        // the check takes the general lane.
+        // The first account of a filesystem: its lane is asked for, and the check waits for
+        // the agent's answer in that lane (not in the general one, which a hung filesystem
+        // could then stall for everybody).
         let r1 = check(&mut c, 1, &one("rooted"));
         let (l1id, lane1) = lane_opened(&agent);
         assert_eq!(c.take_new_lanes(), vec![2]);
-        assert_eq!(sent(&general), vec![r1]);
+        c.flush().unwrap();
+        assert!(
+            !c.wants_write(2),
+            "no WRITABLE interest for a lane being opened"
+        );
+        assert!(sent(&lane1).is_empty() && sent(&general).is_empty());
         answer_lane(&mut c, &agent, l1id, true);
+        c.flush().unwrap();
+        assert_eq!(sent(&lane1), vec![r1]);
         let r2 = check(&mut c, 2, &one("rooted2"));
         assert_eq!(sent(&lane1), vec![r2]);
-        // A lane the agent refused is never used: its accounts take the general lane.
+        // A lane the agent refuses: what waited for it goes to the general lane, in order,
+        // and its filesystem's accounts take the general lane from then on.
         let r3 = check(&mut c, 3, &one("procish"));
-        let (l2id, lane2) = lane_opened(&agent);
+        let (l2id, _lane2) = lane_opened(&agent);
         answer_lane(&mut c, &agent, l2id, false);
         let r4 = check(&mut c, 4, &one("procish2"));
         // Mixed filesystems, or a home not known: the general lane.
         let r5 = check(&mut c, 5, &["rooted".to_string(), "procish".to_string()]);
         let r6 = check(&mut c, 6, &one("stranger"));
-        assert_eq!(sent(&general), vec![r3, r4, r5, r6]);
+        // A lane the agent closes before answering is refused too.
+        let r7 = check(&mut c, 7, &one("srvish"));
+        let (_, lane3) = lane_opened(&agent);
+        drop(lane3);
+        c.on_readable(4).unwrap();
+        c.flush().unwrap();
+        assert_eq!(sent(&general), vec![r3, r4, r5, r6, r7]);
         assert!(sent(&lane1).is_empty());
         // The first socket carries Lane requests only.
         assert!(sent(&agent).is_empty());
         // Answers come back on their lanes.
-        let Request::Check { id: id2, .. } = check(&mut c, 7, &one("rooted3")) else {
+        let Request::Check { id: id8, .. } = check(&mut c, 8, &one("rooted3")) else {
             unreachable!()
         };
-        assert!(!sent(&lane1).is_empty());
+        assert_eq!(sent(&lane1).len(), 1);
         answer(
             &lane1,
             Response::Done {
-                id: id2,
+                id: id8,
                 names: Vec::new(),
             },
         );
@@ -1280,10 +1362,8 @@ mod tests {
         assert!(c
             .take_check_answers()
             .iter()
-            .any(|(conn, id, r)| *conn == 7 && *id == id2 && r.is_ok()));
-        // A refused lane closing is nothing; a lane in use closing is the agent going away.
-        drop(lane2);
-        c.on_readable(3).unwrap();
+            .any(|(conn, id, r)| *conn == 8 && *id == id8 && r.is_ok()));
+        // A lane in use closing is the agent going away.
         drop(lane1);
         assert!(c.on_readable(2).is_err());
     }
@@ -1317,14 +1397,15 @@ mod tests {
             if i + 1 < MAX_LANES {
                 let (id, l) = lane_opened(&agent);
                 answer_lane(&mut c, &agent, id, true);
+                c.flush().unwrap();
+                assert_eq!(sent(&l).len(), 1, "u{i}'s check in its lane");
                 kept.push(l);
             }
         }
         assert_eq!(c.take_new_lanes().len(), MAX_LANES);
         assert!(sent(&agent).is_empty(), "more lanes asked for");
-        // Every check went to the general lane: the first ones while their lanes were being
-        // opened, the last four for want of lanes.
-        assert_eq!(sent(&general).len(), MAX_LANES + 3);
+        // The last four, for want of lanes, took the general lane.
+        assert_eq!(sent(&general).len(), 4);
         let again = c.check(100, &["u2b".to_string()], now);
         assert!(matches!(again, CheckStart::Sent(_)));
         assert_eq!(sent(&kept[2]).len(), 1, "a lane in use");

@@ -24,8 +24,8 @@
 //! lookup, walk and checks a delivery makes, and write permission on tmp/ and new/), so that
 //! one broken mailbox gets its own 4xx instead of failing a whole transaction at the dot.
 //!
-//! Lane hands the agent one end of a new socket pair (the id is the lane's number, for the
-//! log): a thread of the agent serves it as it serves the first, and the receiver sends
+//! Lane hands the agent one end of a new socket pair (its id, a request id like any other,
+//! names the lane in the agent's log): a thread of the agent serves it as it serves the first, and the receiver sends
 //! there the requests for the accounts whose homes are on one filesystem, so that one that
 //! hangs (an NFS server that stops answering) holds up only those (see `agent`).
 //!

@@ -36,7 +36,7 @@ type Published = Vec<(usize, String)>;
 /// further deliveries to the same account. Within it, a Maildir that was moved away still
 /// gets mail at its new place; one that was removed makes the delivery fail (4xx) and is
 /// opened afresh. A burst of mail to one account costs one NSS lookup and one walk.
-const MAILDIR_TTL: Duration = Duration::from_secs(2);
+pub const MAILDIR_TTL: Duration = Duration::from_secs(2);
 /// Opened Maildirs kept at most (two descriptors each), by all the agent's lanes together.
 const MAILDIR_CACHE: usize = 256;
 
@@ -294,6 +294,22 @@ impl Store {
             }
         }
         Ok((maildir, new_key, kind))
+    }
+
+    /// Whether any opened Maildir is kept (see [`Store::prune`]).
+    pub fn keeps_maildirs(&self) -> bool {
+        !self.maildirs.is_empty()
+    }
+
+    /// Lets go of the opened Maildirs kept longer than [`MAILDIR_TTL`]: called by a lane
+    /// with nothing to do, so that what it no longer uses does not count against the
+    /// others' share of [`MAILDIR_CACHE`].
+    pub fn prune(&mut self) {
+        let now = Instant::now();
+        let before = self.maildirs.len();
+        self.maildirs
+            .retain(|_, o| now.duration_since(o.at) < MAILDIR_TTL);
+        release(&self.cached_maildirs, before - self.maildirs.len());
     }
 
     /// Forgets an opened Maildir after a failure in it: the next delivery walks afresh.
@@ -611,7 +627,7 @@ impl Store {
                     }
                 };
                 if let Err(e) = r {
-                    self.maildirs.remove(&c.account);
+                    self.forget(&c.account);
                     failure = Some(e);
                     break;
                 }
@@ -738,6 +754,49 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit that fails in new/ forgets the Maildir, and its place in the count shared
+    /// by the lanes (found in review: it was kept counted for good, and after 256 such
+    /// failures no lane kept any Maildir).
+    #[test]
+    fn a_failed_commit_lets_go_of_its_maildir() {
+        let dir = std::env::temp_dir().join(format!("inboxd-store-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let layout = Layout::root(&dir).unwrap();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .unwrap()
+            .name;
+        let mut store = Store::new("host.test", layout, true);
+        let one = [me.clone()];
+        assert!(store.open(1, &one).is_ok());
+        assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), 1);
+        // new/ goes away under the opened Maildir: the link into it fails.
+        std::fs::remove_dir(dir.join(&me).join("new")).unwrap();
+        store.write(1, &[Vec::new()], b"x\n").unwrap();
+        let r = store.commit(&[1]);
+        assert!(r[0].1.is_err(), "{:?}", r[0].1);
+        assert!(store.maildirs.is_empty());
+        assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), 0);
+        assert_eq!(store.open_copies.load(Ordering::Relaxed), 0);
+        // What an idle lane kept longer than MAILDIR_TTL is let go by prune.
+        assert!(store.open(3, &one).is_ok(), "the walk makes new/ again");
+        assert!(store.keeps_maildirs());
+        store.prune();
+        assert_eq!(
+            store.cached_maildirs.load(Ordering::Relaxed),
+            1,
+            "not expired yet"
+        );
+        for o in store.maildirs.values_mut() {
+            o.at -= MAILDIR_TTL;
+        }
+        store.prune();
+        assert!(!store.keeps_maildirs());
+        assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), 0);
+        store.abort_all();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn open_copies_are_capped() {
