@@ -675,3 +675,39 @@ fn lanes_are_served_like_the_first_socket_and_forged_ones_refused() {
     );
     assert!(agent.close());
 }
+
+/// A lane with nothing to do lets go of the Maildirs it keeps once they expire (2 s), so
+/// that they do not count against the other lanes' share: its receive times out and it
+/// prunes (found in review: an idle lane kept them counted for good). Seen from outside as
+/// the agent's open descriptors: the Maildir's directories are closed again.
+#[test]
+fn an_idle_agent_lets_go_of_the_maildirs_it_kept() {
+    if skip_unless_root("an_idle_agent_lets_go_of_the_maildirs_it_kept") {
+        return;
+    }
+    ensure_user("Jones");
+    let agent = Agent::start(&[]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let r = deliver_on(&agent.sock, 1, "Jones", b"Subject: idle\n\nx\n");
+    assert!(matches!(r, Response::Done { .. }), "{r:?}");
+    let kept = fds();
+    assert!(kept > before, "no Maildir kept open: {before} then {kept}");
+    // MAILDIR_TTL (2 s), then the receive timeout (2 s more at most).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while fds() >= kept {
+        assert!(
+            Instant::now() < deadline,
+            "still {} descriptors after 8 s",
+            fds()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its tmp/ and new/ at least (seen: 5 before, 8 kept, 6 after).
+    assert!(fds() + 2 <= kept, "{} descriptors, {kept} kept", fds());
+    assert!(agent.close());
+}

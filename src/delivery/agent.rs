@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::socket::{getsockopt, sockopt, SockType};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt, SockType};
 
 use super::channel::{self, Received};
 use super::protocol::{Request, Response, LANE_KIND};
@@ -110,6 +110,13 @@ fn serve_lane(
     mut lanes: Option<&mut Vec<JoinHandle<()>>>,
 ) -> Result<(), Errno> {
     let mut waiting = Waiting::default();
+    // A blocking receive ends after MAILDIR_TTL with nothing (EAGAIN).
+    let timeout = nix::sys::time::TimeVal::new(MAILDIR_TTL.as_secs() as i64, 0);
+    if let Err(e) = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout) {
+        warn!(
+            "delivery agent: lane {lane}: no receive timeout ({e}): idle lanes keep their Maildirs"
+        );
+    }
     loop {
         // Everything already waiting joins the batch of the first request. Each request is
         // handled as it is read, so at most one (up to 64 KiB) is held at a time, besides
@@ -122,12 +129,6 @@ fn serve_lane(
         let mut closed = false;
         let mut handled = 0;
         let block = waiting.checks.is_empty();
-        // Idle with Maildirs kept: woken when they expire, to let go of them (they count
-        // against every lane's share; see store::MAILDIR_CACHE).
-        if block && store.keeps_maildirs() && !channel::wait_readable(sock.as_fd(), MAILDIR_TTL)? {
-            store.prune();
-            continue;
-        }
         while handled < MAX_BATCH {
             match channel::recv(sock.as_fd(), handled == 0 && block)? {
                 Received::Message(m, fds) => {
@@ -145,7 +146,13 @@ fn serve_lane(
                     warn!("delivery agent: a request longer than a datagram");
                     refuse(&sock, &head, "request too long")?;
                 }
-                Received::Empty if handled == 0 && block => continue,
+                // The receive timeout (set below) ran out with nothing to do: Maildirs kept
+                // past their time are let go (they count against every lane's share; see
+                // store::MAILDIR_CACHE), at no cost while requests come.
+                Received::Empty if handled == 0 && block => {
+                    store.prune();
+                    continue;
+                }
                 Received::Empty => break,
                 Received::Closed => {
                     closed = true;

@@ -71,21 +71,6 @@ pub fn try_send_with(
     }
 }
 
-/// Waits at most `timeout` for `sock` to have something to read (or to be closed): `false`
-/// when the time ran out.
-pub fn wait_readable(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool, Errno> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
-    loop {
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-            Ok(n) => return Ok(n > 0),
-        }
-    }
-}
-
 /// What one receive got.
 #[derive(Debug)]
 pub enum Received {

@@ -413,7 +413,13 @@ impl AgentClient {
     /// end sent on the first socket. `Err(true)`: not now, ask again; `Err(false)`: no more
     /// lanes, or none could be made (until the mount table is read again).
     fn open_lane(&mut self, what: &str) -> Result<usize, bool> {
-        if self.lanes_in_use() > MAX_LANES || self.gone || self.broken.is_some() {
+        // Refused lanes whose answer is still to come keep their places: at most as many
+        // again.
+        if self.lanes_in_use() > MAX_LANES
+            || self.lanes.len() > 2 * MAX_LANES + 1
+            || self.gone
+            || self.broken.is_some()
+        {
             return Err(false);
         }
         // Behind queued requests it could not go out first; it is asked again later.
@@ -438,16 +444,32 @@ impl AgentClient {
                 return Err(false);
             }
         }
-        let n = self.lanes.len();
-        // The agent's log names the lane by the request's id.
-        info!("event=lane_opening lane={n} request={id} mount={what:?}");
-        self.lanes.push(Lane {
+        let lane = Lane {
             sock: ours,
             outbox: VecDeque::new(),
             state: LaneState::Opening,
+        };
+        // A refused lane's place is taken again (its socket closed, which also takes it out
+        // of the poller), unless the agent's answer to it is still to come.
+        let free = (1..self.lanes.len()).find(|&i| {
+            self.lanes[i].state == LaneState::Refused && !self.opening.values().any(|&o| o == i)
         });
+        let n = match free {
+            Some(i) => {
+                self.lanes[i] = lane;
+                i
+            }
+            None => {
+                self.lanes.push(lane);
+                self.lanes.len() - 1
+            }
+        };
+        // The agent's log names the lane by the request's id.
+        info!("event=lane_opening lane={n} request={id} mount={what:?}");
         self.opening.insert(id, n);
-        self.new_lanes.push(n);
+        if !self.new_lanes.contains(&n) {
+            self.new_lanes.push(n);
+        }
         Ok(n)
     }
 
@@ -1336,11 +1358,13 @@ mod tests {
         // Mixed filesystems, or a home not known: the general lane.
         let r5 = check(&mut c, 5, &["rooted".to_string(), "procish".to_string()]);
         let r6 = check(&mut c, 6, &one("stranger"));
-        // A lane the agent closes before answering is refused too.
+        // A lane the agent closes before answering is refused too. (It takes the refused
+        // lane's place: lane 3, a new socket.)
         let r7 = check(&mut c, 7, &one("srvish"));
         let (_, lane3) = lane_opened(&agent);
+        assert_eq!(c.take_new_lanes(), vec![3]);
         drop(lane3);
-        c.on_readable(4).unwrap();
+        c.on_readable(3).unwrap();
         c.flush().unwrap();
         assert_eq!(sent(&general), vec![r3, r4, r5, r6, r7]);
         assert!(sent(&lane1).is_empty());
@@ -1366,6 +1390,87 @@ mod tests {
         // A lane in use closing is the agent going away.
         drop(lane1);
         assert!(c.on_readable(2).is_err());
+    }
+
+    /// A transaction and a check bound to a lane the agent refuses follow their requests to
+    /// the general lane: the transaction's Abort still takes back its queued Deliver there,
+    /// and forgetting the check still takes it back (found in review: nothing tested it).
+    #[test]
+    fn what_waited_for_a_refused_lane_follows_it_to_the_general_lane() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = routed(ours, |a| match a {
+            "user0" | "procish" => Some(PathBuf::from("/proc/x")),
+            _ => None,
+        });
+        let (gid, general) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, gid, true);
+        let now = Instant::now();
+        let CheckStart::Sent(cid) = c.check(1, &["procish".to_string()], now) else {
+            panic!("a Check must go out");
+        };
+        let (lid, _lane) = lane_opened(&agent);
+        let tx = transaction(1, "client.example");
+        start(&mut c, 2, &tx);
+        c.write(2, b"Subject: x\r\n\r\nhi\r\n".to_vec());
+        c.finish(2);
+        c.flush().unwrap();
+        assert!(
+            sent(&general).is_empty(),
+            "sent before the lane was answered"
+        );
+        answer_lane(&mut c, &agent, lid, false);
+        c.forget_check(cid, 1);
+        c.abort(2);
+        let CheckStart::Sent(other) = c.check(3, &["stranger".to_string()], now) else {
+            panic!("a Check must go out");
+        };
+        c.flush().unwrap();
+        assert_eq!(
+            sent(&general),
+            vec![Request::Check {
+                id: other,
+                accounts: vec!["stranger".to_string()]
+            }]
+        );
+    }
+
+    #[test]
+    fn a_refused_general_lane_gives_way_to_the_first_socket_and_is_asked_again() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = routed(ours, |_| None);
+        let (gid, _refused) = lane_opened(&agent);
+        assert_eq!(c.take_new_lanes(), vec![1]);
+        answer_lane(&mut c, &agent, gid, false);
+        let now = Instant::now();
+        let one = |a: &str| vec![a.to_string()];
+        let CheckStart::Sent(id) = c.check(1, &one("stranger"), now) else {
+            panic!("a Check must go out");
+        };
+        assert_eq!(
+            sent(&agent),
+            vec![Request::Check {
+                id,
+                accounts: one("stranger")
+            }]
+        );
+        // At the next reading of the mount table it is asked for again, in the refused
+        // one's place.
+        let later = now + MOUNTS_TTL;
+        let CheckStart::Sent(id2) = c.check(2, &one("stranger2"), later) else {
+            panic!("a Check must go out");
+        };
+        let (gid2, general) = lane_opened(&agent);
+        assert_eq!(c.take_new_lanes(), vec![1]);
+        answer_lane(&mut c, &agent, gid2, true);
+        c.flush().unwrap();
+        assert_eq!(
+            sent(&general),
+            vec![Request::Check {
+                id: id2,
+                accounts: one("stranger2")
+            }]
+        );
+        assert!(sent(&agent).is_empty());
     }
 
     #[test]

@@ -916,11 +916,19 @@ impl Server {
             let Some(fd) = self.delivery.raw_fd(lane) else {
                 continue;
             };
-            let r = self.poll.registry().register(
-                &mut SourceFd(&fd),
-                Token(LANE_BASE + lane),
-                Interest::READABLE,
-            );
+            let (token, interest) = (Token(LANE_BASE + lane), Interest::READABLE);
+            let r = match self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), token, interest)
+            {
+                // Should the descriptor number still be watched, it is watched anew.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self
+                    .poll
+                    .registry()
+                    .reregister(&mut SourceFd(&fd), token, interest),
+                r => r,
+            };
             if let Err(e) = r {
                 return self.agent_failed(AgentGone(format!(
                     "cannot watch the delivery agent's lane {lane}: {e}"
@@ -929,6 +937,8 @@ impl Server {
             if self.agent_write_interest.len() <= lane {
                 self.agent_write_interest.resize(lane + 1, false);
             }
+            // A refused lane's place taken again: a new socket, registered READABLE only.
+            self.agent_write_interest[lane] = false;
         }
         for lane in 0..self.agent_write_interest.len() {
             let want = self.delivery.wants_write(lane);
