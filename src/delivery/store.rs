@@ -755,20 +755,26 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// A commit that fails in new/ forgets the Maildir, and its place in the count shared
-    /// by the lanes (found in review: it was kept counted for good, and after 256 such
-    /// failures no lane kept any Maildir).
-    #[test]
-    fn a_failed_commit_lets_go_of_its_maildir() {
-        let dir = std::env::temp_dir().join(format!("inboxd-store-fail-{}", std::process::id()));
+    /// A store delivering under a fresh `--maildir-root` in the temporary directory, and
+    /// the account this test runs as, its one recipient.
+    fn scratch_store(tag: &str) -> (std::path::PathBuf, Store, [String; 1]) {
+        let dir = std::env::temp_dir().join(format!("inboxd-store-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let layout = Layout::root(&dir).unwrap();
         let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
             .unwrap()
             .unwrap()
             .name;
-        let mut store = Store::new("host.test", layout, true);
-        let one = [me.clone()];
+        (dir, Store::new("host.test", layout, true), [me])
+    }
+
+    /// A commit that fails in new/ forgets the Maildir, and its place in the count shared
+    /// by the lanes (found in review: it was kept counted for good, and after 256 such
+    /// failures no lane kept any Maildir).
+    #[test]
+    fn a_failed_commit_lets_go_of_its_maildir() {
+        let (dir, mut store, one) = scratch_store("fail");
+        let me = one[0].clone();
         assert!(store.open(1, &one).is_ok());
         assert_eq!(store.cached_maildirs.load(Ordering::Relaxed), 1);
         // new/ goes away under the opened Maildir: the link into it fails.
@@ -800,16 +806,8 @@ mod tests {
 
     #[test]
     fn open_copies_are_capped() {
-        let dir = std::env::temp_dir().join(format!("inboxd-store-cap-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let layout = Layout::root(&dir).unwrap();
-        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
-            .unwrap()
-            .unwrap()
-            .name;
-        let mut store = Store::new("host.test", layout, true);
+        let (dir, mut store, one) = scratch_store("cap");
         store.max_open_copies = 3;
-        let one = [me];
         for id in 1..=3 {
             assert!(store.open(id, &one).is_ok(), "transaction {id}");
         }
