@@ -68,6 +68,10 @@ const CHECKED_MAX: usize = 4096;
 const MOUNTS_TTL: Duration = Duration::from_secs(10);
 /// Accounts whose lane is remembered at most (beyond, the memory starts again).
 const LANE_MEMORY: usize = 4096;
+/// A lane that has not answered for this long while requests wait for it is taken for
+/// stuck (its filesystem hung): a RCPT whose mailbox check would go down it gets 451 at
+/// once, instead of waiting for its own check's timeout (30 s) behind the others.
+const LANE_STALL: Duration = Duration::from_secs(10);
 
 /// A check sent to the agent: its accounts, and the connections waiting for its answer
 /// (more than one when RCPTs to the same account came while it was out).
@@ -165,6 +169,41 @@ struct Lane {
     /// new transaction gets 451.
     outbox: VecDeque<Queued>,
     state: LaneState,
+    /// Requests given to the lane that the agent has not answered yet (queued or sent).
+    unanswered: usize,
+    /// Since when it has been so with no answer: the first request, or the last answer.
+    quiet_since: Option<Instant>,
+}
+
+impl Lane {
+    fn new(sock: OwnedFd, state: LaneState) -> Lane {
+        Lane {
+            sock,
+            outbox: VecDeque::new(),
+            state,
+            unanswered: 0,
+            quiet_since: None,
+        }
+    }
+
+    /// One more request that the agent answers.
+    fn expect_answers(&mut self, n: usize) {
+        if self.unanswered == 0 && n > 0 {
+            self.quiet_since = Some(Instant::now());
+        }
+        self.unanswered += n;
+    }
+
+    /// An answer came (`n` = 1), or a request will never go out.
+    fn answered(&mut self, n: usize, now: Instant) {
+        self.unanswered = self.unanswered.saturating_sub(n);
+        self.quiet_since = (self.unanswered > 0).then_some(now);
+    }
+
+    fn stalled(&self, now: Instant) -> bool {
+        self.quiet_since
+            .is_some_and(|at| now.saturating_duration_since(at) >= LANE_STALL)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,11 +275,7 @@ fn gone_reply() -> Reply {
 impl AgentClient {
     pub fn new(sock: OwnedFd, hostname: &str) -> AgentClient {
         AgentClient {
-            lanes: vec![Lane {
-                sock,
-                outbox: VecDeque::new(),
-                state: LaneState::Ready,
-            }],
+            lanes: vec![Lane::new(sock, LaneState::Ready)],
             router: None,
             new_lanes: Vec::new(),
             opening: HashMap::new(),
@@ -437,18 +472,14 @@ impl AgentClient {
         let id = self.next_id;
         let msg = Request::Lane { id }.encode();
         match channel::try_send_with(self.lanes[0].sock.as_fd(), &msg, &[theirs.as_fd()]) {
-            Ok(true) => {}
+            Ok(true) => self.lanes[0].expect_answers(1),
             Ok(false) => return Err(true),
             Err(e) => {
                 self.broken = Some(format!("delivery agent socket: {e}"));
                 return Err(false);
             }
         }
-        let lane = Lane {
-            sock: ours,
-            outbox: VecDeque::new(),
-            state: LaneState::Opening,
-        };
+        let lane = Lane::new(ours, LaneState::Opening);
         // A refused lane's place is taken again (its socket closed, which also takes it out
         // of the poller), unless the agent's answer to it is still to come.
         let free = (1..self.lanes.len()).find(|&i| {
@@ -481,6 +512,8 @@ impl AgentClient {
         };
         l.state = LaneState::Refused;
         let moved = std::mem::take(&mut l.outbox);
+        // All of them wait for an answer (an Abort only ever follows what was sent).
+        l.answered(moved.len(), Instant::now());
         let to = self.general();
         for t in self.inflight.values_mut().filter(|t| t.lane == lane) {
             t.lane = to;
@@ -489,6 +522,7 @@ impl AgentClient {
             c.lane = to;
         }
         if let Some(g) = self.lanes.get_mut(to) {
+            g.expect_answers(moved.len());
             g.outbox.extend(moved);
         }
     }
@@ -513,6 +547,7 @@ impl AgentClient {
             // is.
             if let Some(i) = l.outbox.iter().position(|q| q.id == *id && q.begin) {
                 l.outbox.remove(i);
+                l.answered(1, Instant::now());
                 return Ok(());
             }
         }
@@ -522,6 +557,9 @@ impl AgentClient {
             ));
         }
         let msg = r.encode();
+        // Every request but Abort is answered.
+        let answered = !matches!(r, Request::Abort { .. });
+        l.expect_answers(usize::from(answered));
         if l.outbox.is_empty() && l.state == LaneState::Ready {
             match channel::try_send(l.sock.as_fd(), &msg) {
                 Ok(true) => return Ok(()),
@@ -614,6 +652,12 @@ impl AgentClient {
             accounts: stale.clone(),
         };
         let lane = self.lane_for(&stale, now);
+        if self.lanes.get(lane).is_some_and(|l| l.stalled(now)) {
+            return CheckStart::Failed(DeliveryError::Io(format!(
+                "the delivery agent's lane for this mailbox has not answered for {}s",
+                LANE_STALL.as_secs()
+            )));
+        }
         match self.send(lane, &r) {
             Ok(()) => {
                 self.checks.insert(
@@ -652,6 +696,7 @@ impl AgentClient {
         };
         if let Some(i) = l.outbox.iter().position(|q| q.id == id) {
             l.outbox.remove(i);
+            l.answered(1, Instant::now());
             self.checks.remove(&id);
         }
     }
@@ -945,6 +990,7 @@ impl AgentClient {
             let Ok(resp) = Response::decode(&msg) else {
                 return Err(self.fail_all("malformed answer from the delivery agent"));
             };
+            self.lanes[lane].answered(1, Instant::now());
             self.handle(resp, fds);
         }
     }
@@ -1471,6 +1517,66 @@ mod tests {
             }]
         );
         assert!(sent(&agent).is_empty());
+    }
+
+    /// A lane that has not answered for LANE_STALL while requests wait for it: RCPTs whose
+    /// check would go down it get a 451 at once; other lanes are not affected, and once it
+    /// answers again checks go down it again.
+    #[test]
+    fn a_lane_silent_too_long_refuses_new_checks_at_once() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = routed(ours, |a| match a {
+            "procish" | "procish2" => Some(PathBuf::from("/proc/x")),
+            "rooted" => Some(PathBuf::from("/nonexistent/rooted")),
+            _ => None,
+        });
+        let (gid, _general) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, gid, true);
+        let now = Instant::now();
+        let one = |a: &str| vec![a.to_string()];
+        let CheckStart::Sent(id1) = c.check(1, &one("procish"), now) else {
+            panic!("a Check must go out");
+        };
+        let (lid, lane) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, lid, true);
+        c.flush().unwrap();
+        assert_eq!(sent(&lane).len(), 1);
+        // Not yet: a second check goes down it and waits.
+        let CheckStart::Sent(id2) = c.check(2, &one("procish2"), now + LANE_STALL / 2) else {
+            panic!("a Check must go out");
+        };
+        let later = now + LANE_STALL + Duration::from_secs(1);
+        // The fixed mount table stays (not read again from this host).
+        c.router.as_mut().unwrap().mounts_at = Some(later);
+        match c.check(3, &one("procish2"), later) {
+            // The same account: it joins the check already out.
+            CheckStart::Sent(_) => {}
+            other => panic!("{other:?}"),
+        }
+        c.forget_check(id1, 1);
+        let stuck = c.check(4, &["procish".to_string(), "procish2".to_string()], later);
+        assert!(
+            matches!(stuck, CheckStart::Failed(DeliveryError::Io(_))),
+            "{stuck:?}"
+        );
+        // Another filesystem's lane is not stuck.
+        assert!(matches!(
+            c.check(5, &one("rooted"), later),
+            CheckStart::Sent(_)
+        ));
+        // It answers everything: checks go down it again.
+        for id in [id1, id2] {
+            answer(
+                &lane,
+                Response::Done {
+                    id,
+                    names: Vec::new(),
+                },
+            );
+        }
+        c.on_readable(2).unwrap();
+        let again = c.check(6, &["procish".to_string(), "procish2".to_string()], later);
+        assert!(matches!(again, CheckStart::Sent(_)), "{again:?}");
     }
 
     #[test]
