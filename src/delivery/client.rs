@@ -194,10 +194,19 @@ impl Lane {
         self.unanswered += n;
     }
 
-    /// An answer came (`n` = 1), or a request will never go out.
-    fn answered(&mut self, n: usize, now: Instant) {
-        self.unanswered = self.unanswered.saturating_sub(n);
+    /// An answer came: the quiet time starts again, if more wait.
+    fn answered(&mut self, now: Instant) {
+        self.unanswered = self.unanswered.saturating_sub(1);
         self.quiet_since = (self.unanswered > 0).then_some(now);
+    }
+
+    /// `n` requests will never go out (taken back, or moved): the agent said nothing, so
+    /// the quiet time goes on, if more wait.
+    fn withdrawn(&mut self, n: usize) {
+        self.unanswered = self.unanswered.saturating_sub(n);
+        if self.unanswered == 0 {
+            self.quiet_since = None;
+        }
     }
 
     fn stalled(&self, now: Instant) -> bool {
@@ -513,7 +522,7 @@ impl AgentClient {
         l.state = LaneState::Refused;
         let moved = std::mem::take(&mut l.outbox);
         // All of them wait for an answer (an Abort only ever follows what was sent).
-        l.answered(moved.len(), Instant::now());
+        l.withdrawn(moved.len());
         let to = self.general();
         for t in self.inflight.values_mut().filter(|t| t.lane == lane) {
             t.lane = to;
@@ -547,7 +556,7 @@ impl AgentClient {
             // is.
             if let Some(i) = l.outbox.iter().position(|q| q.id == *id && q.begin) {
                 l.outbox.remove(i);
-                l.answered(1, Instant::now());
+                l.withdrawn(1);
                 return Ok(());
             }
         }
@@ -696,7 +705,7 @@ impl AgentClient {
         };
         if let Some(i) = l.outbox.iter().position(|q| q.id == id) {
             l.outbox.remove(i);
-            l.answered(1, Instant::now());
+            l.withdrawn(1);
             self.checks.remove(&id);
         }
     }
@@ -990,7 +999,7 @@ impl AgentClient {
             let Ok(resp) = Response::decode(&msg) else {
                 return Err(self.fail_all("malformed answer from the delivery agent"));
             };
-            self.lanes[lane].answered(1, Instant::now());
+            self.lanes[lane].answered(Instant::now());
             self.handle(resp, fds);
         }
     }
