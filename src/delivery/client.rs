@@ -1589,6 +1589,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lane_is_quiet_until_an_answer_and_a_request_taken_back_is_none() {
+        let (ours, _agent) = channel::pair().unwrap();
+        let mut l = Lane::new(ours, LaneState::Ready);
+        assert!(l.quiet_since.is_none());
+        l.expect_answers(3);
+        let t0 = l.quiet_since.expect("quiet from the first request");
+        l.expect_answers(1);
+        l.withdrawn(1);
+        assert_eq!(l.quiet_since, Some(t0), "taking one back is no answer");
+        assert!(l.stalled(t0 + LANE_STALL));
+        let t1 = t0 + Duration::from_secs(3);
+        l.answered(t1);
+        assert_eq!(l.quiet_since, Some(t1));
+        assert!(!l.stalled(t0 + LANE_STALL));
+        l.withdrawn(1);
+        l.answered(t1);
+        assert_eq!((l.unanswered, l.quiet_since), (0, None));
+        assert!(!l.stalled(t1 + LANE_STALL * 10));
+    }
+
+    #[test]
     fn no_more_lanes_than_the_agent_serves() {
         let (ours, agent) = channel::pair().unwrap();
         // "u2b" lives on u2's filesystem.
