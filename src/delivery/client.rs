@@ -140,6 +140,13 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Whether the agent has been asked anything about it (a Begin or a Deliver went out).
+    fn told(&self) -> bool {
+        self.streamed || self.state == State::Committing
+    }
+}
+
+impl InFlight {
     /// Whether the held data and the trace fields still fit one Deliver.
     fn fits_one_request(&self) -> bool {
         deliver_size(&self.accounts, &self.heads, self.held.len()) <= MAX_DATAGRAM
@@ -271,6 +278,15 @@ pub struct AgentClient {
     /// Accounts whose check (of that account alone) failed, when, and why: RCPTs repeated to
     /// a broken mailbox cost the agent one check per [`CHECKED_TTL`], not one each.
     refused: HashMap<String, (Instant, DeliveryError)>,
+}
+
+/// What a RCPT or a message gets when the agent's lane for it has been silent for
+/// [`LANE_STALL`] (451 4.3.0).
+fn silent_lane() -> DeliveryError {
+    DeliveryError::Io(format!(
+        "the delivery agent's lane for this mailbox has not answered for {}s",
+        LANE_STALL.as_secs()
+    ))
 }
 
 fn gone_reply() -> Reply {
@@ -662,10 +678,7 @@ impl AgentClient {
         };
         let lane = self.lane_for(&stale, now);
         if self.lanes.get(lane).is_some_and(|l| l.stalled(now)) {
-            return CheckStart::Failed(DeliveryError::Io(format!(
-                "the delivery agent's lane for this mailbox has not answered for {}s",
-                LANE_STALL.as_secs()
-            )));
+            return CheckStart::Failed(silent_lane());
         }
         match self.send(lane, &r) {
             Ok(()) => {
@@ -783,17 +796,35 @@ impl AgentClient {
         );
     }
 
+    /// Whether a message to `accounts` taking `lane` would wait behind a silent lane: its
+    /// own, or that of one of its accounts (a message mixing filesystems takes the general
+    /// lane, which one hung filesystem among them stalls).
+    fn silent_for(&self, lane: usize, accounts: &[String], now: Instant) -> bool {
+        let silent = |l: usize| self.lanes.get(l).is_some_and(|x| x.stalled(now));
+        silent(lane)
+            || self.router.as_ref().is_some_and(|r| {
+                accounts
+                    .iter()
+                    .any(|a| r.by_account.get(a).is_some_and(|&l| silent(l)))
+            })
+    }
+
     /// The held data no longer fits a Deliver: open the copies the streaming way.
     fn begin_streaming(&mut self, id: u64) {
         let Some(t) = self.inflight.get(&id) else {
             return;
         };
         let (lane, accounts) = (t.lane, t.accounts.clone());
-        let error = self.send(lane, &Request::Begin { id, accounts }).err();
+        // Behind a silent lane it would wait for minutes: refused at the end of data.
+        let error = if self.silent_for(lane, &accounts, Instant::now()) {
+            Some(silent_lane())
+        } else {
+            self.send(lane, &Request::Begin { id, accounts }).err()
+        };
         let Some(t) = self.inflight.get_mut(&id) else {
             return;
         };
-        t.streamed = true;
+        t.streamed = error.is_none();
         // No answer can come for a Begin that was not sent: the end of data fails at once.
         if let Some(e) = error {
             t.error = Some(e);
@@ -840,7 +871,7 @@ impl AgentClient {
             let Some(t) = self.inflight.remove(&id) else {
                 return;
             };
-            if t.state == State::Buffering {
+            if !t.told() {
                 return; // the agent never heard of it
             }
             // The agent handles a lane's requests in order: an Abort after a Begin it has not
@@ -880,6 +911,27 @@ impl AgentClient {
     /// never reaches it); then the copies are opened the streaming way and committed once
     /// written.
     fn deliver(&mut self, id: u64) {
+        let Some(t) = self.inflight.get(&id) else {
+            return;
+        };
+        // Behind a silent lane it would wait for up to AGENT_TIMEOUT (10 minutes): 451 now,
+        // and the next RCPT to its accounts asks again (and gets its own 451 at once).
+        if t.fits_one_request() && self.silent_for(t.lane, &t.accounts, Instant::now()) {
+            let e = silent_lane();
+            if let Some(t) = self.inflight.remove(&id) {
+                warn!(
+                    "event=not_delivered session={:x} tx={} status={} error={:?}",
+                    t.conn,
+                    t.tx_id,
+                    e.reply().code,
+                    e.to_string()
+                );
+                forget_checked(&mut self.checked, &t.accounts);
+                self.by_conn.remove(&t.conn);
+                self.outcomes.push_back((t.conn, Err(e.reply())));
+            }
+            return;
+        }
         let Some(t) = self.inflight.get_mut(&id) else {
             return;
         };
@@ -943,13 +995,16 @@ impl AgentClient {
                 e.reply().code,
                 e.to_string()
             );
-            let (conn, lane) = (t.conn, t.lane);
+            let (conn, lane, told) = (t.conn, t.lane, t.streamed);
             self.by_conn.remove(&conn);
             // Its writer, if any, closes the copies as it goes.
             if let Some(t) = self.inflight.remove(&id) {
                 forget_checked(&mut self.checked, &t.accounts);
             }
-            let _ = self.send(lane, &Request::Abort { id });
+            // Nothing to take back when its Begin never went (a silent lane, say).
+            if told {
+                let _ = self.send(lane, &Request::Abort { id });
+            }
             self.outcomes.push_back((conn, Err(e.reply())));
             return;
         }
@@ -1607,6 +1662,60 @@ mod tests {
         l.answered(t1);
         assert_eq!((l.unanswered, l.quiet_since), (0, None));
         assert!(!l.stalled(t1 + LANE_STALL * 10));
+    }
+
+    /// A message whose lane, or one of whose accounts' lanes, has been silent too long is
+    /// answered 451 at its end instead of waiting behind it (up to 10 minutes); a message
+    /// mixing filesystems takes the general lane, which the hung one would stall.
+    #[test]
+    fn a_message_that_would_wait_behind_a_silent_lane_gets_451_at_its_end() {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = routed(ours, |a| match a {
+            "user0" | "procish" => Some(PathBuf::from("/proc/x")),
+            "user1" => Some(PathBuf::from("/nonexistent/user1")),
+            _ => None,
+        });
+        let (gid, general) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, gid, true);
+        let now = Instant::now();
+        assert!(matches!(
+            c.check(9, &["procish".to_string()], now),
+            CheckStart::Sent(_)
+        ));
+        let (lid, lane) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, lid, true);
+        c.flush().unwrap();
+        assert_eq!(sent(&lane).len(), 1, "the check, unanswered");
+        // Before the lane is silent, a message goes down it.
+        let send = |c: &mut AgentClient, conn: u64, accounts: usize| {
+            start(c, conn, &transaction(accounts, "client.example"));
+            c.write(conn, b"Subject: x\r\n\r\nhi\r\n".to_vec());
+            c.finish(conn);
+        };
+        send(&mut c, 1, 1);
+        c.flush().unwrap();
+        assert!(matches!(sent(&lane).as_slice(), [Request::Deliver { .. }]));
+        assert!(c.poll_outcome().is_none(), "it waits for the agent");
+        c.lanes[2].quiet_since = Some(Instant::now() - LANE_STALL);
+        // On the silent lane, and mixed with another filesystem: 451 at once.
+        send(&mut c, 2, 1);
+        send(&mut c, 3, 2);
+        for conn in [2, 3] {
+            match c.poll_outcome() {
+                Some((got, Err(r))) if got == conn && r.code == 451 => {}
+                other => panic!("{conn}: {other:?}"),
+            }
+        }
+        // Too large to go whole: no Begin, and 451 at its end.
+        start(&mut c, 4, &transaction(1, "client.example"));
+        c.write(4, vec![b'x'; MAX_DATAGRAM + 1]);
+        c.finish(4);
+        match c.poll_outcome() {
+            Some((4, Err(r))) if r.code == 451 => {}
+            other => panic!("4: {other:?}"),
+        }
+        c.flush().unwrap();
+        assert!(sent(&lane).is_empty() && sent(&general).is_empty());
     }
 
     #[test]
