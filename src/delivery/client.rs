@@ -71,7 +71,9 @@ const LANE_MEMORY: usize = 4096;
 /// A lane that has not answered for this long while requests wait for it is taken for
 /// stuck (its filesystem hung): a RCPT whose mailbox check would go down it gets 451 at
 /// once, instead of waiting for its own check's timeout (30 s) behind the others.
-const LANE_STALL: Duration = Duration::from_secs(10);
+/// Long enough for a healthy but slow commit (a 100 MiB message on a slow disk): while a
+/// lane is taken for stuck, its filesystem's new mail gets 451s it would not have needed.
+const LANE_STALL: Duration = Duration::from_secs(20);
 
 /// A check sent to the agent: its accounts, and the connections waiting for its answer
 /// (more than one when RCPTs to the same account came while it was out).
@@ -391,16 +393,19 @@ impl AgentClient {
         if self.router.is_none() {
             return 0;
         }
+        // Every account is looked up (not only up to the first that differs), so that each
+        // one's lane is known to `silent_for`.
         let mut lane = None;
+        let mut mixed = false;
         for a in accounts {
             match (lane, self.account_lane(a, now)) {
-                (_, None) => return self.general(),
-                (Some(x), Some(y)) if x != y => return self.general(),
+                (_, None) => mixed = true,
+                (Some(x), Some(y)) if x != y => mixed = true,
                 (_, l) => lane = l,
             }
         }
         match lane {
-            Some(l) if self.usable(l) => l,
+            Some(l) if !mixed && self.usable(l) => l,
             _ => self.general(),
         }
     }
@@ -539,6 +544,18 @@ impl AgentClient {
         let moved = std::mem::take(&mut l.outbox);
         // All of them wait for an answer (an Abort only ever follows what was sent).
         l.withdrawn(moved.len());
+        // Nothing points at its place any more, which another lane may take: its filesystem
+        // has no lane until the next reading of the mount table, and if it was the general
+        // lane, it is asked for again then.
+        if let Some(r) = self.router.as_mut() {
+            r.by_account.retain(|_, l| *l != lane);
+            for l in r.by_dev.values_mut().filter(|l| **l == Some(lane)) {
+                *l = None;
+            }
+            if r.general == Some(lane) {
+                r.general = None;
+            }
+        }
         let to = self.general();
         for t in self.inflight.values_mut().filter(|t| t.lane == lane) {
             t.lane = to;
@@ -666,8 +683,14 @@ impl AgentClient {
         }
         // The same accounts already being checked (a burst of mail to one account, or a
         // hung home): wait for that answer, asking the agent nothing more.
-        if let Some((&id, req)) = self.checks.iter_mut().find(|(_, r)| r.accounts == stale) {
-            req.waiters.push(conn);
+        if let Some((&id, req)) = self.checks.iter().find(|(_, r)| r.accounts == stale) {
+            // Not behind a check stuck on a silent lane.
+            if self.silent_for(req.lane, &stale, now) {
+                return CheckStart::Failed(silent_lane());
+            }
+            if let Some(req) = self.checks.get_mut(&id) {
+                req.waiters.push(conn);
+            }
             return CheckStart::Sent(id);
         }
         self.next_id += 1;
@@ -677,7 +700,7 @@ impl AgentClient {
             accounts: stale.clone(),
         };
         let lane = self.lane_for(&stale, now);
-        if self.lanes.get(lane).is_some_and(|l| l.stalled(now)) {
+        if self.silent_for(lane, &stale, now) {
             return CheckStart::Failed(silent_lane());
         }
         match self.send(lane, &r) {
@@ -995,7 +1018,7 @@ impl AgentClient {
                 e.reply().code,
                 e.to_string()
             );
-            let (conn, lane, told) = (t.conn, t.lane, t.streamed);
+            let (conn, lane, told) = (t.conn, t.lane, t.told());
             self.by_conn.remove(&conn);
             // Its writer, if any, closes the copies as it goes.
             if let Some(t) = self.inflight.remove(&id) {
@@ -1597,6 +1620,8 @@ mod tests {
         let (gid, _general) = lane_opened(&agent);
         answer_lane(&mut c, &agent, gid, true);
         let now = Instant::now();
+        // The fixed mount table stays for the whole test (not read again from this host).
+        c.router.as_mut().unwrap().mounts_at = Some(now + Duration::from_secs(3600));
         let one = |a: &str| vec![a.to_string()];
         let CheckStart::Sent(id1) = c.check(1, &one("procish"), now) else {
             panic!("a Check must go out");
@@ -1610,11 +1635,9 @@ mod tests {
             panic!("a Check must go out");
         };
         let later = now + LANE_STALL + Duration::from_secs(1);
-        // The fixed mount table stays (not read again from this host).
-        c.router.as_mut().unwrap().mounts_at = Some(later);
+        // The same account: not even behind the check already out on the silent lane.
         match c.check(3, &one("procish2"), later) {
-            // The same account: it joins the check already out.
-            CheckStart::Sent(_) => {}
+            CheckStart::Failed(DeliveryError::Io(_)) => {}
             other => panic!("{other:?}"),
         }
         c.forget_check(id1, 1);
