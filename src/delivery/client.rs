@@ -1438,6 +1438,18 @@ mod tests {
         c
     }
 
+    /// [`routed`], its general lane answered: the client, the agent's end of the first
+    /// socket and of the general lane.
+    fn routed_and_ready(
+        homes: impl Fn(&str) -> Option<PathBuf> + 'static,
+    ) -> (AgentClient, OwnedFd, OwnedFd) {
+        let (ours, agent) = channel::pair().unwrap();
+        let mut c = routed(ours, homes);
+        let (gid, general) = lane_opened(&agent);
+        answer_lane(&mut c, &agent, gid, true);
+        (c, agent, general)
+    }
+
     #[test]
     fn each_filesystem_of_homes_gets_a_lane_and_the_rest_the_general_one() {
         let (ours, agent) = channel::pair().unwrap();
@@ -1611,14 +1623,11 @@ mod tests {
     /// answers again checks go down it again.
     #[test]
     fn a_lane_silent_too_long_refuses_new_checks_at_once() {
-        let (ours, agent) = channel::pair().unwrap();
-        let mut c = routed(ours, |a| match a {
+        let (mut c, agent, _general) = routed_and_ready(|a| match a {
             "procish" | "procish2" => Some(PathBuf::from("/proc/x")),
             "rooted" => Some(PathBuf::from("/nonexistent/rooted")),
             _ => None,
         });
-        let (gid, _general) = lane_opened(&agent);
-        answer_lane(&mut c, &agent, gid, true);
         let now = Instant::now();
         // The fixed mount table stays for the whole test (not read again from this host).
         c.router.as_mut().unwrap().mounts_at = Some(now + Duration::from_secs(3600));
@@ -1692,14 +1701,11 @@ mod tests {
     /// mixing filesystems takes the general lane, which the hung one would stall.
     #[test]
     fn a_message_that_would_wait_behind_a_silent_lane_gets_451_at_its_end() {
-        let (ours, agent) = channel::pair().unwrap();
-        let mut c = routed(ours, |a| match a {
+        let (mut c, agent, general) = routed_and_ready(|a| match a {
             "user0" | "procish" => Some(PathBuf::from("/proc/x")),
             "user1" => Some(PathBuf::from("/nonexistent/user1")),
             _ => None,
         });
-        let (gid, general) = lane_opened(&agent);
-        answer_lane(&mut c, &agent, gid, true);
         let now = Instant::now();
         assert!(matches!(
             c.check(9, &["procish".to_string()], now),
