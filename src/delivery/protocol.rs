@@ -25,9 +25,10 @@
 //! one broken mailbox gets its own 4xx instead of failing a whole transaction at the dot.
 //!
 //! Lane hands the agent one end of a new socket pair (its id, a request id like any other,
-//! names the lane in the agent's log): a thread of the agent serves it as it serves the first, and the receiver sends
-//! there the requests for the accounts whose homes are on one filesystem, so that one that
-//! hangs (an NFS server that stops answering) holds up only those (see `agent`).
+//! names the lane in the agent's log): a thread of the agent serves it as it serves the
+//! first, and the receiver sends there the requests for the accounts whose homes are on one
+//! filesystem, so that one that hangs (an NFS server that stops answering) holds up only
+//! those (see `agent`).
 //!
 //! Owns encoding and strict decoding (exact lengths, no trailing bytes, bounded counts; a
 //! Deliver's data has no length of its own, it is what the datagram holds after the fields,
