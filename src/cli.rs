@@ -111,7 +111,7 @@ fn options() -> Options {
         "u",
         "user",
         &format!(
-            "started as root, run the network-facing process as this user (default {DEFAULT_USER})"
+            "started as root, run the network-facing process as this user, and the delivery agent with its filesystem identity between recipients (default {DEFAULT_USER})"
         ),
         "NAME",
     );

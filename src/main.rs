@@ -158,28 +158,30 @@ fn raise_fd_limit() {
     }
 }
 
-/// `inboxd --delivery-agent --hostname NAME [--maildir-root DIR] [--allow-root]`, with the
-/// socket to the receiver as standard input: the delivery agent (an internal interface,
-/// started by inboxd itself; see `delivery::agent`).
+/// `inboxd --delivery-agent --hostname NAME --user USER [--maildir-root DIR] [--allow-root]`,
+/// with the socket to the receiver as standard input: the delivery agent (an internal
+/// interface, started by inboxd itself; see `delivery::agent`).
 fn agent_main(args: &[String]) -> ExitCode {
     inboxd::logging::init("info");
     let mut hostname = None;
     let mut root = None;
     let mut allow_root = false;
+    let mut user = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--hostname" => hostname = it.next().cloned(),
             "--maildir-root" => root = it.next().cloned(),
             "--allow-root" => allow_root = true,
+            "--user" => user = it.next().cloned(),
             other => {
                 eprintln!("inboxd delivery agent: unexpected argument {other:?}");
                 return ExitCode::from(EX_USAGE);
             }
         }
     }
-    let Some(hostname) = hostname else {
-        eprintln!("inboxd delivery agent: --hostname is required");
+    let (Some(hostname), Some(user)) = (hostname, user) else {
+        eprintln!("inboxd delivery agent: --hostname and --user are required");
         return ExitCode::from(EX_USAGE);
     };
     let layout = match root {
@@ -198,6 +200,12 @@ fn agent_main(args: &[String]) -> ExitCode {
     {
         eprintln!("inboxd delivery agent: setting up: {e}");
         return ExitCode::from(EX_OSERR);
+    }
+    // Before any thread starts: between recipients the agent's filesystem identity is the
+    // receiver's unprivileged user's, not root's (see delivery::privileges).
+    if let Err(e) = privileges::rest_as(&user) {
+        eprintln!("inboxd delivery agent: {e}");
+        return ExitCode::from(EX_CONFIG);
     }
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(s) => s,
@@ -352,6 +360,7 @@ fn start_agent(
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--delivery-agent")
         .args(["--hostname", &config.hostname])
+        .args(["--user", &config.user])
         .stdin(std::process::Stdio::from(theirs))
         .stdout(std::process::Stdio::null());
     if let Some(root) = &config.maildir_root {

@@ -29,13 +29,15 @@ impl Agent {
     /// The agent started with `queued` already waiting on its socket: they make its first
     /// batch, whatever the timing.
     fn start_after(mut cmd: Command, args: &[&str], queued: &[Request]) -> Agent {
+        // As root, the agent rests as this user between recipients.
+        ensure_receiver_user();
         let (ours, theirs) = channel::pair().unwrap();
         for r in queued {
             channel::send(ours.as_fd(), &r.encode(), &[]).unwrap();
         }
         let child = cmd
             .arg("--delivery-agent")
-            .args(["--hostname", "mx.test"])
+            .args(["--hostname", "mx.test", "--user", "inboxd"])
             .args(args)
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())

@@ -193,6 +193,33 @@ fn home_not_writable_by_its_owner() {
     );
 }
 
+/// The agent walks to a home as its owner, as the owner does to read the mail: a home below
+/// a directory only root may search (root-owned, 0700) is refused, where an agent walking
+/// as root (owner of that directory, no override needed) would have created a Maildir there
+/// that nobody could read.
+#[test]
+fn home_its_owner_cannot_reach() {
+    if skip_unless_root("home_its_owner_cannot_reach") {
+        return;
+    }
+    let locked = PathBuf::from("/home/inboxd-locked");
+    let home = locked.join("home");
+    let _ = std::fs::remove_dir_all(&locked);
+    std::fs::create_dir(&locked).unwrap();
+    account("inboxd-locked", &home, true);
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).unwrap();
+    refused(
+        "home below a directory its owner may not search (root's, 0700)",
+        "inboxd-locked",
+        &home,
+        None,
+        "450 4.2.0",
+        "EACCES",
+    );
+    assert!(!home.join("Maildir").exists(), "a Maildir was made");
+    let _ = std::fs::remove_dir_all(&locked);
+}
+
 #[test]
 fn maildir_is_a_file() {
     if skip_unless_root("maildir_is_a_file") {

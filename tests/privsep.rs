@@ -1,6 +1,7 @@
 //! Privilege separation, as root: the network-facing receiver runs as the user `inboxd`
-//! with no capabilities, the delivery agent (its child) keeps root, and a killed agent costs
-//! the clients in flight a 4xx, never a lost or duplicated 250.
+//! with no capabilities, the delivery agent (its child) keeps root's ids but rests as
+//! `inboxd` between recipients, and a killed agent costs the clients in flight a 4xx, never
+//! a lost or duplicated 250.
 
 mod common;
 
@@ -33,7 +34,6 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
     let capeff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
     assert!(capeff.ends_with("0000000000000000"), "{capeff}");
     let agent = agent_of(&server);
-    assert_eq!(proc_uids(agent), vec![0; 4], "agent uids");
     // The agent keeps CAP_CHOWN, CAP_SETGID and CAP_SETUID only (it
     // may still be starting: "listening" is logged by the receiver).
     let field = |name: &str| {
@@ -45,12 +45,16 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
             .unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while field("NoNewPrivs:") != "1" && Instant::now() < deadline {
+    while proc_uids(agent).get(3) != Some(&inboxd) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Real, effective and saved 0; the filesystem identity at rest is the receiver's user's
+    // (set last, after the capabilities and no_new_privs).
+    assert_eq!(proc_uids(agent), vec![0, 0, 0, inboxd], "agent uids");
     assert_eq!(field("NoNewPrivs:"), "1");
     assert_eq!(field("CapPrm:"), "00000000000000c1");
-    assert_eq!(field("CapEff:"), "00000000000000c1");
+    // CAP_CHOWN is effective only while fsuid is 0 (the kernel clears it with the change).
+    assert_eq!(field("CapEff:"), "00000000000000c0");
     assert_eq!(field("CapInh:"), "0000000000000000");
     // And mail still arrives, owned by its recipient.
     let tok = token();
@@ -58,6 +62,84 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
         .deliver(&["nobody"], &message(&tok))
         .starts_with("250 "));
     assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
+}
+
+/// The filesystem identities (fsuid, fsgid) of every thread of `pid`, by thread id, from
+/// /proc/PID/task/*/status.
+fn thread_fs_ids(pid: u32) -> Vec<(u32, String, u32, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let fourth = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().nth(3))
+                .and_then(|x| x.parse::<u32>().ok())
+                .unwrap()
+        };
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let tid = t.file_name().to_string_lossy().parse().unwrap();
+        out.push((tid, name, fourth("Uid:"), fourth("Gid:")));
+    }
+    out
+}
+
+/// Between recipients no thread of the agent has root's filesystem identity: the first
+/// rests as the receiver's user, and the lane, lookup and fsync threads as that user or as
+/// the last recipient (in both layouts: homes, where a lane thread delivers, and
+/// `--maildir-root`, whose new entry is made as root and handed over).
+#[test]
+fn no_thread_of_the_agent_rests_as_root() {
+    if skip_unless_root("no_thread_of_the_agent_rests_as_root") {
+        return;
+    }
+    let inboxd = nix::unistd::User::from_name("inboxd").unwrap().unwrap();
+    let (inboxd_uid, inboxd_gid) = (inboxd.uid.as_raw(), inboxd.gid.as_raw());
+    let (jones_home, _) = ensure_user("Jones");
+    let (server, _aliases) = start_system();
+    let tok = token();
+    assert!(server
+        .deliver(&["Jones"], &message(&tok))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&jones_home.join("Maildir"), &tok).len(), 1);
+    let agent = agent_of(&server);
+    let threads = thread_fs_ids(agent);
+    println!("homes: agent threads (tid, name, fsuid, fsgid): {threads:?}");
+    assert!(threads.len() >= 2, "a lane thread at least: {threads:?}");
+    assert!(
+        threads.iter().all(|&(_, _, u, g)| u != 0 && g != 0),
+        "homes: {threads:?}"
+    );
+    let first = threads.iter().find(|t| t.0 == agent).unwrap();
+    assert_eq!(
+        (first.2, first.3),
+        (inboxd_uid, inboxd_gid),
+        "the first thread rests: {threads:?}"
+    );
+    drop(server);
+
+    let dir = TempDir::new("fsrest");
+    let server = Server::start_in(dir.path(), &[]);
+    let tok = token();
+    assert!(server
+        .deliver(&["nobody"], &message(&tok))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
+    let threads = thread_fs_ids(agent_of(&server));
+    println!("--maildir-root: agent threads (tid, name, fsuid, fsgid): {threads:?}");
+    assert!(
+        threads.iter().all(|&(_, _, u, g)| u != 0 && g != 0),
+        "--maildir-root: {threads:?}"
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //! filesystem stops answering stalls that thread only; the other lanes, and the first
 //! socket (mixed transactions, and everything under `--maildir-root`), go on. The thread
 //! takes recipients' identities for itself (fsuid is per thread, see `privileges`) and is
-//! started as root. The Lane is answered (Done once the thread runs, Failed if refused) on
+//! started with the agent's resting one. The Lane is answered (Done once the thread runs, Failed if refused) on
 //! the socket it came on; it is refused (and its socket closed) without exactly one socket,
 //! with one that is not SOCK_SEQPACKET, beyond [`MAX_LANES`], when asked on a lane, under
 //! `--maildir-root`, or when no thread can be started. The receiver uses a lane only once it
@@ -255,8 +255,8 @@ fn lane_thread(
     let Some(lane_store) = store.for_lane() else {
         return Err("every Maildir is under --maildir-root".into());
     };
-    // A new thread starts with its creator's filesystem identity; it must start as root.
-    privileges::as_root();
+    // A new thread starts with its creator's filesystem identity: the resting one.
+    privileges::rest().map_err(|e| format!("taking the agent's own identity: {e}"))?;
     let spawned = std::thread::Builder::new()
         .name(format!("lane {id}"))
         .spawn(move || {

@@ -210,6 +210,11 @@ fn start(lookup: fn(&str) -> Result<Option<Account>, RecipientError>) -> std::io
         // The default stack (2 MiB), like the receiver's lookup thread: NSS modules (LDAP
         // with TLS, sssd) run on it, and an overflow would abort the agent (found in review).
         .spawn(move || {
+            // NSS with the agent's resting identity, whatever its creator had taken.
+            if let Err(e) = super::privileges::rest() {
+                error!("delivery agent: lookup thread: taking the agent's own identity: {e}");
+                return;
+            }
             for (n, name) in asked {
                 if answer.send((n, lookup(&name))).is_err() {
                     return;

@@ -24,7 +24,7 @@ use nix::sys::stat::{fstat, fstatat, mkdirat, Mode};
 use nix::sys::statvfs::{fstatvfs, FsFlags};
 use nix::unistd::{fsync, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
-use super::privileges::as_user;
+use super::privileges::{as_user, with_root};
 use super::DeliveryError;
 
 const DIR_FLAGS: OFlag = OFlag::O_RDONLY
@@ -186,21 +186,24 @@ fn check_owner(fd: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryErr
 
 impl Maildir {
     /// The Maildir at `home/Maildir`. The home must belong to the recipient (qmail-getpw's
-    /// rule): root never writes into a directory another user controls.
+    /// rule): root never writes into a directory another user controls. The path is walked
+    /// as the recipient, the way the recipient reaches it to read the mail (and the way a
+    /// home on NFS with root_squash lets it be reached): a home its owner cannot reach is a
+    /// 4xx, and none is reached with root's rights.
     pub fn open_in_home(home: &Path, owner: Owner) -> Result<Maildir, DeliveryError> {
-        super::privileges::as_root();
         let home = home_path(home)?;
-        let what = format!("home {}", home.display());
-        // O_PATH: no read permission is asked for, so a home on NFS with root_squash (where
-        // root is nobody) still opens, as long as the path can be walked (found in review).
-        let home_fd = openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()).map_err(|e| match e {
-            // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
-            // waits at the sender while the administrator creates it).
-            Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),
-            e => open_error(e, AT_FDCWD, home, &what),
-        })?;
-        check_owner(&home_fd, owner, &format!("home {}", home.display()))?;
         as_user(owner.uid, owner.gid, || {
+            let what = format!("home {}", home.display());
+            // O_PATH: no read permission is asked for on the home itself, only the search
+            // of the directories above it.
+            let home_fd =
+                openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()).map_err(|e| match e {
+                    // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
+                    // waits at the sender while the administrator creates it).
+                    Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),
+                    e => open_error(e, AT_FDCWD, home, &what),
+                })?;
+            check_owner(&home_fd, owner, &what)?;
             let md = open_dir(&home_fd, "Maildir", owner)?;
             Maildir::open_subdirs(md, owner)
         })
@@ -208,13 +211,22 @@ impl Maildir {
     }
 
     /// The Maildir `root/<account>` (the `--maildir-root` layout). `root/<account>` is made by
-    /// us (as root: then handed to the recipient) if it is missing.
+    /// us (as root: then handed to the recipient) if it is missing. Only these steps take
+    /// root's filesystem identity ([`with_root`]): `root` may be root's alone.
     pub fn open_in_root(
         root: &OwnedFd,
         account: &str,
         owner: Owner,
     ) -> Result<Maildir, DeliveryError> {
-        super::privileges::as_root();
+        let md = with_root(|| Maildir::enter_root(root, account, owner))
+            .map_err(|e| DeliveryError::io(e, "taking root's identity"))??;
+        as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
+            .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+    }
+
+    /// `root/<account>`, opened with O_PATH, created and handed over if missing, checked to
+    /// belong to the account: run as root (see [`Maildir::open_in_root`]).
+    fn enter_root(root: &OwnedFd, account: &str, owner: Owner) -> Result<OwnedFd, DeliveryError> {
         // O_PATH: the account's directory is its own (0700), and the agent, which keeps no
         // file override, may not read it as root (found by reliability/crash-test once
         // CAP_DAC_READ_SEARCH was given up: every opening after the first got EACCES).
@@ -247,8 +259,7 @@ impl Maildir {
             hand_over(&md, owner, account)?;
         }
         check_owner(&md, owner, account)?;
-        as_user(owner.uid, owner.gid, || Maildir::open_subdirs(md, owner))
-            .map_err(|e| DeliveryError::io(e, "taking the recipient's identity"))?
+        Ok(md)
     }
 
     fn open_subdirs(md: OwnedFd, owner: Owner) -> Result<Maildir, DeliveryError> {

@@ -4,17 +4,24 @@
 //! user's filesystem identity (Linux fsuid/fsgid, setfsuid(2)), with no supplementary groups,
 //! so the kernel checks permissions exactly as for the user and new files belong to the user.
 //! Changing fsuid away from 0 also clears the filesystem capabilities (CAP_DAC_OVERRIDE,
-//! CAP_FOWNER, ...) from the effective set, so root's overrides do not apply while it lasts.
-//! A user's identity is kept until another is needed or [`as_root`] is called: anything done
+//! CAP_CHOWN, ...) from the effective set, so root's overrides do not apply while it lasts.
+//! A user's identity is kept until another is needed or [`rest`] is called: anything done
 //! meanwhile runs with fewer rights than root's, never more.
+//! Between recipients the delivery agent rests as the receiver's unprivileged user
+//! ([`rest_as`]): its real and effective ids stay 0, but no file it touches outside a
+//! Maildir step is reached as root, so a mistake there cannot reach root's files
+//! (`/etc/shadow` belongs to root, and root needs no override to write it). Root's own
+//! filesystem identity is taken only by [`with_root`], for the few steps of
+//! `--maildir-root` that need it, and given up when they end.
 //! Unprivileged, inboxd writes as itself and this module changes nothing.
 //! The receiver gives up root entirely with [`drop_to`] once it has bound its listeners.
 //! fsuid is per thread (the raw setfsuid(2), which glibc does not broadcast), and so is the
-//! identity remembered here: each of the delivery agent's lane threads takes recipients'
-//! identities for itself, and a thread is started as root (see `agent`). The receiver's
-//! event loop is single-threaded and takes none.
+//! identity remembered here: each of the delivery agent's threads takes the identities it
+//! needs for itself, and one it does not know it has is set before use. The receiver's event
+//! loop is single-threaded and takes none.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::unistd::{
@@ -84,11 +91,20 @@ pub fn drop_to(user: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The filesystem identity (uid, gid) the agent's threads rest in between recipients, set
+/// once by [`rest_as`]; root's until then (the receiver before it drops root, the doctor).
+static REST: OnceLock<(u32, u32)> = OnceLock::new();
+
+fn rest_identity() -> (u32, u32) {
+    REST.get().copied().unwrap_or((0, 0))
+}
+
 thread_local! {
-    /// The filesystem identity this thread has taken, if not root's. It is kept after
-    /// [`as_user`] returns, so a burst of deliveries to one account switches once (each
-    /// switch is four system calls and a new set of credentials); [`as_root`] goes back.
-    /// Keeping a user's identity can only take rights away, never add any.
+    /// The filesystem identity this thread has, when known (None: a new thread, which has
+    /// whatever its creator had when it was started, or one whose change failed halfway).
+    /// It is kept after [`as_user`] returns, so a burst of deliveries to one account switches
+    /// once (each switch is four system calls and a new set of credentials); [`rest`] goes
+    /// back to the resting identity.
     static TAKEN: std::cell::Cell<Option<(u32, u32)>> = const { std::cell::Cell::new(None) };
 }
 
@@ -123,36 +139,85 @@ pub fn keep_only_delivery_capabilities() -> Result<(), Errno> {
 }
 
 /// Runs `f` with the filesystem identity `uid`/`gid` (when privileged). The identity stays
-/// until another is asked for or [`as_root`] is called.
+/// until another is asked for or [`rest`] is called.
 pub fn as_user<T>(uid: Uid, gid: Gid, f: impl FnOnce() -> T) -> Result<T, Errno> {
     if !privileged() {
         return Ok(f());
     }
-    let want = (uid.as_raw(), gid.as_raw());
-    if TAKEN.get() != Some(want) {
-        // setfsuid/setfsgid report the previous value, never an error; calling them again
-        // with the same value shows whether the change took effect.
-        setfsgid(gid);
-        setfsuid(uid);
-        if setfsuid(uid) != uid || setfsgid(gid) != gid {
-            restore();
-            return Err(Errno::EPERM);
-        }
-        TAKEN.set(Some(want));
-    }
+    take(uid.as_raw(), gid.as_raw())?;
     Ok(f())
 }
 
-/// Goes back to root's filesystem identity, for what only root may do: walking to a home
-/// directory another user may not enter, creating a `--maildir-root` entry, NSS lookups.
-pub fn as_root() {
-    if privileged() && TAKEN.get().is_some() {
-        restore();
+/// Goes back to the resting identity (the receiver's user in the agent, see [`rest_as`];
+/// root's before it is set), for what is done for no recipient in particular: NSS lookups,
+/// starting a thread.
+pub fn rest() -> Result<(), Errno> {
+    if !privileged() {
+        return Ok(());
     }
+    let (uid, gid) = rest_identity();
+    take(uid, gid)
 }
 
-fn restore() {
-    setfsuid(Uid::from_raw(0));
-    setfsgid(Gid::from_raw(0));
+/// Runs `f` with root's filesystem identity, then rests: creating and handing over a
+/// `--maildir-root` entry, in a directory that may be root's alone. CAP_CHOWN is effective
+/// only while fsuid is 0 (the kernel raises and clears it with the change).
+pub fn with_root<T>(f: impl FnOnce() -> T) -> Result<T, Errno> {
+    if !privileged() {
+        return Ok(f());
+    }
+    take(0, 0)?;
+    let out = f();
+    rest()?;
+    Ok(out)
+}
+
+/// Started as root, the delivery agent rests as `user` (the receiver's, `--user`) from now
+/// on: this thread at once, and every thread, which calls [`rest`] first thing (a new thread
+/// has whatever identity its creator had at that moment). Checked by reading it back. Does
+/// nothing when not running as root.
+pub fn rest_as(user: &str) -> Result<(), String> {
+    if !privileged() {
+        return Ok(());
+    }
+    let u = User::from_name(user)
+        .map_err(|e| format!("looking up the user {user:?}: {e}"))?
+        .ok_or_else(|| format!("no user {user:?} to rest as"))?;
+    if u.uid.is_root() {
+        return Err(format!("--user {user}: the agent must not rest as uid 0"));
+    }
+    let want = (u.uid.as_raw(), u.gid.as_raw());
+    if REST.set(want).is_err() && REST.get() != Some(&want) {
+        return Err("the agent's resting identity is already set".to_string());
+    }
+    // take() reads the identity back: an error here means it did not hold.
+    rest().map_err(|e| format!("taking {user}'s filesystem identity: {e}"))
+}
+
+/// Takes the filesystem identity `uid`/`gid` for this thread, unless it is known to have it.
+fn take(uid: u32, gid: u32) -> Result<(), Errno> {
+    let want = (uid, gid);
+    if TAKEN.get() == Some(want) {
+        return Ok(());
+    }
+    // Unknown until it has held.
     TAKEN.set(None);
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    // setfsuid/setfsgid report the previous value, never an error; calling them again
+    // with the same value shows whether the change took effect.
+    setfsgid(gid);
+    setfsuid(uid);
+    if setfsuid(uid) != uid || setfsgid(gid) != gid {
+        // Back to the resting identity, the least rights this thread can be known to have.
+        let (ru, rg) = rest_identity();
+        let (ru, rg) = (Uid::from_raw(ru), Gid::from_raw(rg));
+        setfsgid(rg);
+        setfsuid(ru);
+        if setfsuid(ru) == ru && setfsgid(rg) == rg {
+            TAKEN.set(Some((ru.as_raw(), rg.as_raw())));
+        }
+        return Err(Errno::EPERM);
+    }
+    TAKEN.set(Some(want));
+    Ok(())
 }

@@ -320,8 +320,9 @@ impl Store {
     }
 
     fn open_maildir(&mut self, account: &str) -> Result<Maildir, DeliveryError> {
-        // NSS may talk to a daemon over a socket: as root, not as the last recipient.
-        privileges::as_root();
+        // NSS may read files and talk to a daemon over a socket: with the agent's resting
+        // identity, not as the last recipient, nor as root.
+        privileges::rest().map_err(|e| DeliveryError::io(e, "taking the agent's own identity"))?;
         if !is_account_name(account) {
             return Err(DeliveryError::Account(format!(
                 "{account:?} is not an account name"

@@ -317,14 +317,20 @@ fn start_pool() -> Option<Pool> {
         let spawned = std::thread::Builder::new()
             .name(format!("fsync{n}"))
             .stack_size(64 * 1024)
-            .spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(guard) => guard.recv(),
-                    Err(_) => return,
-                };
-                let Ok((i, fd)) = job else { return };
-                if tx.send((i, fsync(&fd))).is_err() {
-                    return;
+            .spawn(move || {
+                // Only fsyncs descriptors, which no identity changes; it rests like every
+                // thread of the agent rather than keep the recipient's its creator had taken
+                // (failing that, it keeps that one: it opens nothing).
+                let _ = super::privileges::rest();
+                loop {
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((i, fd)) = job else { return };
+                    if tx.send((i, fsync(&fd))).is_err() {
+                        return;
+                    }
                 }
             });
         if let Err(e) = spawned {
