@@ -203,9 +203,9 @@ fn agent_main(args: &[String]) -> ExitCode {
     }
     // Before any thread starts: between recipients the agent's filesystem identity is the
     // receiver's unprivileged user's, not root's (see delivery::privileges).
-    if let Err(e) = privileges::rest_as(&user) {
+    if let Err((config, e)) = privileges::rest_as(&user) {
         eprintln!("inboxd delivery agent: {e}");
-        return ExitCode::from(EX_CONFIG);
+        return ExitCode::from(if config { EX_CONFIG } else { EX_OSERR });
     }
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(s) => s,

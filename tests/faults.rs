@@ -193,31 +193,38 @@ fn home_not_writable_by_its_owner() {
     );
 }
 
-/// The agent walks to a home as its owner, as the owner does to read the mail: a home below
-/// a directory only root may search (root-owned, 0700) is refused, where an agent walking
-/// as root (owner of that directory, no override needed) would have created a Maildir there
-/// that nobody could read.
+/// A home below a directory its owner reaches through a supplementary group only (root's,
+/// 0750, group `inboxd-grp`): the agent, which has no supplementary groups, opens the home
+/// with root's identity (O_PATH) and still delivers (found in review of a change that
+/// walked to homes as their owners, which refused this one).
 #[test]
-fn home_its_owner_cannot_reach() {
-    if skip_unless_root("home_its_owner_cannot_reach") {
+fn home_reached_through_a_supplementary_group() {
+    if skip_unless_root("home_reached_through_a_supplementary_group") {
         return;
     }
-    let locked = PathBuf::from("/home/inboxd-locked");
-    let home = locked.join("home");
-    let _ = std::fs::remove_dir_all(&locked);
-    std::fs::create_dir(&locked).unwrap();
-    account("inboxd-locked", &home, true);
-    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).unwrap();
-    refused(
-        "home below a directory its owner may not search (root's, 0700)",
-        "inboxd-locked",
-        &home,
-        None,
-        "450 4.2.0",
-        "EACCES",
-    );
-    assert!(!home.join("Maildir").exists(), "a Maildir was made");
-    let _ = std::fs::remove_dir_all(&locked);
+    let _ = Command::new("groupadd").arg("inboxd-grp").output();
+    let gid = nix::unistd::Group::from_name("inboxd-grp")
+        .unwrap()
+        .expect("group inboxd-grp")
+        .gid;
+    let dir = PathBuf::from("/home/inboxd-grpdir");
+    let home = dir.join("home");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    account("inboxd-grpuser", &home, true);
+    let out = Command::new("usermod")
+        .args(["-a", "-G", "inboxd-grp", "inboxd-grpuser"])
+        .output()
+        .expect("usermod");
+    assert!(out.status.success(), "usermod -G: {out:?}");
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(0)), Some(gid)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let (server, _aliases) = start_system();
+    let tok = token();
+    let reply = server.deliver(&["inboxd-grpuser"], &message(&tok));
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(messages_with(&home.join("Maildir"), &tok).len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -96,7 +96,8 @@ fn thread_fs_ids(pid: u32) -> Vec<(u32, String, u32, u32)> {
 /// Between recipients no thread of the agent has root's filesystem identity: the first
 /// rests as the receiver's user, and the lane, lookup and fsync threads as that user or as
 /// the last recipient (in both layouts: homes, where a lane thread delivers, and
-/// `--maildir-root`, whose new entry is made as root and handed over).
+/// `--maildir-root`, whose new entry is made as root and handed over, the last message
+/// there to root itself under `--allow-root-delivery`).
 #[test]
 fn no_thread_of_the_agent_rests_as_root() {
     if skip_unless_root("no_thread_of_the_agent_rests_as_root") {
@@ -134,6 +135,12 @@ fn no_thread_of_the_agent_rests_as_root() {
         .deliver(&["nobody"], &message(&tok))
         .starts_with("250 "));
     assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
+    // Last, a uid-0 recipient (start_in allows it): the thread must not keep root's identity.
+    let tok = token();
+    assert!(server
+        .deliver(&["root"], &message(&tok))
+        .starts_with("250 "));
+    assert_eq!(messages_with(&dir.path().join("root"), &tok).len(), 1);
     let threads = thread_fs_ids(agent_of(&server));
     println!("--maildir-root: agent threads (tid, name, fsuid, fsgid): {threads:?}");
     assert!(

@@ -196,6 +196,11 @@ fn serve_lane(
             budget = budget.saturating_sub(accounts.len());
             check(&sock, &mut store, id, &accounts)?;
         }
+        // Before waiting again: a recipient's identity is kept for the next burst, root's
+        // (a uid-0 recipient under --allow-root-delivery) is not.
+        if let Err(e) = privileges::settle() {
+            error!("delivery agent: lane {lane}: giving up root's filesystem identity: {e}");
+        }
     }
     store.abort_all();
     info!("delivery agent: receiver closed lane {lane}");

@@ -186,24 +186,27 @@ fn check_owner(fd: &OwnedFd, owner: Owner, what: &str) -> Result<(), DeliveryErr
 
 impl Maildir {
     /// The Maildir at `home/Maildir`. The home must belong to the recipient (qmail-getpw's
-    /// rule): root never writes into a directory another user controls. The path is walked
-    /// as the recipient, the way the recipient reaches it to read the mail (and the way a
-    /// home on NFS with root_squash lets it be reached): a home its owner cannot reach is a
-    /// 4xx, and none is reached with root's rights.
+    /// rule): root never writes into a directory another user controls.
     pub fn open_in_home(home: &Path, owner: Owner) -> Result<Maildir, DeliveryError> {
         let home = home_path(home)?;
+        let what = format!("home {}", home.display());
+        // Opened with root's filesystem identity, which the agent keeps for this step alone:
+        // the recipient may reach the home through a supplementary group, which the agent
+        // does not have (found in review). O_PATH: no permission is asked for on the home
+        // itself, so a 0700 home, or one on NFS with root_squash (where root is nobody),
+        // still opens, as long as the path can be walked (found in review); nothing is
+        // read or written through it as root.
+        let home_fd = with_root(|| openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()))
+            .map_err(|e| DeliveryError::io(e, "taking root's identity"))?
+            .map_err(|e| match e {
+                // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
+                // waits at the sender while the administrator creates it).
+                Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),
+                e => with_root(|| open_error(e, AT_FDCWD, home, &what))
+                    .unwrap_or_else(|_| DeliveryError::open(e, &what)),
+            })?;
+        check_owner(&home_fd, owner, &what)?;
         as_user(owner.uid, owner.gid, || {
-            let what = format!("home {}", home.display());
-            // O_PATH: no read permission is asked for on the home itself, only the search
-            // of the directories above it.
-            let home_fd =
-                openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()).map_err(|e| match e {
-                    // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
-                    // waits at the sender while the administrator creates it).
-                    Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),
-                    e => open_error(e, AT_FDCWD, home, &what),
-                })?;
-            check_owner(&home_fd, owner, &what)?;
             let md = open_dir(&home_fd, "Maildir", owner)?;
             Maildir::open_subdirs(md, owner)
         })

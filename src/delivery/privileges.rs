@@ -131,7 +131,8 @@ pub fn keep_only_delivery_capabilities() -> Result<(), Errno> {
     if missing != 0 {
         log::warn!(
             "delivery agent: capabilities {missing:#x} are not available (bounding set); \
-             without CAP_SETUID and CAP_SETGID no copy can be written as its recipient"
+             without CAP_SETUID and CAP_SETGID the agent cannot take the identity it rests \
+             with and stops, without CAP_CHOWN no new --maildir-root entry can be handed over"
         );
     }
     crate::sys::capset(wanted & permitted)?;
@@ -159,6 +160,19 @@ pub fn rest() -> Result<(), Errno> {
     take(uid, gid)
 }
 
+/// Called before a thread waits for work: the identity of the last recipient may be kept
+/// for the next burst, root's may not (a uid-0 recipient under `--allow-root-delivery`, or
+/// an identity this thread does not know it has): it rests instead.
+pub fn settle() -> Result<(), Errno> {
+    if !privileged() {
+        return Ok(());
+    }
+    match TAKEN.get() {
+        Some((uid, _)) if uid != 0 => Ok(()),
+        _ => rest(),
+    }
+}
+
 /// Runs `f` with root's filesystem identity, then rests: creating and handing over a
 /// `--maildir-root` entry, in a directory that may be root's alone. CAP_CHOWN is effective
 /// only while fsuid is 0 (the kernel raises and clears it with the change).
@@ -175,23 +189,31 @@ pub fn with_root<T>(f: impl FnOnce() -> T) -> Result<T, Errno> {
 /// Started as root, the delivery agent rests as `user` (the receiver's, `--user`) from now
 /// on: this thread at once, and every thread, which calls [`rest`] first thing (a new thread
 /// has whatever identity its creator had at that moment). Checked by reading it back. Does
-/// nothing when not running as root.
-pub fn rest_as(user: &str) -> Result<(), String> {
+/// nothing when not running as root. The error says whether the configuration is at fault
+/// (no such user, or uid 0) or the system (`true`: configuration).
+pub fn rest_as(user: &str) -> Result<(), (bool, String)> {
     if !privileged() {
         return Ok(());
     }
+    let config = |e: String| (true, e);
     let u = User::from_name(user)
-        .map_err(|e| format!("looking up the user {user:?}: {e}"))?
-        .ok_or_else(|| format!("no user {user:?} to rest as"))?;
+        .map_err(|e| config(format!("looking up the user {user:?}: {e}")))?
+        .ok_or_else(|| config(format!("no user {user:?} to rest as")))?;
     if u.uid.is_root() {
-        return Err(format!("--user {user}: the agent must not rest as uid 0"));
+        return Err(config(format!(
+            "--user {user}: the agent must not rest as uid 0"
+        )));
     }
     let want = (u.uid.as_raw(), u.gid.as_raw());
     if REST.set(want).is_err() && REST.get() != Some(&want) {
-        return Err("the agent's resting identity is already set".to_string());
+        return Err((
+            false,
+            "the agent's resting identity is already set".to_string(),
+        ));
     }
-    // take() reads the identity back: an error here means it did not hold.
-    rest().map_err(|e| format!("taking {user}'s filesystem identity: {e}"))
+    // take() reads the identity back: an error here means it did not hold (no CAP_SETUID or
+    // CAP_SETGID: the receiver could not have dropped root either).
+    rest().map_err(|e| (false, format!("taking {user}'s filesystem identity: {e}")))
 }
 
 /// Takes the filesystem identity `uid`/`gid` for this thread, unless it is known to have it.
