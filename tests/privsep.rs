@@ -8,6 +8,16 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
+/// The value of the line `name` (e.g. "CapPrm:") of a /proc status file, trimmed.
+fn status_field(status_file: &str, name: &str) -> String {
+    let status = std::fs::read_to_string(status_file).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn agent_of(server: &Server) -> u32 {
     let kids = proc_children(server.child.id());
     assert_eq!(kids.len(), 1, "one delivery agent: {kids:?}");
@@ -36,14 +46,7 @@ fn receiver_is_unprivileged_and_the_agent_is_root() {
     let agent = agent_of(&server);
     // The agent keeps CAP_CHOWN, CAP_SETGID and CAP_SETUID only (it
     // may still be starting: "listening" is logged by the receiver).
-    let field = |name: &str| {
-        let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap()
-    };
+    let field = |name: &str| status_field(&format!("/proc/{agent}/status"), name);
     let deadline = Instant::now() + Duration::from_secs(5);
     while proc_uids(agent).get(3) != Some(&inboxd) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -72,21 +75,13 @@ fn thread_fs_ids(pid: u32) -> Vec<(u32, String, u32, u32)> {
         .unwrap()
         .flatten()
     {
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let file = t.path().join("status");
+        let file = file.to_str().unwrap();
         let fourth = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().nth(3))
-                .and_then(|x| x.parse::<u32>().ok())
-                .unwrap()
+            let v = status_field(file, name);
+            v.split_whitespace().nth(3).unwrap().parse::<u32>().unwrap()
         };
-        let name = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let name = status_field(file, "Name:");
         let tid = t.file_name().to_string_lossy().parse().unwrap();
         out.push((tid, name, fourth("Uid:"), fourth("Gid:")));
     }
@@ -307,13 +302,7 @@ fn the_agent_starts_without_cap_dac_read_search() {
         .starts_with("250 "));
     assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
     let agent = agent_of(&server);
-    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
-    let prm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapPrm:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let prm = status_field(&format!("/proc/{agent}/status"), "CapPrm:");
     assert_eq!(prm, "00000000000000c1", "CHOWN, SETGID, SETUID");
 }
 
