@@ -68,6 +68,12 @@ fn check_user(config: &Config, privileged: bool, r: &mut Report) {
         Ok(Some(u)) if u.uid.is_root() => {
             r.problem(format!("--user {}: is uid 0; the receiver must not run as root", config.user))
         }
+        Ok(Some(u)) if u.gid.as_raw() == 0 => {
+            r.problem(format!(
+                "--user {}: its group is gid 0; the receiver and the resting agent must not have root's group",
+                config.user
+            ))
+        }
         Ok(Some(_)) => r.ok(format!("user {} exists for the receiver", config.user)),
         Ok(None) => r.problem(format!(
             "no user {:?} for the receiver: useradd --system --no-create-home --shell /usr/sbin/nologin {}",

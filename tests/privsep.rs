@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The value of the line `name` (e.g. "CapPrm:") of a /proc status file, trimmed.
@@ -77,22 +78,39 @@ fn thread_fs_ids(pid: u32) -> Vec<(u32, String, u32, u32)> {
     {
         let file = t.path().join("status");
         let file = file.to_str().unwrap();
+        // A thread that ended since the directory was read has no status: left out.
         let fourth = |name: &str| {
             let v = status_field(file, name);
-            v.split_whitespace().nth(3).unwrap().parse::<u32>().unwrap()
+            v.split_whitespace().nth(3)?.parse::<u32>().ok()
+        };
+        let (Some(uid), Some(gid)) = (fourth("Uid:"), fourth("Gid:")) else {
+            continue;
         };
         let name = status_field(file, "Name:");
         let tid = t.file_name().to_string_lossy().parse().unwrap();
-        out.push((tid, name, fourth("Uid:"), fourth("Gid:")));
+        out.push((tid, name, uid, gid));
     }
     out
+}
+
+/// The agent's threads once none has fsuid or fsgid 0, or after 5 s: the agent sends its
+/// answer before it settles, and the client may read the 250 before that.
+fn settled_threads(agent: u32) -> Vec<(u32, String, u32, u32)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let threads = thread_fs_ids(agent);
+        if threads.iter().all(|&(_, _, u, g)| u != 0 && g != 0) || Instant::now() > deadline {
+            return threads;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Between recipients no thread of the agent has root's filesystem identity: the first
 /// rests as the receiver's user, and the lane, lookup and fsync threads as that user or as
 /// the last recipient (in both layouts: homes, where a lane thread delivers, and
-/// `--maildir-root`, whose new entry is made as root and handed over, the last message
-/// there to root itself under `--allow-root-delivery`).
+/// `--maildir-root`, whose new entry is made as root and handed over; in both the last
+/// message goes to root itself, under `--allow-root-delivery`).
 #[test]
 fn no_thread_of_the_agent_rests_as_root() {
     if skip_unless_root("no_thread_of_the_agent_rests_as_root") {
@@ -101,14 +119,21 @@ fn no_thread_of_the_agent_rests_as_root() {
     let inboxd = nix::unistd::User::from_name("inboxd").unwrap().unwrap();
     let (inboxd_uid, inboxd_gid) = (inboxd.uid.as_raw(), inboxd.gid.as_raw());
     let (jones_home, _) = ensure_user("Jones");
-    let (server, _aliases) = start_system();
+    let server = Server::start(&["--aliases", "/dev/null", "--allow-root-delivery"]);
     let tok = token();
     assert!(server
         .deliver(&["Jones"], &message(&tok))
         .starts_with("250 "));
     assert_eq!(messages_with(&jones_home.join("Maildir"), &tok).len(), 1);
+    // Then root, in /root, on the same filesystem here: the lane thread that wrote for
+    // Jones writes for root last.
+    let tok = token();
+    assert!(server
+        .deliver(&["root"], &message(&tok))
+        .starts_with("250 "));
+    assert_eq!(messages_with(Path::new("/root/Maildir"), &tok).len(), 1);
     let agent = agent_of(&server);
-    let threads = thread_fs_ids(agent);
+    let threads = settled_threads(agent);
     println!("homes: agent threads (tid, name, fsuid, fsgid): {threads:?}");
     assert!(threads.len() >= 2, "a lane thread at least: {threads:?}");
     assert!(
@@ -136,12 +161,60 @@ fn no_thread_of_the_agent_rests_as_root() {
         .deliver(&["root"], &message(&tok))
         .starts_with("250 "));
     assert_eq!(messages_with(&dir.path().join("root"), &tok).len(), 1);
-    let threads = thread_fs_ids(agent_of(&server));
+    let threads = settled_threads(agent_of(&server));
     println!("--maildir-root: agent threads (tid, name, fsuid, fsgid): {threads:?}");
     assert!(
         threads.iter().all(|&(_, _, u, g)| u != 0 && g != 0),
         "--maildir-root: {threads:?}"
     );
+}
+
+/// A `--user` whose group is root's is refused like uid 0 (78, EX_CONFIG), by inboxd and by
+/// the doctor: the receiver, and the agent resting as that user, could read group-root files.
+#[test]
+fn a_user_in_group_0_is_refused() {
+    if skip_unless_root("a_user_in_group_0_is_refused") {
+        return;
+    }
+    if nix::unistd::User::from_name("inboxd-gid0")
+        .unwrap()
+        .is_none()
+    {
+        let st = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "-g", "0", "inboxd-gid0"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd inboxd-gid0");
+    }
+    let dir = TempDir::new("gid0");
+    // Under timeout(1): were it accepted, inboxd would run until killed (124).
+    let out = std::process::Command::new("timeout")
+        .args(["10", env!("CARGO_BIN_EXE_inboxd")])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--hostname",
+            "mx.test",
+            "-d",
+            "localhost",
+        ])
+        .args(["--aliases", "/dev/null", "--allow-root-delivery"])
+        .args(["--user", "inboxd-gid0", "--maildir-root"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("must not run with gid 0"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inboxd"))
+        .args(["check", "--hostname", "mx.test", "-d", "localhost"])
+        .args(["--aliases", "/dev/null", "--allow-root-delivery"])
+        .args(["--user", "inboxd-gid0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("its group is gid 0"), "{text}");
 }
 
 #[test]

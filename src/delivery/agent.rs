@@ -94,6 +94,8 @@ pub fn ignore_stop_signals() -> Result<(), Errno> {
 pub fn serve(sock: OwnedFd, store: Store) -> Result<(), Errno> {
     let mut lanes = Vec::new();
     let r = serve_lane(sock, store, 0, Some(&mut lanes));
+    // Not root's identity while waiting for the lanes, whichever way the first socket ended.
+    let _ = privileges::settle();
     // The receiver closes every lane as it closes the first socket; a lane stuck in a hung
     // filesystem keeps the agent until it returns (main's AGENT_EXIT_WAIT bounds the wait).
     for h in lanes {
@@ -197,7 +199,7 @@ fn serve_lane(
             check(&sock, &mut store, id, &accounts)?;
         }
         // Before waiting again: a recipient's identity is kept for the next burst, root's
-        // (a uid-0 recipient under --allow-root-delivery) is not.
+        // (a uid-0 or gid-0 recipient under --allow-root-delivery, a gid-0 one) is not.
         if let Err(e) = privileges::settle() {
             error!("delivery agent: lane {lane}: giving up root's filesystem identity: {e}");
         }

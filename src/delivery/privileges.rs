@@ -11,8 +11,10 @@
 //! ([`rest_as`]): its real and effective ids stay 0, but no file it touches outside a
 //! Maildir step is reached as root, so a mistake there cannot reach root's files
 //! (`/etc/shadow` belongs to root, and root needs no override to write it). Root's own
-//! filesystem identity is taken only by [`with_root`], for the few steps of
-//! `--maildir-root` that need it, and given up when they end.
+//! filesystem identity is taken only by [`with_root`], to open a home (O_PATH) and for the
+//! few steps of `--maildir-root` that need it, and given up when they end; and by
+//! [`as_user`] for a uid-0 recipient under `--allow-root-delivery`, given up by [`settle`]
+//! before the thread waits for work.
 //! Unprivileged, inboxd writes as itself and this module changes nothing.
 //! The receiver gives up root entirely with [`drop_to`] once it has bound its listeners.
 //! fsuid is per thread (the raw setfsuid(2), which glibc does not broadcast), and so is the
@@ -72,6 +74,12 @@ pub fn drop_to(user: &str) -> Result<(), String> {
         })?;
     if u.uid.is_root() {
         return Err(format!("--user {user}: the receiver must not run as uid 0"));
+    }
+    // Nor with root's group, whose files it could then read (and some write).
+    if u.gid.as_raw() == 0 {
+        return Err(format!(
+            "--user {user}: the receiver must not run with gid 0"
+        ));
     }
     setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     setresgid(u.gid, u.gid, u.gid).map_err(|e| format!("setresgid: {e}"))?;
@@ -161,20 +169,22 @@ pub fn rest() -> Result<(), Errno> {
 }
 
 /// Called before a thread waits for work: the identity of the last recipient may be kept
-/// for the next burst, root's may not (a uid-0 recipient under `--allow-root-delivery`, or
-/// an identity this thread does not know it has): it rests instead.
+/// for the next burst, unless its uid or gid is root's (a uid-0 recipient under
+/// `--allow-root-delivery`, an account whose primary group is root's), or this thread does
+/// not know its identity: it rests instead.
 pub fn settle() -> Result<(), Errno> {
     if !privileged() {
         return Ok(());
     }
     match TAKEN.get() {
-        Some((uid, _)) if uid != 0 => Ok(()),
+        Some((uid, gid)) if uid != 0 && gid != 0 => Ok(()),
         _ => rest(),
     }
 }
 
-/// Runs `f` with root's filesystem identity, then rests: creating and handing over a
-/// `--maildir-root` entry, in a directory that may be root's alone. CAP_CHOWN is effective
+/// Runs `f` with root's filesystem identity, then rests: opening a home (O_PATH), which the
+/// recipient may reach through a group the agent does not have; creating and handing over
+/// a `--maildir-root` entry, in a directory that may be root's alone. CAP_CHOWN is effective
 /// only while fsuid is 0 (the kernel raises and clears it with the change).
 pub fn with_root<T>(f: impl FnOnce() -> T) -> Result<T, Errno> {
     if !privileged() {
@@ -199,9 +209,9 @@ pub fn rest_as(user: &str) -> Result<(), (bool, String)> {
     let u = User::from_name(user)
         .map_err(|e| config(format!("looking up the user {user:?}: {e}")))?
         .ok_or_else(|| config(format!("no user {user:?} to rest as")))?;
-    if u.uid.is_root() {
+    if u.uid.is_root() || u.gid.as_raw() == 0 {
         return Err(config(format!(
-            "--user {user}: the agent must not rest as uid 0"
+            "--user {user}: the agent must not rest as uid 0 or gid 0"
         )));
     }
     let want = (u.uid.as_raw(), u.gid.as_raw());
