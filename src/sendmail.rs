@@ -68,18 +68,22 @@ pub enum Mode {
 }
 
 /// sendmail(8)'s command line, as far as a final-delivery MTA needs it. Options that only
-/// tune a queue or delivery mode (-oX..., -odX, -v, -bm, -N, -R, -V, -B, -C, -L) are accepted
-/// and ignored, so existing callers (cron, mail(1), mutt) work unchanged.
+/// tune a queue, a delivery mode or aliasing (-oX..., -odX, -v, -bm, -N, -R, -V, -B, -C,
+/// -L, -O, -h, -A, -n, -G, -U) are accepted and ignored, so existing callers (cron, mail(1),
+/// mutt) work unchanged. A recipient argument may hold several, separated by commas or
+/// spaces (Debian's cron passes `MAILTO="alice,bob"` as one).
 pub fn parse_args(args: &[String]) -> Result<Request, String> {
     let mut r = Request::default();
     let mut it = args.iter().peekable();
     while let Some(a) = it.next() {
         if a == "--" {
-            r.recipients.extend(it.by_ref().cloned());
+            for rest in it.by_ref() {
+                push_recipients(&mut r.recipients, rest);
+            }
             break;
         }
         if !a.starts_with('-') || a == "-" {
-            r.recipients.push(a.clone());
+            push_recipients(&mut r.recipients, a);
             continue;
         }
         let flag = &a[1..];
@@ -95,11 +99,15 @@ pub fn parse_args(args: &[String]) -> Result<Request, String> {
         match flag.chars().next() {
             Some('f') | Some('r') => r.from = Some(value(&flag[1..])?),
             Some('F') => r.full_name = Some(value(&flag[1..])?),
-            Some('N') | Some('R') | Some('V') | Some('B') | Some('C') | Some('L') | Some('X') => {
+            Some('N') | Some('R') | Some('V') | Some('B') | Some('C') | Some('L') | Some('X')
+            | Some('O') | Some('h') | Some('A') => {
                 value(&flag[1..])?;
             }
-            Some('t') if flag == "t" => r.from_headers = true,
-            Some('i') if flag == "i" => r.ignore_dots = true,
+            // -t and -i, alone or together (-ti, -it).
+            Some('t') | Some('i') if flag.chars().all(|c| c == 't' || c == 'i') => {
+                r.from_headers |= flag.contains('t');
+                r.ignore_dots |= flag.contains('i');
+            }
             Some('o') => {
                 if flag == "oi" {
                     r.ignore_dots = true;
@@ -112,11 +120,35 @@ pub fn parse_args(args: &[String]) -> Result<Request, String> {
                 _ => return Err(format!("-{flag} is not supported")),
             },
             Some('q') => r.mode = Mode::QueueRun,
-            Some('v') | Some('e') | Some('m') | Some('U') => {}
+            Some('v') | Some('e') | Some('m') | Some('U') | Some('n') | Some('G') => {}
             _ => return Err(format!("unknown option {a}")),
         }
     }
     Ok(r)
+}
+
+/// The recipients of one argument: `alice`, `alice,bob`, `alice, bob`.
+fn push_recipients(out: &mut Vec<String>, arg: &str) {
+    out.extend(
+        arg.split(|c: char| c == ',' || c.is_ascii_whitespace())
+            .filter(|a| !a.is_empty())
+            .map(str::to_string),
+    );
+}
+
+/// The reverse-path `-f` names: `<>` or nothing is the null reverse-path (RFC 5321 4.5.5,
+/// for bounces and auto-replies), a name without a domain is one of this host's users.
+fn reverse_path(from: &str, hostname: &str) -> String {
+    let from = from.trim();
+    let from = from
+        .strip_prefix('<')
+        .and_then(|f| f.strip_suffix('>'))
+        .unwrap_or(from);
+    if from.is_empty() || from.contains('@') {
+        from.to_string()
+    } else {
+        format!("{from}@{hostname}")
+    }
 }
 
 fn sendmail(args: &[String]) -> u8 {
@@ -134,41 +166,49 @@ fn sendmail(args: &[String]) -> u8 {
         Mode::QueueRun => return EX_OK,
         Mode::Send => {}
     }
-    let mut input = Vec::new();
-    if let Err(e) = std::io::stdin()
-        .take(MAX_INPUT as u64 + 1)
-        .read_to_end(&mut input)
-    {
-        eprintln!("sendmail: reading the message: {e}");
-        return EX_IOERR;
-    }
-    if input.len() > MAX_INPUT {
-        eprintln!("sendmail: message larger than {MAX_INPUT} octets");
-        return EX_DATAERR;
-    }
+    let input = match read_message(std::io::stdin().lock(), req.ignore_dots) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            eprintln!("sendmail: message larger than {MAX_INPUT} octets");
+            return EX_DATAERR;
+        }
+        Err(e) => {
+            eprintln!("sendmail: reading the message: {e}");
+            return EX_IOERR;
+        }
+    };
     let login = nix::unistd::User::from_uid(nix::unistd::getuid())
         .ok()
         .flatten();
     let hostname = crate::hostname::fqdn();
-    let sender = req.from.clone().unwrap_or_else(|| {
-        let user = login.as_ref().map_or("nobody", |u| u.name.as_str());
-        format!("{user}@{hostname}")
-    });
-    let full_name = req.full_name.clone().or_else(|| {
-        login
-            .as_ref()
-            .and_then(|u| u.gecos.to_str().ok())
-            .and_then(|g| g.split(',').next())
-            .filter(|n| !n.is_empty())
-            .map(str::to_string)
-    });
+    let user = login.as_ref().map_or("nobody", |u| u.name.as_str());
+    let own = format!("{user}@{hostname}");
+    let sender = req
+        .from
+        .as_deref()
+        .map_or_else(|| own.clone(), |f| reverse_path(f, &hostname));
+    let full_name = req
+        .full_name
+        .clone()
+        .or_else(|| {
+            login
+                .as_ref()
+                .and_then(|u| u.gecos.to_str().ok())
+                .and_then(|g| g.split(',').next())
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+        })
+        // It goes into the From: field: no control character may start a new line there.
+        .map(|n| n.replace(|c: char| c.is_control(), " "));
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    // The From: field names a mailbox even when the reverse-path is null.
+    let header_from = if sender.is_empty() { &own } else { &sender };
     let msg = Message::prepare(
         &input,
         &req,
-        &sender,
+        header_from,
         full_name.as_deref(),
         now.as_secs() as i64,
         &format!(
@@ -185,6 +225,7 @@ fn sendmail(args: &[String]) -> u8 {
     }
     // Addresses go into SMTP command lines: nothing that could end or extend one.
     if let Some(bad) = std::iter::once(&sender)
+        .filter(|s| !s.is_empty())
         .chain(&recipients)
         .find(|a| !plain_address(a))
     {
@@ -201,16 +242,66 @@ fn sendmail(args: &[String]) -> u8 {
     }
 }
 
+/// The message on `input`, up to a line holding a single "." (unless `ignore_dots`: -i) or
+/// the end of the input, so that a message typed at a terminal ends at its dot as with
+/// sendmail; `None` when it is larger than [`MAX_INPUT`] octets.
+pub fn read_message(input: impl Read, ignore_dots: bool) -> std::io::Result<Option<Vec<u8>>> {
+    let mut r = BufReader::new(input.take(MAX_INPUT as u64 + 1));
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if !ignore_dots && text.strip_suffix(b"\r").unwrap_or(text) == b"." {
+            break;
+        }
+        out.extend_from_slice(&line);
+        if out.len() > MAX_INPUT {
+            return Ok(None);
+        }
+    }
+    Ok(Some(out))
+}
+
 /// The message ready to send: CRLF lines, trace-free headers completed, recipients known.
 pub struct Message {
     pub data: Vec<u8>,
     pub recipients: Vec<String>,
 }
 
+/// RFC 5322 2.1.1: at most 998 octets in a line, without its CRLF. inboxd refuses longer
+/// lines, as RFC 5321 4.5.3.1.6 lets it.
+const MAX_LINE: usize = 998;
+
+/// A header field's first line: a name of visible characters, then a colon (RFC 5322 2.2).
+fn is_field(line: &[u8]) -> bool {
+    match line.iter().position(|&b| b == b':') {
+        Some(n) if n > 0 => line[..n].iter().all(|&b| (33..=126).contains(&b)),
+        _ => false,
+    }
+}
+
+/// The lowercased name of a header field.
+fn field_name(field: &[Vec<u8>]) -> String {
+    let first = &field[0];
+    let end = first.iter().position(|&b| b == b':').unwrap_or(first.len());
+    String::from_utf8_lossy(&first[..end])
+        .trim()
+        .to_ascii_lowercase()
+}
+
 impl Message {
     /// Cuts the input at a lone "." line (unless -i), makes every line end in CRLF, adds
-    /// From:, Date: and Message-ID: when missing, and with -t takes the recipients from To:,
-    /// Cc: and Bcc: (removing Bcc:) in addition to the command line's.
+    /// From:, Date: and Message-ID: when missing, removes Bcc:, and with -t takes the
+    /// recipients from To:, Cc: and Bcc: in addition to the command line's. The octets are
+    /// kept as they came (8-bit text included), except what the server would refuse: a CR
+    /// inside a line (a progress bar's, in cron's mail) ends that line, and a line longer
+    /// than 998 octets is cut into lines of 998 (in the header, the pieces after the first
+    /// become continuation lines, starting with a space). Input that does not start with a
+    /// header field is all body: a blank line is put before it.
     pub fn prepare(
         input: &[u8],
         req: &Request,
@@ -219,81 +310,93 @@ impl Message {
         unix_time: i64,
         message_id: &str,
     ) -> Message {
-        let text = String::from_utf8_lossy(input);
-        let mut lines: Vec<&str> = Vec::new();
-        for line in text.split('\n') {
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            if !req.ignore_dots && line == "." {
+        let mut lines: Vec<&[u8]> = Vec::new();
+        for line in input.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if !req.ignore_dots && line == b"." {
                 break;
             }
-            lines.push(line);
+            lines.extend(line.split(|&b| b == b'\r'));
         }
-        if lines.last() == Some(&"") {
+        if lines.last().is_some_and(|l| l.is_empty()) {
             lines.pop();
         }
-        let split = lines
-            .iter()
-            .position(|l| l.is_empty())
-            .unwrap_or(lines.len());
-        let (head, body) = lines.split_at(split);
-        // Unfold the header into fields (a field and its continuation lines).
-        let mut fields: Vec<Vec<&str>> = Vec::new();
-        for l in head {
-            if l.starts_with([' ', '\t']) {
+        // The header: fields and their continuation lines, up to a blank line (dropped) or
+        // the first line that is neither (the body's first).
+        let mut fields: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut body_at = lines.len();
+        for (i, l) in lines.iter().enumerate() {
+            if l.is_empty() {
+                body_at = i + 1;
+                break;
+            }
+            if l.starts_with(b" ") || l.starts_with(b"\t") {
                 if let Some(f) = fields.last_mut() {
-                    f.push(l);
+                    f.push(l.to_vec());
                     continue;
                 }
             }
-            fields.push(vec![l]);
+            if !is_field(l) {
+                body_at = i;
+                break;
+            }
+            fields.push(vec![l.to_vec()]);
         }
-        let name_of = |f: &Vec<&str>| -> String {
-            f[0].split(':')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        };
+        let body = &lines[body_at.min(lines.len())..];
         let mut recipients: Vec<String> = req.recipients.clone();
         if req.from_headers {
             for f in &fields {
-                if matches!(name_of(f).as_str(), "to" | "cc" | "bcc") {
-                    let value = f.join(" ");
+                if matches!(field_name(f).as_str(), "to" | "cc" | "bcc") {
+                    let value = String::from_utf8_lossy(&f.join(&b" "[..])).into_owned();
                     let value = value.split_once(':').map_or("", |(_, v)| v);
                     recipients.extend(addresses(value));
                 }
             }
-            fields.retain(|f| name_of(f) != "bcc");
         }
-        let mut out = Vec::new();
-        let has = |n: &str| fields.iter().any(|f| name_of(f) == n);
+        // Bcc: names recipients the others must not see, with or without -t (a client that
+        // writes it, mutt with write_bcc, relies on the MTA to remove it).
+        fields.retain(|f| field_name(f) != "bcc");
+        let mut added = Vec::new();
+        let has = |n: &str| fields.iter().any(|f| field_name(f) == n);
         if !has("from") {
             match full_name {
-                Some(name) => out.push(format!("From: {} <{sender}>", quote_phrase(name))),
-                None => out.push(format!("From: {sender}")),
+                Some(name) => added.push(format!("From: {} <{sender}>", quote_phrase(name))),
+                None => added.push(format!("From: {sender}")),
             }
         }
         if !has("date") {
-            out.push(format!(
+            added.push(format!(
                 "Date: {}",
                 crate::smtp::trace::rfc5322_date(unix_time)
             ));
         }
         if !has("message-id") {
-            out.push(format!("Message-ID: <{message_id}>"));
+            added.push(format!("Message-ID: <{message_id}>"));
         }
         let mut data = Vec::new();
-        for l in out
-            .iter()
-            .map(String::as_str)
-            .chain(fields.iter().flatten().copied())
-        {
-            data.extend_from_slice(l.as_bytes());
-            data.extend_from_slice(b"\r\n");
+        let mut put = |line: &[u8], fold: bool| {
+            let mut first = true;
+            for piece in line.chunks(if fold { MAX_LINE - 1 } else { MAX_LINE }) {
+                if fold && !first {
+                    data.push(b' ');
+                }
+                data.extend_from_slice(piece);
+                data.extend_from_slice(b"\r\n");
+                first = false;
+            }
+            if line.is_empty() {
+                data.extend_from_slice(b"\r\n");
+            }
+        };
+        for l in &added {
+            put(l.as_bytes(), true);
         }
+        for l in fields.iter().flatten() {
+            put(l, true);
+        }
+        put(b"", false);
         for l in body {
-            data.extend_from_slice(l.as_bytes());
-            data.extend_from_slice(b"\r\n");
+            put(l, false);
         }
         let mut seen = Vec::new();
         recipients.retain(|r| {
@@ -326,19 +429,27 @@ fn quote_phrase(name: &str) -> String {
     }
 }
 
-/// The addresses of an address-list header value: `a@b, Name <c@d>, "x, y" <e@f>`.
+/// The addresses of an address-list header value: `a@b, Name <c@d>, "x, y" <e@f>`, groups
+/// included (`team: a@b, c@d;`, `undisclosed-recipients:;`, RFC 5322 3.4).
 pub fn addresses(value: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
-    let (mut quoted, mut angle) = (false, false);
+    let (mut quoted, mut angle, mut bracket) = (false, false, false);
     let mut items = Vec::new();
     for c in value.chars() {
         match c {
             '"' => quoted = !quoted,
             '<' if !quoted => angle = true,
             '>' if !quoted => angle = false,
-            ',' if !quoted && !angle => {
+            '[' if !quoted => bracket = true,
+            ']' if !quoted => bracket = false,
+            ',' | ';' if !quoted && !angle && !bracket => {
                 items.push(std::mem::take(&mut cur));
+                continue;
+            }
+            // A group's display name ends at its colon: what came before is no address.
+            ':' if !quoted && !angle && !bracket => {
+                cur.clear();
                 continue;
             }
             _ => {}
@@ -648,6 +759,109 @@ mod tests {
         let m = Message::prepare(b"From: x@y\n\n.\nmore\n", &req, "s@h", None, 0, "i@h");
         let text = String::from_utf8(m.data).unwrap();
         assert!(text.ends_with("From: x@y\r\n\r\n.\r\nmore\r\n"), "{text}");
+    }
+
+    fn prepared(input: &[u8], req: &Request) -> (Vec<u8>, Vec<String>) {
+        let m = Message::prepare(input, req, "s@h", None, 0, "i@h");
+        (m.data, m.recipients)
+    }
+
+    /// What the server refuses never reaches it, and nothing of the text is lost: a CR
+    /// inside a line ends it, long lines are cut (folded in the header), 8-bit octets pass
+    /// unchanged.
+    #[test]
+    fn what_the_server_would_refuse_is_made_acceptable_and_nothing_is_lost() {
+        let req = Request::default();
+        let (data, _) = prepared(b"Subject: x\n\n10%\r50%\r100%\r\n\xe9t\xe9\n", &req);
+        assert!(
+            data.ends_with(b"Subject: x\r\n\r\n10%\r\n50%\r\n100%\r\n\xe9t\xe9\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&data)
+        );
+        let long = "y".repeat(2500);
+        let input = format!("Subject: {long}\n\n{long}\n");
+        let (data, _) = prepared(input.as_bytes(), &req);
+        for line in data.split(|&b| b == b'\n') {
+            assert!(
+                line.len() <= MAX_LINE + 1,
+                "a line of {} octets",
+                line.len()
+            );
+        }
+        let text = String::from_utf8(data).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        // The header's pieces are continuation lines: unfolded, the value is whole.
+        let unfolded = head.replace("\r\n ", "");
+        assert!(unfolded.ends_with(&format!("Subject: {long}")), "{head}");
+        assert_eq!(body.replace("\r\n", ""), long);
+    }
+
+    /// `echo "disk full" | sendmail root`: no header section, so it is all body.
+    #[test]
+    fn input_without_a_header_is_the_body() {
+        let (data, _) = prepared(b"disk full\nsecond line\n", &Request::default());
+        let text = String::from_utf8(data).unwrap();
+        assert!(text.starts_with("From: s@h\r\n"), "{text}");
+        assert!(
+            text.ends_with("Message-ID: <i@h>\r\n\r\ndisk full\r\nsecond line\r\n"),
+            "{text}"
+        );
+        // A header that ends without a blank line, then text: that text is the body.
+        let (data, _) = prepared(b"Subject: s\nnot a field\n", &Request::default());
+        let text = String::from_utf8(data).unwrap();
+        assert!(
+            text.ends_with("Subject: s\r\n\r\nnot a field\r\n"),
+            "{text}"
+        );
+    }
+
+    /// Bcc: goes even without -t (mutt with write_bcc writes it and sends the recipients
+    /// on the command line); groups are read with -t.
+    #[test]
+    fn bcc_always_goes_and_groups_are_read() {
+        let req = Request {
+            recipients: vec!["alice".into()],
+            ..Default::default()
+        };
+        let (data, rcpts) = prepared(b"To: alice\nBcc: boss\n\nhi\n", &req);
+        assert!(!String::from_utf8(data).unwrap().contains("boss"));
+        assert_eq!(rcpts, vec!["alice"]);
+        let req = Request {
+            from_headers: true,
+            ..Default::default()
+        };
+        let input = b"To: team: a@x, B <b@x>;, c@x\nCc: undisclosed-recipients:;\nBcc: d@[IPv6:::1]\n\nhi\n";
+        let (_, rcpts) = prepared(input, &req);
+        assert_eq!(rcpts, vec!["a@x", "b@x", "c@x", "d@[IPv6:::1]"]);
+    }
+
+    #[test]
+    fn a_lone_dot_ends_the_input_unless_told_otherwise() {
+        let input = b"Subject: x\n\nline\n.\r\nafter\n";
+        assert_eq!(
+            read_message(&input[..], false).unwrap().unwrap(),
+            b"Subject: x\n\nline\n"
+        );
+        assert_eq!(read_message(&input[..], true).unwrap().unwrap(), input);
+        let big = vec![b'a'; MAX_INPUT + 1];
+        assert!(read_message(&big[..], true).unwrap().is_none());
+    }
+
+    #[test]
+    fn senders_and_recipients_as_callers_write_them() {
+        assert_eq!(reverse_path("www-data", "h.example"), "www-data@h.example");
+        assert_eq!(reverse_path("<>", "h.example"), "");
+        assert_eq!(reverse_path("", "h.example"), "");
+        assert_eq!(reverse_path("<a@b>", "h.example"), "a@b");
+        // Debian's cron: MAILTO="alice,bob" is one argument; "alice, bob" too.
+        let r = parse_args(&["alice,bob".to_string(), "carol, dave".to_string()]).unwrap();
+        assert_eq!(r.recipients, vec!["alice", "bob", "carol", "dave"]);
+        let r = parse_args(&args("-ti -O DeliveryMode=b -h 5 -n -Ac")).unwrap();
+        assert!(r.from_headers && r.ignore_dots);
+        assert!(r.recipients.is_empty());
+        let r = parse_args(&args("-it")).unwrap();
+        assert!(r.from_headers && r.ignore_dots);
+        assert!(parse_args(&args("-tx")).is_err());
     }
 
     #[test]
