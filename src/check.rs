@@ -87,6 +87,12 @@ fn check_maildir_root(config: &Config, r: &mut Report) {
     let Some(root) = &config.maildir_root else {
         return;
     };
+    // The directories above it, as inboxd checks them before it starts (found in review:
+    // under Debian's /var/mail, group-writable, check said ok and inboxd exited 78).
+    if let Err(e) = crate::delivery::Layout::check_above_root(root) {
+        r.problem(format!("--maildir-root {}: {e}", root.display()));
+        return;
+    }
     match std::fs::symlink_metadata(root) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.note(format!(
             "--maildir-root {}: missing; inboxd creates it",
@@ -176,9 +182,40 @@ fn check_listen(config: &Config, r: &mut Report) {
                 drop(l);
                 r.ok(format!("{addr} can be bound"));
             }
+            // In use: by inboxd itself (running, or its socket unit holding the port) it is
+            // what the administrator wants (found in review: check failed on every running
+            // system); by anything else, a problem.
+            Err(e) if e.errno == nix::errno::Errno::EADDRINUSE => match greeting(*addr) {
+                Some(g) if is_inboxd_greeting(&g) => {
+                    r.ok(format!("{addr}: inboxd answers there already ({g})"))
+                }
+                Some(g) => r.problem(format!("{e}; what answers there says {g:?}")),
+                None => r.problem(e.to_string()),
+            },
             Err(e) => r.problem(e.to_string()),
         }
     }
+}
+
+/// The first line a server listening on `addr` sends, within 3 seconds; QUIT is sent after
+/// it.
+fn greeting(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{BufRead, Read, Write};
+    let limit = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, limit).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s.try_clone().ok()?.take(512))
+        .read_line(&mut line)
+        .ok()?;
+    let _ = s.write_all(b"QUIT\r\n");
+    let line = line.trim_end().to_string();
+    (!line.is_empty()).then_some(line)
+}
+
+/// inboxd's greeting: `220 HOSTNAME ESMTP inboxd ready` (see `smtp::session`).
+fn is_inboxd_greeting(line: &str) -> bool {
+    line.starts_with("220 ") && line.ends_with(" ESMTP inboxd ready")
 }
 
 /// The accounts of /etc/passwd with a uid of at least 1000, and root: (name, uid, home).
@@ -204,10 +241,19 @@ fn local_accounts() -> Vec<(String, u32, PathBuf)> {
 /// (the `--maildir-root`, or each usable home), for [`check_journals`].
 fn check_accounts(config: &Config, r: &mut Report) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = config.maildir_root.iter().cloned().collect();
-    for (name, uid, home) in local_accounts() {
-        if uid == 0 && !config.allow_root_delivery {
+    let me = nix::unistd::geteuid();
+    for (name, account_uid, home) in local_accounts() {
+        if account_uid == 0 && !config.allow_root_delivery {
             continue;
         }
+        // Unprivileged, inboxd writes every copy as itself (store.rs): that is the owner
+        // delivery expects (found in review: run as a user, check reported every other
+        // account's Maildir as a problem).
+        let uid = if me.is_root() {
+            account_uid
+        } else {
+            me.as_raw()
+        };
         let maildir = match &config.maildir_root {
             Some(root) => root.join(&name),
             None => match check_home(&name, uid, &home) {

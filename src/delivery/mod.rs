@@ -174,20 +174,7 @@ impl Layout {
     /// directory a user controls would have had root create and chown /etc/<account>).
     pub fn root(path: &Path) -> std::io::Result<Layout> {
         let me = nix::unistd::geteuid().as_raw();
-        // Checked before anything is created (found in review), from the deepest directory
-        // that exists (symlinks and ".." resolved), and again once the path exists.
-        let absolute = std::path::absolute(path)?;
-        let existing = absolute
-            .ancestors()
-            .find(|a| a.exists())
-            .unwrap_or(Path::new("/"));
-        let resolved = std::fs::canonicalize(existing)?;
-        // The path itself, if it exists, is checked below (it must be ours alone).
-        let first = match resolved.parent() {
-            Some(parent) if existing == absolute => parent,
-            _ => &resolved,
-        };
-        check_from(first, me)?;
+        let absolute = Layout::check_above_root(path)?;
         create_dirs_0755(&absolute)?;
         if let Some(parent) = std::fs::canonicalize(path)?.parent() {
             check_from(parent, me)?;
@@ -209,6 +196,26 @@ impl Layout {
             )));
         }
         Ok(Layout::Root(fd))
+    }
+
+    /// The directories above a `--maildir-root` (the path made absolute): checked before
+    /// anything is created (found in review), from the deepest directory that exists
+    /// (symlinks and ".." resolved). Creates nothing: `inboxd check` runs it too. The path
+    /// itself, if it exists, is checked by [`Layout::root`] (it must be ours alone).
+    pub fn check_above_root(path: &Path) -> std::io::Result<std::path::PathBuf> {
+        let me = nix::unistd::geteuid().as_raw();
+        let absolute = std::path::absolute(path)?;
+        let existing = absolute
+            .ancestors()
+            .find(|a| a.exists())
+            .unwrap_or(Path::new("/"));
+        let resolved = std::fs::canonicalize(existing)?;
+        let first = match resolved.parent() {
+            Some(parent) if existing == absolute => parent,
+            _ => &resolved,
+        };
+        check_from(first, me)?;
+        Ok(absolute)
     }
 }
 
