@@ -315,11 +315,14 @@ fn check_home(name: &str, uid: u32, home: &Path) -> Result<PathBuf, String> {
     let why = match std::fs::symlink_metadata(home) {
         Ok(m) if !m.is_dir() => "is a symlink or not a directory".to_string(),
         Ok(m) if m.uid() != uid => format!("belongs to uid {}, not to {name}", m.uid()),
+        // The Maildir is opened in it as its owner: search permission always, and write
+        // permission to create a missing one.
+        Ok(m) if m.mode() & 0o100 == 0 => format!("is not searchable by {name}"),
         Ok(m)
-            if m.mode() & 0o300 != 0o300
+            if m.mode() & 0o200 == 0
                 && std::fs::symlink_metadata(home.join("Maildir")).is_err() =>
         {
-            format!("is not writable and searchable by {name} and has no Maildir")
+            format!("is not writable by {name} and has no Maildir")
         }
         Ok(_) => return Ok(home.join("Maildir")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
@@ -335,6 +338,9 @@ fn check_home(name: &str, uid: u32, home: &Path) -> Result<PathBuf, String> {
         home.display()
     ))
 }
+
+/// The owner's permission bits delivery needs on `Maildir`, `tmp`, `new` and `cur`.
+const NEEDS: [u32; 4] = [0o500, 0o700, 0o700, 0o400];
 
 fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
     let mut bad = false;
@@ -387,11 +393,15 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
                 ));
                 bad = true;
             }
-            Ok(m) if m.mode() & 0o300 != 0o300 => {
+            // What delivery needs of each, as its owner (maildir.rs): every one is opened
+            // for reading; Maildir is searched; tmp/ and new/ are written in; cur/ only
+            // opened (found in review: a 0500 cur/ was a problem, a 0300 tmp/ was not).
+            Ok(m) if m.mode() & NEEDS[i] != NEEDS[i] => {
                 r.problem(format!(
-                    "{name}: {} has mode {:o}: {name} cannot write there, mail to {name} gets 450 4.2.0",
+                    "{name}: {} has mode {:o}: {name} needs {} there, mail to {name} gets 450 4.2.0",
                     dir.display(),
-                    m.mode() & 0o7777
+                    m.mode() & 0o7777,
+                    ["read and search", "read, write and search", "read, write and search", "read"][i]
                 ));
                 bad = true;
             }

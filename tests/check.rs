@@ -244,14 +244,19 @@ fn broken_homes_are_problems() {
             .unwrap();
         assert!(st.success());
     }
-    // A Maildir whose tmp/ its owner cannot write (tests/faults.rs: 450 4.2.0).
+    // A Maildir whose tmp/ its owner cannot read (delivery opens it for reading: 450
+    // 4.2.0), and whose cur/ it cannot write (delivery only opens it: no problem).
     let rotmp = ensure_user("inboxdchk6");
     let md = rotmp.dir.join("Maildir");
     let _ = std::fs::remove_dir_all(&md);
     for d in ["", "tmp", "new", "cur"] {
         std::fs::create_dir_all(md.join(d)).unwrap();
         nix::unistd::chown(&md.join(d), Some(rotmp.uid), Some(rotmp.gid)).unwrap();
-        let mode = if d == "tmp" { 0o500 } else { 0o700 };
+        let mode = match d {
+            "tmp" => 0o300,
+            "cur" => 0o500,
+            _ => 0o700,
+        };
         std::fs::set_permissions(
             md.join(d),
             std::os::unix::fs::PermissionsExt::from_mode(mode),
@@ -268,18 +273,31 @@ fn broken_homes_are_problems() {
         aliases.to_str().unwrap(),
     ]);
     std::fs::set_permissions(&ro.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // With tmp/ readable again, the read-only cur/ does not stop a delivery.
+    std::fs::set_permissions(
+        md.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let (server, _aliases) = start_system();
+    let tok = token();
+    let reply = server.deliver(&["inboxdchk6"], &message(&tok));
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(messages_with(&md, &tok).len(), 1);
+    drop(server);
     let _ = std::fs::remove_dir_all(&md);
     // Its home does not exist: an account left behind would be a problem for every later
     // `inboxd check` on this host.
     let _ = Command::new("userdel").arg("inboxdchk5").output();
     assert_eq!(status, 1, "{out}");
     for needle in [
-        "problem: inboxdchk4: home /home/inboxdchk4 is not writable and searchable by inboxdchk4 and has no Maildir: mail to inboxdchk4 gets 450 4.2.0",
+        "problem: inboxdchk4: home /home/inboxdchk4 is not writable by inboxdchk4 and has no Maildir: mail to inboxdchk4 gets 450 4.2.0",
         "problem: inboxdchk5: home /home/inboxdchk5-none does not exist: mail to inboxdchk5 gets 450 4.2.0",
-        "problem: inboxdchk6: /home/inboxdchk6/Maildir/tmp has mode 500: inboxdchk6 cannot write there, mail to inboxdchk6 gets 450 4.2.0",
+        "problem: inboxdchk6: /home/inboxdchk6/Maildir/tmp has mode 300: inboxdchk6 needs read, write and search there, mail to inboxdchk6 gets 450 4.2.0",
     ] {
         assert!(out.contains(needle), "{needle:?} not in:\n{out}");
     }
+    assert!(!out.contains("Maildir/cur"), "{out}");
 }
 
 /// A Maildir root on an ext4 without a journal gets a note; on a journalled one, none. The
