@@ -15,7 +15,16 @@ use crate::config::Config;
 use crate::recipient::{lookup_account, Aliases, Resolution, Resolver, POSTMASTER};
 
 /// Accounts below this uid are system accounts: their Maildirs are not checked (root apart).
+/// `UID_MIN` of /etc/login.defs where it says, else Debian's and Fedora's default.
 const FIRST_USER_UID: u32 = 1000;
+
+/// `UID_MIN` from the text of login.defs(5), if it is there.
+fn uid_min(login_defs: &str) -> Option<u32> {
+    login_defs.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("UID_MIN")).then(|| w.next()?.parse().ok())?
+    })
+}
 
 #[derive(Default)]
 pub struct Report {
@@ -218,8 +227,13 @@ fn is_inboxd_greeting(line: &str) -> bool {
     line.starts_with("220 ") && line.ends_with(" ESMTP inboxd ready")
 }
 
-/// The accounts of /etc/passwd with a uid of at least 1000, and root: (name, uid, home).
+/// The accounts of /etc/passwd with a uid of at least UID_MIN (1000 by default), and root,
+/// with a login shell: (name, uid, home).
 fn local_accounts() -> Vec<(String, u32, PathBuf)> {
+    let first = std::fs::read_to_string("/etc/login.defs")
+        .ok()
+        .and_then(|t| uid_min(&t))
+        .unwrap_or(FIRST_USER_UID);
     let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -230,7 +244,7 @@ fn local_accounts() -> Vec<(String, u32, PathBuf)> {
         let Ok(uid) = f[2].parse::<u32>() else {
             continue;
         };
-        if (uid == 0 || (FIRST_USER_UID..65534).contains(&uid)) && !f[6].ends_with("nologin") {
+        if (uid == 0 || (first..65534).contains(&uid)) && !f[6].ends_with("nologin") {
             out.push((f[0].to_string(), uid, PathBuf::from(f[5])));
         }
     }
@@ -376,6 +390,11 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
                     "{name}: {} is a symlink, never followed: mail to {name} gets 450 4.2.0",
                     dir.display()
                 ));
+                // Nor by check: what is below it is not looked at (found in review: tmp,
+                // new and cur were stat'ed through it, as root).
+                if i == 0 {
+                    return;
+                }
                 bad = true;
             }
             Ok(m) if !m.is_dir() => {
@@ -418,5 +437,18 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
     }
     if !bad {
         r.ok(format!("{name}: {}", md.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_min_is_read_from_login_defs() {
+        let defs = "# UID_MIN 5\nUID_MAX\t\t\t60000\nUID_MIN\t\t\t 500\n";
+        assert_eq!(uid_min(defs), Some(500));
+        assert_eq!(uid_min("UID_MIN\n"), None);
+        assert_eq!(uid_min(""), None);
     }
 }

@@ -507,7 +507,9 @@ fn submit(
             format!("cannot reach the mail server at {server}: {e}; nothing was sent"),
         )
     })?;
-    let timeout = Some(Duration::from_secs(600));
+    // Longer than the 10 minutes inboxd gives a commit before its 451 (found in review: with
+    // the same 10 minutes, sendmail could give up, 75, on a message that was delivered).
+    let timeout = Some(Duration::from_secs(660));
     let _ = stream.set_read_timeout(timeout);
     let _ = stream.set_write_timeout(timeout);
     let mut w = stream
