@@ -206,19 +206,29 @@ fn check_listen(config: &Config, r: &mut Report) {
     }
 }
 
-/// The first line a server listening on `addr` sends, within 3 seconds; QUIT is sent after
-/// it.
+/// The first line (at most 512 octets) a server listening on `addr` sends within 5 seconds
+/// in all; QUIT is sent after it.
 fn greeting(addr: std::net::SocketAddr) -> Option<String> {
-    use std::io::{BufRead, Read, Write};
-    let limit = std::time::Duration::from_secs(3);
+    use std::io::{Read, Write};
+    let limit = std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + limit;
     let mut s = std::net::TcpStream::connect_timeout(&addr, limit).ok()?;
-    s.set_read_timeout(Some(limit)).ok()?;
-    let mut line = String::new();
-    std::io::BufReader::new(s.try_clone().ok()?.take(512))
-        .read_line(&mut line)
-        .ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') && buf.len() < 512 {
+        // One deadline for the whole line, not one per read (found in review: a server
+        // sending a byte at a time could have held check for 512 timeouts).
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        s.set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .ok()?;
+        match s.read(&mut chunk[..512 - buf.len()]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
     let _ = s.write_all(b"QUIT\r\n");
-    let line = line.trim_end().to_string();
+    let end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let line = String::from_utf8_lossy(&buf[..end]).trim_end().to_string();
     (!line.is_empty()).then_some(line)
 }
 
@@ -257,7 +267,9 @@ fn check_accounts(config: &Config, r: &mut Report) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = config.maildir_root.iter().cloned().collect();
     let me = nix::unistd::geteuid();
     for (name, account_uid, home) in local_accounts() {
-        if account_uid == 0 && !config.allow_root_delivery {
+        // Root's mail is refused only by a privileged inboxd (unprivileged, root is an
+        // account like the others, its copies written as the user running inboxd).
+        if account_uid == 0 && !config.allow_root_delivery && me.is_root() {
             continue;
         }
         // Unprivileged, inboxd writes every copy as itself (store.rs): that is the owner
@@ -283,7 +295,7 @@ fn check_accounts(config: &Config, r: &mut Report) -> Vec<PathBuf> {
                 dirs.push(home.to_path_buf());
             }
         }
-        check_maildir(&name, uid, &maildir, r);
+        check_maildir(&name, uid, &maildir, config.maildir_root.is_some(), r);
     }
     dirs
 }
@@ -328,15 +340,16 @@ fn check_home(name: &str, uid: u32, home: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("{e}: mail to {name} gets 450 4.2.0"))?;
     let why = match std::fs::symlink_metadata(home) {
         Ok(m) if !m.is_dir() => "is a symlink or not a directory".to_string(),
-        Ok(m) if m.uid() != uid => format!("belongs to uid {}, not to {name}", m.uid()),
-        // The Maildir is opened in it as its owner: search permission always, and write
-        // permission to create a missing one.
+        Ok(m) if m.uid() != uid => format!("belongs to uid {}, not to uid {uid}", m.uid()),
+        // The Maildir is opened in it as its owner: search permission always; to create a
+        // missing one, write permission too, and read to open the home for its fsync
+        // (maildir.rs open_dir).
         Ok(m) if m.mode() & 0o100 == 0 => format!("is not searchable by {name}"),
         Ok(m)
-            if m.mode() & 0o200 == 0
+            if m.mode() & 0o700 != 0o700
                 && std::fs::symlink_metadata(home.join("Maildir")).is_err() =>
         {
-            format!("is not writable by {name} and has no Maildir")
+            format!("is not readable, writable and searchable by {name} and has no Maildir")
         }
         Ok(_) => return Ok(home.join("Maildir")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
@@ -353,11 +366,35 @@ fn check_home(name: &str, uid: u32, home: &Path) -> Result<PathBuf, String> {
     ))
 }
 
-/// The owner's permission bits delivery needs on `Maildir`, `tmp`, `new` and `cur`.
-const NEEDS: [u32; 4] = [0o500, 0o700, 0o700, 0o400];
+/// The owner's permission bits delivery needs on `Maildir`, `tmp`, `new` and `cur`, all there
+/// (maildir.rs): each is opened for reading, except that under `--maildir-root` the
+/// account's directory is opened with O_PATH (search only); tmp/ and new/ are written in.
+/// A missing subdirectory is made in the Maildir, which then needs read, write and search
+/// (the fsync of a directory held with O_PATH opens it for reading).
+fn needs(i: usize, in_root: bool, missing_sub: bool) -> u32 {
+    match i {
+        0 if missing_sub => 0o700,
+        0 if in_root => 0o100,
+        0 => 0o500,
+        1 | 2 => 0o700,
+        _ => 0o400,
+    }
+}
 
-fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
+fn describe(bits: u32) -> &'static str {
+    match bits {
+        0o700 => "read, write and search",
+        0o500 => "read and search",
+        0o100 => "search",
+        _ => "read",
+    }
+}
+
+fn check_maildir(name: &str, uid: u32, md: &Path, in_root: bool, r: &mut Report) {
     let mut bad = false;
+    let missing_sub = ["tmp", "new", "cur"].iter().any(|d| {
+        matches!(std::fs::symlink_metadata(md.join(d)), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    });
     for (i, dir) in [
         md.to_path_buf(),
         md.join("tmp"),
@@ -406,7 +443,7 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
             }
             Ok(m) if m.uid() != uid => {
                 r.problem(format!(
-                    "{name}: {} belongs to uid {}, not to {name}: mail to {name} gets 450 4.2.0",
+                    "{name}: {} belongs to uid {}, not to uid {uid}: mail to {name} gets 450 4.2.0",
                     dir.display(),
                     m.uid()
                 ));
@@ -415,12 +452,14 @@ fn check_maildir(name: &str, uid: u32, md: &Path, r: &mut Report) {
             // What delivery needs of each, as its owner (maildir.rs): every one is opened
             // for reading; Maildir is searched; tmp/ and new/ are written in; cur/ only
             // opened (found in review: a 0500 cur/ was a problem, a 0300 tmp/ was not).
-            Ok(m) if m.mode() & NEEDS[i] != NEEDS[i] => {
+            Ok(m)
+                if m.mode() & needs(i, in_root, missing_sub) != needs(i, in_root, missing_sub) =>
+            {
                 r.problem(format!(
                     "{name}: {} has mode {:o}: {name} needs {} there, mail to {name} gets 450 4.2.0",
                     dir.display(),
                     m.mode() & 0o7777,
-                    ["read and search", "read, write and search", "read, write and search", "read"][i]
+                    describe(needs(i, in_root, missing_sub))
                 ));
                 bad = true;
             }

@@ -249,19 +249,24 @@ pub fn read_message(input: impl Read, ignore_dots: bool) -> std::io::Result<Opti
     let mut r = BufReader::new(input.take(MAX_INPUT as u64 + 1));
     let mut out = Vec::new();
     let mut line = Vec::new();
+    let mut total = 0;
     loop {
         line.clear();
-        if r.read_until(b'\n', &mut line)? == 0 {
+        let n = r.read_until(b'\n', &mut line)?;
+        if n == 0 {
             break;
+        }
+        // Counted before the dot is looked for: the limit may have cut a longer line down
+        // to a "." (found in review: a cut message would have been sent).
+        total += n;
+        if total > MAX_INPUT {
+            return Ok(None);
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         if !ignore_dots && text.strip_suffix(b"\r").unwrap_or(text) == b"." {
             break;
         }
         out.extend_from_slice(&line);
-        if out.len() > MAX_INPUT {
-            return Ok(None);
-        }
     }
     Ok(Some(out))
 }
@@ -321,6 +326,11 @@ impl Message {
         if lines.last().is_some_and(|l| l.is_empty()) {
             lines.pop();
         }
+        // An mbox separator ("From sender date", formail's and mail archives' first line) is
+        // no header field and would make the whole message body: it is left out.
+        if lines.first().is_some_and(|l| l.starts_with(b"From ")) {
+            lines.remove(0);
+        }
         // The header: fields and their continuation lines, up to a blank line (dropped) or
         // the first line that is neither (the body's first).
         let mut fields: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -375,17 +385,35 @@ impl Message {
         }
         let mut data = Vec::new();
         let mut put = |line: &[u8], fold: bool| {
-            let mut first = true;
-            for piece in line.chunks(if fold { MAX_LINE - 1 } else { MAX_LINE }) {
-                if fold && !first {
-                    data.push(b' ');
+            let mut rest = line;
+            // Octets the output line being written may still take.
+            let mut room = MAX_LINE;
+            loop {
+                if rest.len() <= room {
+                    data.extend_from_slice(rest);
+                    data.extend_from_slice(b"\r\n");
+                    return;
                 }
-                data.extend_from_slice(piece);
+                // In the header, folded before a space or tab (RFC 5322 2.2.3: unfolding
+                // removes only the CRLF, so the field is unchanged); where there is none
+                // within the line's limit, cut, and the next piece starts with a space.
+                let wsp = if fold {
+                    rest[1..=room]
+                        .iter()
+                        .rposition(|&b| b == b' ' || b == b'\t')
+                        .map(|p| p + 1)
+                } else {
+                    None
+                };
+                let at = wsp.unwrap_or(room);
+                data.extend_from_slice(&rest[..at]);
                 data.extend_from_slice(b"\r\n");
-                first = false;
-            }
-            if line.is_empty() {
-                data.extend_from_slice(b"\r\n");
+                rest = &rest[at..];
+                room = MAX_LINE;
+                if fold && wsp.is_none() {
+                    data.push(b' ');
+                    room -= 1;
+                }
             }
         };
         for l in &added {
@@ -430,15 +458,41 @@ fn quote_phrase(name: &str) -> String {
 }
 
 /// The addresses of an address-list header value: `a@b, Name <c@d>, "x, y" <e@f>`, groups
-/// included (`team: a@b, c@d;`, `undisclosed-recipients:;`, RFC 5322 3.4).
+/// included (`team: a@b, c@d;`, `undisclosed-recipients:;`, RFC 5322 3.4), comments left out
+/// (`j@x (Smith, J)`, RFC 5322 3.2.2), quoted local parts kept (`"j.doe"@x`). An address the
+/// server could not take (a space in quotes, say) is kept too: sendmail then refuses it by
+/// name (64) rather than leave a recipient out without a word.
 pub fn addresses(value: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let (mut quoted, mut angle, mut bracket) = (false, false, false);
     let mut items = Vec::new();
-    for c in value.chars() {
+    let mut cur = String::new();
+    let (mut quoted, mut angle, mut bracket, mut comment) = (false, false, false, 0usize);
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if comment > 0 {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '(' => comment += 1,
+                ')' => comment -= 1,
+                _ => {}
+            }
+            continue;
+        }
         match c {
+            '\\' if quoted => {
+                cur.push(c);
+                if let Some(next) = chars.next() {
+                    cur.push(next);
+                }
+                continue;
+            }
             '"' => quoted = !quoted,
+            '(' if !quoted => {
+                comment = 1;
+                cur.push(' ');
+                continue;
+            }
             '<' if !quoted => angle = true,
             '>' if !quoted => angle = false,
             '[' if !quoted => bracket = true,
@@ -457,14 +511,16 @@ pub fn addresses(value: &str) -> Vec<String> {
         cur.push(c);
     }
     items.push(cur);
+    let mut out = Vec::new();
     for item in items {
         let item = item.trim();
         let addr = match (item.rfind('<'), item.rfind('>')) {
-            (Some(a), Some(b)) if a < b => item[a + 1..b].trim().to_string(),
-            _ => item.split_whitespace().next().unwrap_or("").to_string(),
+            (Some(a), Some(b)) if a < b => item[a + 1..b].trim(),
+            // A bare addr-spec, whose local part may be quoted (and hold spaces).
+            _ => item,
         };
-        if !addr.is_empty() && !addr.contains([' ', '"', '<', '>']) {
-            out.push(addr);
+        if !addr.is_empty() {
+            out.push(addr.to_string());
         }
     }
     out
@@ -781,7 +837,10 @@ mod tests {
             String::from_utf8_lossy(&data)
         );
         let long = "y".repeat(2500);
-        let input = format!("Subject: {long}\n\n{long}\n");
+        let words: Vec<String> = (0..400).map(|i| format!("w{i}")).collect();
+        let words = words.join(" ");
+        let exact = "x".repeat(MAX_LINE - "X-Exact: ".len());
+        let input = format!("Subject: {words}\nX-Exact: {exact}\nX-Long: {long}\n\n{long}\n");
         let (data, _) = prepared(input.as_bytes(), &req);
         for line in data.split(|&b| b == b'\n') {
             assert!(
@@ -792,9 +851,19 @@ mod tests {
         }
         let text = String::from_utf8(data).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        // The header's pieces are continuation lines: unfolded, the value is whole.
-        let unfolded = head.replace("\r\n ", "");
-        assert!(unfolded.ends_with(&format!("Subject: {long}")), "{head}");
+        // Unfolded as RFC 5322 2.2.3 says (the CRLFs removed, nothing else), the field
+        // with spaces is whole; one of exactly 998 octets is left alone; one with no
+        // space is cut, each piece after the first starting with an added space.
+        let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", "\t");
+        assert!(
+            unfolded.contains(&format!("\nSubject: {words}\r")),
+            "{head}"
+        );
+        assert!(head.contains(&format!("\nX-Exact: {exact}\r\n")), "{head}");
+        // (Its only space, after the colon, is where it is folded first.)
+        let x_long = head.split("X-Long:").nth(1).unwrap();
+        assert!(x_long.starts_with("\r\n y"), "{x_long}");
+        assert_eq!(x_long.replace("\r\n ", ""), long);
         assert_eq!(body.replace("\r\n", ""), long);
     }
 
@@ -808,6 +877,14 @@ mod tests {
             text.ends_with("Message-ID: <i@h>\r\n\r\ndisk full\r\nsecond line\r\n"),
             "{text}"
         );
+        // An mbox separator first (formail, archives) is left out: the header follows.
+        let req = Request {
+            from_headers: true,
+            ..Default::default()
+        };
+        let (data, rcpts) = prepared(b"From a@x Thu Jan  1 00:00:00 1970\nTo: b@x\n\nhi\n", &req);
+        assert_eq!(rcpts, vec!["b@x"]);
+        assert!(!String::from_utf8(data).unwrap().contains("From a@x"));
         // A header that ends without a blank line, then text: that text is the body.
         let (data, _) = prepared(b"Subject: s\nnot a field\n", &Request::default());
         let text = String::from_utf8(data).unwrap();
@@ -847,6 +924,11 @@ mod tests {
         assert_eq!(read_message(&input[..], true).unwrap().unwrap(), input);
         let big = vec![b'a'; MAX_INPUT + 1];
         assert!(read_message(&big[..], true).unwrap().is_none());
+        // The limit falls just after a newline, on a line that starts with a dot: the cut
+        // line reads as ".", and must not pass for the end of a shorter message.
+        let mut edge = vec![b'a'; MAX_INPUT - 1];
+        edge.extend_from_slice(b"\n.more\n");
+        assert!(read_message(&edge[..], false).unwrap().is_none());
     }
 
     #[test]
@@ -881,5 +963,13 @@ mod tests {
             addresses(" a@b, Name <c@d>, \"x, y\" <e@f>,, g "),
             vec!["a@b", "c@d", "e@f", "g"]
         );
+        // Comments (nested, with commas and colons) are left out; quoted local parts kept,
+        // and one with a space too, for sendmail to refuse by name.
+        assert_eq!(
+            addresses("j@x (Smith, J), k@x (re: y (z)), \"j.doe\"@x, <\"john doe\"@x>"),
+            vec!["j@x", "k@x", "\"j.doe\"@x", "\"john doe\"@x"]
+        );
+        assert!(plain_address("\"j.doe\"@x"));
+        assert!(!plain_address("\"john doe\"@x"));
     }
 }

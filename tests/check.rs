@@ -291,7 +291,7 @@ fn broken_homes_are_problems() {
     let _ = Command::new("userdel").arg("inboxdchk5").output();
     assert_eq!(status, 1, "{out}");
     for needle in [
-        "problem: inboxdchk4: home /home/inboxdchk4 is not writable by inboxdchk4 and has no Maildir: mail to inboxdchk4 gets 450 4.2.0",
+        "problem: inboxdchk4: home /home/inboxdchk4 is not readable, writable and searchable by inboxdchk4 and has no Maildir: mail to inboxdchk4 gets 450 4.2.0",
         "problem: inboxdchk5: home /home/inboxdchk5-none does not exist: mail to inboxdchk5 gets 450 4.2.0",
         "problem: inboxdchk6: /home/inboxdchk6/Maildir/tmp has mode 300: inboxdchk6 needs read, write and search there, mail to inboxdchk6 gets 450 4.2.0",
     ] {
