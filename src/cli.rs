@@ -161,6 +161,7 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
             listen.push(a);
         }
     }
+    let listen_given = !listen.is_empty();
     if listen.is_empty() {
         listen.push(
             DEFAULT_LISTEN
@@ -240,6 +241,7 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
     };
     Ok(Cli::Run(Box::new(Config {
         listen,
+        listen_given,
         domains,
         hostname,
         maildir_root,

@@ -29,6 +29,9 @@ pub const DEFAULT_USER: &str = "inboxd";
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    /// Whether `--listen` was given (not the default): under socket activation it is
+    /// ignored, and inboxd says so.
+    pub listen_given: bool,
     /// Lower case, without a trailing dot.
     pub domains: Vec<String>,
     pub hostname: String,

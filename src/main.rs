@@ -243,7 +243,21 @@ fn run(
                 .push(listener::bind_listener(*addr).map_err(|e| (EX_UNAVAILABLE, e.to_string()))?);
         }
     } else {
-        // Socket activation: the service manager's sockets replace --listen.
+        // Socket activation: the service manager's sockets replace --listen. Said when
+        // --listen was given (found in review: an administrator who asked for 127.0.0.1:25
+        // got the socket unit's 0.0.0.0:25 and [::]:25 without a word).
+        if config.listen_given {
+            let theirs: Vec<String> = passed
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .map(|a| a.to_string())
+                .collect();
+            warn!(
+                "--listen {:?} ignored: the service manager passed the sockets {theirs:?} \
+                 (socket activation; their addresses are set in inboxd.socket)",
+                config.listen
+            );
+        }
         for l in passed {
             listeners.push(mio::net::TcpListener::from_std(l));
         }

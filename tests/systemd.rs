@@ -105,6 +105,15 @@ fn a_socket_passed_by_the_service_manager_is_used() {
         .deliver(&["root"], &message(&tok))
         .starts_with("250 "));
     assert_eq!(messages_with(&dir.path().join("root"), &tok).len(), 1);
+    // And the --listen it was given is said to be ignored.
+    assert!(
+        server
+            .startup
+            .iter()
+            .any(|l| l.contains("--listen [127.0.0.1:0] ignored: the service manager passed")),
+        "{:?}",
+        server.startup
+    );
     let agent = proc_children(server.child.id());
     assert_eq!(agent.len(), 1);
     let env = environ(agent[0]);

@@ -13,6 +13,8 @@ pub struct Server {
     pub child: Child,
     pub port: u16,
     pub log: mpsc::Receiver<String>,
+    /// The log lines up to the one that gave the port (start-up warnings among them).
+    pub startup: Vec<String>,
 }
 
 impl Server {
@@ -115,6 +117,7 @@ impl Server {
             child,
             port: 0,
             log: rx,
+            startup: Vec::new(),
         };
         let stderr = stderr.expect("stderr");
         std::thread::spawn(move || {
@@ -138,6 +141,7 @@ impl Server {
                 let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
                 server.port = digits.parse().expect("port number");
             }
+            server.startup.push(line);
         }
         server
     }
