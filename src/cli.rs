@@ -169,11 +169,19 @@ pub fn parse(args: &[String], system_hostname: impl FnOnce() -> String) -> Resul
                 .map_err(|_| CliError::Usage("bad default".into()))?,
         );
     }
-    let hostname = m.opt_str("hostname").unwrap_or_else(system_hostname);
+    let given = m.opt_str("hostname");
+    let from_system = given.is_none();
+    let hostname = given.unwrap_or_else(system_hostname);
     if !valid_domain(&hostname) {
-        return Err(CliError::Usage(format!(
-            "--hostname: {hostname:?} is not a domain name"
-        )));
+        // Say where the name came from (found in review: with no --hostname, the message
+        // named an option that was not given).
+        return Err(CliError::Usage(if from_system {
+            format!(
+                "the system's host name {hostname:?} is not a domain name: give one with --hostname"
+            )
+        } else {
+            format!("--hostname: {hostname:?} is not a domain name")
+        }));
     }
     let mut domains = Vec::new();
     for d in m.opt_strs("domain") {
