@@ -165,10 +165,23 @@ fn check_aliases(config: &Config, privileged: bool, aliases: &Aliases, r: &mut R
                 }
             }
         }
-        if let Ok(Resolution::Uid0Refused) = resolver.resolve(&key) {
-            r.problem(format!(
+        match resolver.resolve(&key) {
+            Ok(Resolution::Uid0Refused) => r.problem(format!(
                 "alias {key} reaches only root, whose mail is refused (alias root to a person, or --allow-root-delivery)"
-            ));
+            )),
+            // Every branch dropped (loops without an account, targets that are nothing):
+            // mail to it gets 550 (found in review: check said nothing).
+            Ok(Resolution::Unknown) => r.problem(format!(
+                "alias {key} reaches no account: mail to it gets 550 5.1.1"
+            )),
+            Ok(Resolution::Accounts(a)) if a.len() > crate::smtp::session::MAX_ACCOUNTS => {
+                r.problem(format!(
+                    "alias {key} reaches {} accounts, more than the {} one message may reach: mail to it is refused",
+                    a.len(),
+                    crate::smtp::session::MAX_ACCOUNTS
+                ))
+            }
+            _ => {}
         }
     }
     for name in ["root", POSTMASTER] {

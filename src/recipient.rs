@@ -107,6 +107,27 @@ pub struct Aliases {
     problems: Vec<String>,
 }
 
+/// The comma-separated targets of an alias line, a comma inside double quotes kept in its
+/// target (found in review: `x: "|/bin/prog -a,bob"` also reached the account bob).
+fn split_targets(rest: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quoted = false;
+    for c in rest.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(String::new());
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(last) = out.last_mut() {
+            last.push(c);
+        }
+    }
+    out
+}
+
 impl Aliases {
     pub fn load(path: &Path) -> std::io::Result<Aliases> {
         let text = std::fs::read(path)?;
@@ -145,12 +166,24 @@ impl Aliases {
                 problem(format!("{origin}:{n}: no ':' in alias line, ignored"));
                 continue;
             };
-            let key = key.trim().trim_matches('"');
+            // Keys are compared without regard to case, as sendmail and Postfix do
+            // (`MAILER-DAEMON:`, `Postmaster:`; found in review: RFC 5321 4.5.1 makes
+            // postmaster case-insensitive, and `Postmaster: alice` was never used).
+            let key = key.trim().trim_matches('"').to_ascii_lowercase();
             if key.is_empty() {
                 continue;
             }
+            if map.contains_key(&key) {
+                problem(format!(
+                    "{origin}:{n}: alias {key} defined again (keys are compared without regard to case); this line replaces the earlier one"
+                ));
+            }
             let mut targets = Vec::new();
-            for t in rest.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            for t in split_targets(rest)
+                .iter()
+                .map(|t| t.trim())
+                .filter(|t| !t.is_empty())
+            {
                 let t = t.trim_matches('"');
                 if t.starts_with('|') || t.starts_with('/') || t.starts_with(":include:") {
                     problem(format!("{origin}:{n}: alias {key}: target {t:?} refused (inboxd never runs programs or writes files named in aliases)"));
@@ -162,9 +195,14 @@ impl Aliases {
                     targets.push(Target::Name(t.to_string()));
                 }
             }
-            map.insert(key.to_string(), targets);
+            map.insert(key, targets);
         }
         Aliases { map, problems }
+    }
+
+    /// The targets of `name`, if it is an alias (keys compared without regard to case).
+    fn get(&self, name: &str) -> Option<&Vec<Target>> {
+        self.map.get(&name.to_ascii_lowercase())
     }
 
     /// Every alias and its usable targets as written (`\\name` for an account target), sorted.
@@ -189,7 +227,7 @@ impl Aliases {
 
     /// Whether `name` is an alias.
     pub fn contains(&self, name: &str) -> bool {
-        self.map.contains_key(name)
+        self.get(name).is_some()
     }
 
     /// What was wrong in the file, one line each.
@@ -427,14 +465,27 @@ impl Resolver {
         warnings: &mut Vec<String>,
         lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
     ) -> Result<bool, E> {
-        if let Some(targets) = self.aliases.map.get(name) {
-            if seen.iter().any(|s| s == name) || depth >= MAX_ALIAS_DEPTH {
+        if let Some(targets) = self.aliases.get(name) {
+            let key = name.to_ascii_lowercase();
+            if seen.contains(&key) {
+                // An alias that reaches itself (`alice: alice, bob`, `root: root, admin`)
+                // means the account of that name there (found in review: the account's own
+                // copy was dropped as a loop, and `alice: alice` refused alice's mail).
+                if self.account_into(name, out, warnings, lookup)? {
+                    return Ok(true);
+                }
                 warnings.push(format!(
-                    "alias loop through {name:?}; that branch is dropped"
+                    "alias loop through {name:?}, and no account of that name; that branch is dropped"
                 ));
                 return Ok(true);
             }
-            seen.push(name.to_string());
+            if depth >= MAX_ALIAS_DEPTH {
+                warnings.push(format!(
+                    "alias {name:?} nested more than {MAX_ALIAS_DEPTH} deep; that branch is dropped"
+                ));
+                return Ok(true);
+            }
+            seen.push(key);
             for t in targets {
                 let found = match t {
                     Target::Account(a) => self.account_into(a, out, warnings, lookup)?,
@@ -582,6 +633,35 @@ boss: root
         assert_eq!(r.resolve("staff").unwrap(), names(&["alice", "bob"]));
         assert_eq!(r.resolve("evil").unwrap(), UNKNOWN);
         assert_eq!(r.resolve("mixed").unwrap(), names(&["Jones"]));
+    }
+
+    /// Found in review: an alias naming itself dropped its own account's copy, keys were
+    /// compared with their case, a duplicate key went unreported, and a comma in quotes split
+    /// a target.
+    #[test]
+    fn self_references_case_duplicates_and_quotes() {
+        let r = resolver(
+            "alice: alice, bob\nbob: bob\nPostmaster: Carol\nMAILER-DAEMON: postmaster\nstaff: alice\nSTAFF: bob\nx: \"|/bin/prog -a,Jones\"\n",
+            true,
+        );
+        assert_eq!(r.resolve("alice").unwrap(), names(&["alice", "bob"]));
+        assert_eq!(r.resolve("bob").unwrap(), names(&["bob"]));
+        assert_eq!(r.resolve("postmaster").unwrap(), names(&["Carol"]));
+        assert_eq!(r.resolve("mailer-daemon").unwrap(), names(&["Carol"]));
+        // The later of two keys that differ in case wins, and it is a problem.
+        assert_eq!(r.resolve("staff").unwrap(), names(&["bob"]));
+        assert!(r
+            .aliases
+            .problems()
+            .iter()
+            .any(|p| p.contains("alias staff defined again")));
+        // The pipe is refused whole; Jones is not a target.
+        assert_eq!(r.resolve("x").unwrap(), UNKNOWN);
+        assert!(r.aliases.problems().iter().any(|p| p.contains("-a,Jones")));
+        // `+` is no account name, but an alias may have one.
+        let r = resolver("alice+lists: alice\n", true);
+        assert_eq!(r.resolve("alice+lists").unwrap(), names(&["alice"]));
+        assert_eq!(r.resolve("alice+other").unwrap(), UNKNOWN);
     }
 
     #[test]

@@ -402,6 +402,15 @@ impl Session {
             return;
         };
         let r = match verdict {
+            // One address (an alias) that alone reaches more accounts than a message may:
+            // no later transaction could take it, so the refusal is permanent (found in
+            // review: a 452 had senders retry it for days). RFC 3463 X.5.3: too many
+            // recipients.
+            RcptVerdict::Accept(accounts) if distinct(&accounts) > MAX_ACCOUNTS => Reply::new(
+                550,
+                "5.5.3",
+                "Too many recipients: this address alone reaches more accounts than one message may",
+            ),
             RcptVerdict::Accept(accounts) if !accounts.is_empty() && self.too_many(&accounts) => {
                 // RFC 5321 4.5.3.1.10: 452 for too many recipients.
                 Reply::new(452, "4.5.3", "Too many recipients")
@@ -918,6 +927,14 @@ pub fn delivered_to(account: &str, hostname: &str) -> String {
     format!("{account}@{hostname}")
 }
 
+/// How many different accounts `accounts` names.
+fn distinct(accounts: &[String]) -> usize {
+    let mut seen: Vec<&String> = accounts.iter().collect();
+    seen.sort();
+    seen.dedup();
+    seen.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1200,7 +1217,8 @@ mod tests {
         }
         assert!(s.poll_event().is_none(), "no second lookup");
         assert_eq!(text(&mut s).matches("250 2.1.5").count(), 50);
-        // A single alias over the account limit is refused without comparing every name.
+        // A single alias over the account limit is refused (for good: no transaction could
+        // take it) without comparing every name with every other.
         s.receive(b"RCPT TO:<everyone@localhost>\r\n", t0);
         assert!(matches!(
             s.poll_event(),
@@ -1208,7 +1226,7 @@ mod tests {
         ));
         let huge: Vec<String> = (0..100_000).map(|i| format!("user{i}")).collect();
         s.recipient_verdict(RcptVerdict::Accept(huge), t0);
-        assert!(text(&mut s).starts_with("452 4.5.3"));
+        assert!(text(&mut s).starts_with("550 5.5.3"));
     }
 
     #[test]
@@ -1269,6 +1287,32 @@ mod tests {
             }
         }
         assert_eq!(accounts, Some(vec!["alice".to_string()]));
+    }
+
+    #[test]
+    fn an_address_reaching_too_many_accounts_alone_is_550() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(
+            b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<everyone@localhost>\r\n",
+            t0,
+        );
+        while let Some(ev) = s.poll_event() {
+            if let Event::RecipientToCheck { .. } = ev {
+                let all = (0..=MAX_ACCOUNTS).map(|i| format!("user{i}")).collect();
+                s.recipient_verdict(RcptVerdict::Accept(all), t0);
+            }
+        }
+        let out = text(&mut s);
+        assert!(out.trim_end().ends_with("550 5.5.3 Too many recipients: this address alone reaches more accounts than one message may"), "{out}");
+        // The session goes on: another recipient is taken.
+        s.receive(b"RCPT TO:<alice@localhost>\r\n", t0);
+        while let Some(ev) = s.poll_event() {
+            if let Event::RecipientToCheck { .. } = ev {
+                s.recipient_verdict(RcptVerdict::Accept(vec!["alice".into()]), t0);
+            }
+        }
+        assert!(text(&mut s).contains("250 2.1.5"));
     }
 
     #[test]
