@@ -382,6 +382,9 @@ impl Server {
         };
         if !self.lookups.reload(table) {
             error!("SIGHUP: the lookup thread is gone; keeping the aliases loaded before");
+            // As when a lookup finds it gone: inboxd stops, for the service manager to
+            // restart it (found in review: only a later lookup noticed).
+            self.lookups_gone = true;
             return false;
         }
         true
@@ -1049,24 +1052,37 @@ fn recipient_found(
     local_part: &str,
     result: Result<Resolution, RecipientError>,
 ) {
-    // A recipient the session will refuse for the transaction's limits (452) is not checked.
+    // A recipient the session will refuse for the transaction's limits (452, or 550 for an
+    // address that alone reaches too many accounts) is not checked, and is logged as
+    // refused, with a count rather than every name (found in review: it was logged as
+    // accepted, with a line of every account of a large alias).
     if let Ok(Resolution::Accounts(accounts)) = &result {
-        if !c.session.would_exceed(accounts) {
-            match delivery.check(c.id, accounts, Instant::now()) {
-                CheckStart::Fresh => {}
-                CheckStart::Sent(id) => {
-                    c.check = Some(CheckWait {
-                        id,
-                        local_part: local_part.to_string(),
-                        accounts: accounts.clone(),
-                    });
-                    return;
-                }
-                CheckStart::Failed(e) => {
-                    let verdict = unavailable(c.id, local_part, &e);
-                    c.session.recipient_verdict(verdict, Instant::now());
-                    return;
-                }
+        if c.session.would_exceed(accounts) {
+            info!(
+                "event=rcpt session={:x} rcpt={local_part:?} result=too_many accounts={}",
+                c.id,
+                accounts.len()
+            );
+            if let Ok(Resolution::Accounts(accounts)) = result {
+                c.session
+                    .recipient_verdict(RcptVerdict::Accept(accounts), Instant::now());
+            }
+            return;
+        }
+        match delivery.check(c.id, accounts, Instant::now()) {
+            CheckStart::Fresh => {}
+            CheckStart::Sent(id) => {
+                c.check = Some(CheckWait {
+                    id,
+                    local_part: local_part.to_string(),
+                    accounts: accounts.clone(),
+                });
+                return;
+            }
+            CheckStart::Failed(e) => {
+                let verdict = unavailable(c.id, local_part, &e);
+                c.session.recipient_verdict(verdict, Instant::now());
+                return;
             }
         }
     }
