@@ -102,7 +102,10 @@ enum Target {
 /// keys serve the lower-case fallback.
 #[derive(Debug, Default, Clone)]
 pub struct Aliases {
+    /// Keys as written.
     map: HashMap<String, Vec<Target>>,
+    /// Each key lower-cased, to the key as written (the later line's when two fold alike).
+    folded: HashMap<String, String>,
     /// What was wrong in the file (each also logged as a warning), for newaliases.
     problems: Vec<String>,
 }
@@ -156,6 +159,7 @@ impl Aliases {
             }
         }
         let mut map = HashMap::new();
+        let mut folded: HashMap<String, String> = HashMap::new();
         let mut problems = Vec::new();
         let mut problem = |p: String| {
             warn!("{p}");
@@ -166,18 +170,22 @@ impl Aliases {
                 problem(format!("{origin}:{n}: no ':' in alias line, ignored"));
                 continue;
             };
-            // Keys are compared without regard to case, as sendmail and Postfix do
-            // (`MAILER-DAEMON:`, `Postmaster:`; found in review: RFC 5321 4.5.1 makes
-            // postmaster case-insensitive, and `Postmaster: alice` was never used).
-            let key = key.trim().trim_matches('"').to_ascii_lowercase();
+            // A key is matched as written, and, where no account has the name as written,
+            // without regard to case (`MAILER-DAEMON:`, `Postmaster:`; found in review:
+            // RFC 5321 4.5.1 makes postmaster case-insensitive, and `Postmaster: alice`
+            // was never used).
+            let key = key.trim().trim_matches('"').to_string();
             if key.is_empty() {
                 continue;
             }
-            if map.contains_key(&key) {
+            let lower = key.to_ascii_lowercase();
+            if let Some(earlier) = folded.get(&lower) {
                 problem(format!(
-                    "{origin}:{n}: alias {key} defined again (keys are compared without regard to case); this line replaces the earlier one"
+                    "{origin}:{n}: alias {key} defined again (as {earlier}; keys also match without regard to case): the later line wins{}",
+                    if *earlier == key { "" } else { " where case does not decide" }
                 ));
             }
+            folded.insert(lower, key.clone());
             let mut targets = Vec::new();
             for t in split_targets(rest)
                 .iter()
@@ -197,12 +205,22 @@ impl Aliases {
             }
             map.insert(key, targets);
         }
-        Aliases { map, problems }
+        Aliases {
+            map,
+            folded,
+            problems,
+        }
     }
 
-    /// The targets of `name`, if it is an alias (keys compared without regard to case).
-    fn get(&self, name: &str) -> Option<&Vec<Target>> {
-        self.map.get(&name.to_ascii_lowercase())
+    /// The alias whose key is `name` as written: (key, targets).
+    fn exact(&self, name: &str) -> Option<(&String, &Vec<Target>)> {
+        self.map.get_key_value(name)
+    }
+
+    /// The alias whose key is `name` without regard to case: (key as written, targets).
+    fn folded(&self, name: &str) -> Option<(&String, &Vec<Target>)> {
+        let key = self.folded.get(&name.to_ascii_lowercase())?;
+        self.map.get_key_value(key)
     }
 
     /// Every alias and its usable targets as written (`\\name` for an account target), sorted.
@@ -227,7 +245,7 @@ impl Aliases {
 
     /// Whether `name` is an alias.
     pub fn contains(&self, name: &str) -> bool {
-        self.get(name).is_some()
+        self.exact(name).or_else(|| self.folded(name)).is_some()
     }
 
     /// What was wrong in the file, one line each.
@@ -465,8 +483,18 @@ impl Resolver {
         warnings: &mut Vec<String>,
         lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
     ) -> Result<bool, E> {
-        if let Some(targets) = self.aliases.get(name) {
-            let key = name.to_ascii_lowercase();
+        // An alias of that name as written, else an account of it, else an alias whose key
+        // matches it without regard to case: an account `Carol` keeps mail to `Carol` from
+        // an alias `carol` (found in review).
+        let mut alias = self.aliases.exact(name);
+        if alias.is_none() {
+            if self.account_into(name, out, warnings, lookup)? {
+                return Ok(true);
+            }
+            alias = self.aliases.folded(name);
+        }
+        if let Some((key, targets)) = alias {
+            let key = key.clone();
             if seen.contains(&key) {
                 // An alias that reaches itself (`alice: alice, bob`, `root: root, admin`)
                 // means the account of that name there (found in review: the account's own
@@ -500,7 +528,8 @@ impl Resolver {
             seen.pop();
             return Ok(true);
         }
-        self.account_into(name, out, warnings, lookup)
+        // Neither alias nor account (the account was looked up above).
+        Ok(false)
     }
 
     fn account_into<E>(
@@ -648,13 +677,16 @@ boss: root
         assert_eq!(r.resolve("bob").unwrap(), names(&["bob"]));
         assert_eq!(r.resolve("postmaster").unwrap(), names(&["Carol"]));
         assert_eq!(r.resolve("mailer-daemon").unwrap(), names(&["Carol"]));
-        // The later of two keys that differ in case wins, and it is a problem.
-        assert_eq!(r.resolve("staff").unwrap(), names(&["bob"]));
+        // Two keys that differ in case: each as written, the later where case does not
+        // decide; and it is a problem.
+        assert_eq!(r.resolve("staff").unwrap(), names(&["alice", "bob"]));
+        assert_eq!(r.resolve("STAFF").unwrap(), names(&["bob"]));
+        assert_eq!(r.resolve("Staff").unwrap(), names(&["bob"]));
         assert!(r
             .aliases
             .problems()
             .iter()
-            .any(|p| p.contains("alias staff defined again")));
+            .any(|p| p.contains("alias STAFF defined again (as staff")));
         // The pipe is refused whole; Jones is not a target.
         assert_eq!(r.resolve("x").unwrap(), UNKNOWN);
         assert!(r.aliases.problems().iter().any(|p| p.contains("-a,Jones")));
@@ -662,6 +694,10 @@ boss: root
         let r = resolver("alice+lists: alice\n", true);
         assert_eq!(r.resolve("alice+lists").unwrap(), names(&["alice"]));
         assert_eq!(r.resolve("alice+other").unwrap(), UNKNOWN);
+        // An account named exactly keeps its mail from an alias that differs in case.
+        let r = resolver("carol: bob\n", false);
+        assert_eq!(r.resolve("Carol").unwrap(), names(&["Carol"]));
+        assert_eq!(r.resolve("carol").unwrap(), names(&["bob"]));
     }
 
     #[test]

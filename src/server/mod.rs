@@ -1059,7 +1059,8 @@ fn recipient_found(
     if let Ok(Resolution::Accounts(accounts)) = &result {
         if c.session.would_exceed(accounts) {
             info!(
-                "event=rcpt session={:x} rcpt={local_part:?} result=too_many accounts={}",
+                "event=rcpt session={:x} rcpt={local_part:?} result=too_many accounts={} \
+                 (this address's; refused for the transaction's account limit)",
                 c.id,
                 accounts.len()
             );
