@@ -65,6 +65,8 @@ pub enum Mode {
     Mailq,
     Newaliases,
     QueueRun,
+    /// -bs: SMTP on standard input and output (alpine, some MUAs), relayed to inboxd.
+    Smtp,
 }
 
 /// sendmail(8)'s command line, as far as a final-delivery MTA needs it. Options that only
@@ -116,6 +118,7 @@ pub fn parse_args(args: &[String]) -> Result<Request, String> {
             Some('b') => match flag {
                 "bp" => r.mode = Mode::Mailq,
                 "bi" => r.mode = Mode::Newaliases,
+                "bs" => r.mode = Mode::Smtp,
                 "bm" => {}
                 _ => return Err(format!("-{flag} is not supported")),
             },
@@ -164,6 +167,7 @@ fn sendmail(args: &[String]) -> u8 {
         Mode::Mailq => return mailq(),
         Mode::Newaliases => return newaliases(),
         Mode::QueueRun => return EX_OK,
+        Mode::Smtp => return smtp_on_stdio(),
         Mode::Send => {}
     }
     let input = match read_message(std::io::stdin().lock(), req.ignore_dots) {
@@ -238,6 +242,44 @@ fn sendmail(args: &[String]) -> u8 {
         Err((status, why)) => {
             eprintln!("sendmail: {why}");
             status
+        }
+    }
+}
+
+/// `sendmail -bs`: the caller speaks SMTP itself on standard input and output; each side is
+/// copied to the local inboxd and back as it comes, so the caller talks to inboxd as any
+/// client does (inboxd's replies, limits and checks, unchanged). Ends when inboxd closes
+/// the connection (after QUIT) or standard input ends and inboxd has answered.
+fn smtp_on_stdio() -> u8 {
+    let server = std::env::var("INBOXD_SMTP").unwrap_or_else(|_| DEFAULT_SERVER.to_string());
+    let stream = match TcpStream::connect(&server) {
+        Ok(s) => s,
+        Err(e) => {
+            // The caller expects a greeting: a 421 tells it (RFC 5321 3.8) why there is none.
+            println!("421 4.3.0 cannot reach the mail server at {server}: {e}\r");
+            return EX_TEMPFAIL;
+        }
+    };
+    let Ok(mut to_server) = stream.try_clone() else {
+        println!("421 4.3.0 socket error\r");
+        return EX_TEMPFAIL;
+    };
+    let input = std::thread::spawn(move || {
+        let copied = std::io::copy(&mut std::io::stdin().lock(), &mut to_server);
+        // End of input: inboxd sees the end of the connection's sending side and answers
+        // what it has, then closes.
+        let _ = to_server.shutdown(std::net::Shutdown::Write);
+        copied
+    });
+    let mut from_server = stream;
+    let out = std::io::copy(&mut from_server, &mut std::io::stdout().lock());
+    // inboxd closed the connection: whatever the caller still sends has no one to read it.
+    drop(input);
+    match out {
+        Ok(_) => EX_OK,
+        Err(e) => {
+            eprintln!("sendmail: -bs: {e}");
+            EX_IOERR
         }
     }
 }
@@ -779,8 +821,9 @@ mod tests {
         assert_eq!(r.from.as_deref(), Some("bob@example.org"));
         assert_eq!(parse_args(&args("-bp")).unwrap().mode, Mode::Mailq);
         assert_eq!(parse_args(&args("-bi")).unwrap().mode, Mode::Newaliases);
-        assert!(parse_args(&args("-bs")).is_err());
+        assert_eq!(parse_args(&args("-bs")).unwrap().mode, Mode::Smtp);
         assert!(parse_args(&args("-Z")).is_err());
+        assert!(parse_args(&args("-bt")).is_err());
         assert!(parse_args(&args("-f")).is_err());
     }
 

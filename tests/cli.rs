@@ -119,3 +119,18 @@ fn a_maildir_root_that_could_be_swapped_is_refused() {
     );
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// The man page is roff source: its font escapes are backslash-f, never a form feed (found in
+/// this session: two lines held a literal form feed for each `\f`, and man showed
+/// "B-oR..." where "-o..." was meant).
+#[test]
+fn the_man_page_holds_no_control_characters() {
+    let page = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/man/inboxd.8")).unwrap();
+    let bad: Vec<(usize, u8)> = page
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b < 0x20 && b != b'\n')
+        .map(|(i, &b)| (i, b))
+        .collect();
+    assert!(bad.is_empty(), "control characters at {bad:?}");
+}

@@ -115,6 +115,35 @@ fn raw_cron_output_is_delivered_with_nothing_lost() {
     }
 }
 
+/// `sendmail -bs` (alpine's way): the caller speaks SMTP on standard input and output, and
+/// talks to inboxd itself.
+#[test]
+fn dash_bs_relays_an_smtp_session_on_standard_input() {
+    let dir = TempDir::new("sendmail-bs");
+    let server = Server::start_in(dir.path(), &[]);
+    let (_l, bin) = links();
+    let tok = token();
+    let session = format!(
+        "EHLO client\r\nMAIL FROM:<a@client>\r\nRCPT TO:<nobody@localhost>\r\nRCPT TO:<ghost@localhost>\r\nDATA\r\nSubject: {tok}\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+    );
+    let (status, out, err) = run(&bin.join("sendmail"), server.port, &["-bs"], &session);
+    assert_eq!(status, 0, "{err}");
+    assert!(
+        out.starts_with("220 mx.test ESMTP inboxd ready\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("550 5.1.1"),
+        "ghost refused by inboxd itself: {out}"
+    );
+    assert!(
+        out.trim_end()
+            .ends_with("221 2.0.0 mx.test closing connection"),
+        "{out}"
+    );
+    assert_eq!(messages_with(&dir.path().join("nobody"), &tok).len(), 1);
+}
+
 #[test]
 fn dash_t_takes_recipients_from_the_header_and_drops_bcc() {
     let dir = TempDir::new("sendmail-t");
@@ -167,7 +196,7 @@ fn exit_statuses_follow_sysexits() {
     assert_eq!(status, 75, "{err}");
     assert!(err.contains("nothing was sent"), "{err}");
     // Bad usage: EX_USAGE.
-    let (status, _, _) = run(&sendmail, server.port, &["-bs"], "");
+    let (status, _, _) = run(&sendmail, server.port, &["-bt"], "");
     assert_eq!(status, 64);
     // mailq: no queue.
     let (status, out, _) = run(&bin.join("mailq"), server.port, &[], "");
