@@ -170,10 +170,9 @@ impl Aliases {
                 problem(format!("{origin}:{n}: no ':' in alias line, ignored"));
                 continue;
             };
-            // A key is matched as written, and, where no account has the name as written,
-            // without regard to case (`MAILER-DAEMON:`, `Postmaster:`; found in review:
-            // RFC 5321 4.5.1 makes postmaster case-insensitive, and `Postmaster: alice`
-            // was never used).
+            // A key is matched as written and by its all-lowercase form (`MAILER-DAEMON:`,
+            // `Postmaster:`; found in review: RFC 5321 4.5.1 makes postmaster
+            // case-insensitive, and `Postmaster: alice` was never used).
             let key = key.trim().trim_matches('"').to_string();
             if key.is_empty() {
                 continue;
@@ -181,8 +180,8 @@ impl Aliases {
             let lower = key.to_ascii_lowercase();
             if let Some(earlier) = folded.get(&lower) {
                 problem(format!(
-                    "{origin}:{n}: alias {key} defined again (as {earlier}; keys also match without regard to case): the later line wins{}",
-                    if *earlier == key { "" } else { " where case does not decide" }
+                    "{origin}:{n}: alias {key} defined again (as {earlier}; a key also matches its all-lowercase form): {}",
+                    if *earlier == key { "this line replaces the earlier one".to_string() } else { format!("each is matched as written, and {lower} reaches the one written {lower}, else the later") }
                 ));
             }
             folded.insert(lower, key.clone());
@@ -212,14 +211,17 @@ impl Aliases {
         }
     }
 
-    /// The alias whose key is `name` as written: (key, targets).
-    fn exact(&self, name: &str) -> Option<(&String, &Vec<Target>)> {
-        self.map.get_key_value(name)
-    }
-
-    /// The alias whose key is `name` without regard to case: (key as written, targets).
-    fn folded(&self, name: &str) -> Option<(&String, &Vec<Target>)> {
-        let key = self.folded.get(&name.to_ascii_lowercase())?;
+    /// The alias `name` names: the key written so, or, for an all-lowercase `name`, the key
+    /// whose all-lowercase form it is (`postmaster` finds `Postmaster:`, `mailer-daemon`
+    /// finds `MAILER-DAEMON:`). (key as written, targets).
+    fn get(&self, name: &str) -> Option<(&String, &Vec<Target>)> {
+        if let Some(kv) = self.map.get_key_value(name) {
+            return Some(kv);
+        }
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        let key = self.folded.get(name)?;
         self.map.get_key_value(key)
     }
 
@@ -245,7 +247,7 @@ impl Aliases {
 
     /// Whether `name` is an alias.
     pub fn contains(&self, name: &str) -> bool {
-        self.exact(name).or_else(|| self.folded(name)).is_some()
+        self.get(name).is_some()
     }
 
     /// What was wrong in the file, one line each.
@@ -483,17 +485,10 @@ impl Resolver {
         warnings: &mut Vec<String>,
         lookup: &mut dyn FnMut(&str) -> Result<Option<Account>, E>,
     ) -> Result<bool, E> {
-        // An alias of that name as written, else an account of it, else an alias whose key
-        // matches it without regard to case: an account `Carol` keeps mail to `Carol` from
-        // an alias `carol` (found in review).
-        let mut alias = self.aliases.exact(name);
-        if alias.is_none() {
-            if self.account_into(name, out, warnings, lookup)? {
-                return Ok(true);
-            }
-            alias = self.aliases.folded(name);
-        }
-        if let Some((key, targets)) = alias {
+        // An alias first (the key written so, or whose all-lowercase form `name` is), then
+        // the account: the lower-case fallback's candidate reaches an upper-case key, and
+        // an account `Carol` keeps mail to `Carol` from an alias `carol`.
+        if let Some((key, targets)) = self.aliases.get(name) {
             let key = key.clone();
             if seen.contains(&key) {
                 // An alias that reaches itself (`alice: alice, bob`, `root: root, admin`)
@@ -528,8 +523,7 @@ impl Resolver {
             seen.pop();
             return Ok(true);
         }
-        // Neither alias nor account (the account was looked up above).
-        Ok(false)
+        self.account_into(name, out, warnings, lookup)
     }
 
     fn account_into<E>(
@@ -677,11 +671,12 @@ boss: root
         assert_eq!(r.resolve("bob").unwrap(), names(&["bob"]));
         assert_eq!(r.resolve("postmaster").unwrap(), names(&["Carol"]));
         assert_eq!(r.resolve("mailer-daemon").unwrap(), names(&["Carol"]));
-        // Two keys that differ in case: each as written, the later where case does not
-        // decide; and it is a problem.
+        // Two keys that differ in case: each as written; the all-lowercase name reaches the
+        // one written so; and it is a problem.
         assert_eq!(r.resolve("staff").unwrap(), names(&["alice", "bob"]));
         assert_eq!(r.resolve("STAFF").unwrap(), names(&["bob"]));
-        assert_eq!(r.resolve("Staff").unwrap(), names(&["bob"]));
+        // (`Staff`: no alias or account written so; the lower-case fallback's `staff`.)
+        assert_eq!(r.resolve("Staff").unwrap(), names(&["alice", "bob"]));
         assert!(r
             .aliases
             .problems()
@@ -694,6 +689,12 @@ boss: root
         let r = resolver("alice+lists: alice\n", true);
         assert_eq!(r.resolve("alice+lists").unwrap(), names(&["alice"]));
         assert_eq!(r.resolve("alice+other").unwrap(), UNKNOWN);
+        // `Root:` is root's alias too, even with root's mail refused (found in review: the
+        // refused account hid it, and inboxd would not start).
+        let mut r = resolver("Root: alice\n", true);
+        r.refuse_uid0 = true;
+        assert_eq!(r.resolve("postmaster").unwrap(), names(&["alice"]));
+        assert!(r.check_postmaster().is_ok());
         // An account named exactly keeps its mail from an alias that differs in case.
         let r = resolver("carol: bob\n", false);
         assert_eq!(r.resolve("Carol").unwrap(), names(&["Carol"]));
