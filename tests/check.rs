@@ -31,19 +31,22 @@ fn ensure_user(name: &str) -> nix::unistd::User {
     nix::unistd::User::from_name(name).unwrap().unwrap()
 }
 
+/// An account root's mail may go to: `nobody` as root, else the user running the tests.
+fn person() -> String {
+    if is_root() {
+        return "nobody".to_string();
+    }
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name
+}
+
 #[test]
 fn a_clean_configuration_has_no_problems() {
     let dir = TempDir::new("check-clean");
     let aliases = dir.path().join("aliases");
-    let someone = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .unwrap()
-        .unwrap()
-        .name;
-    let person = if is_root() {
-        "nobody".to_string()
-    } else {
-        someone
-    };
+    let person = person();
     std::fs::write(&aliases, format!("root: {person}\nstaff: root, {person}\n")).unwrap();
     let mail = dir.path().join("mail");
     std::fs::create_dir(&mail).unwrap();
@@ -72,15 +75,7 @@ fn a_running_inboxd_is_not_a_problem_and_the_maildir_roots_parents_are_checked()
     let dir = TempDir::new("check-running");
     let server = Server::start_in(dir.path(), &[]);
     let aliases = dir.path().join("aliases");
-    let someone = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .unwrap()
-        .unwrap()
-        .name;
-    let person = if is_root() {
-        "nobody".to_string()
-    } else {
-        someone
-    };
+    let person = person();
     std::fs::write(&aliases, format!("root: {person}\n")).unwrap();
     let listen = format!("127.0.0.1:{}", server.port);
     let mail = dir.path().join("mail");
