@@ -3,7 +3,9 @@
 //! Owns the alias table (`/etc/aliases` syntax, local targets only) and account lookups
 //! through NSS (`getpwnam` via `nix::unistd::User::from_name`), keeping "no such user" apart
 //! from "the lookup failed" so the session can answer 550 5.1.1 or 451 4.3.0. Local parts keep
-//! their case (RFC 5321 2.4): an exact match wins, then (if enabled) the all-lowercase name.
+//! their case (RFC 5321 2.4): the name as written is tried first, then (if enabled) the
+//! all-lowercase name; for each, an alias comes before an account, and an alias key also
+//! answers to its all-lowercase form (`ALICE:` takes mail for `alice` before the account).
 //! It must not write anything, and it never runs or opens what an alias names: pipe, file and
 //! `:include:` targets are refused with a warning.
 
@@ -98,8 +100,8 @@ enum Target {
 }
 
 /// The alias table: `name: target, target, ...`, `#` comments, continuation lines starting
-/// with white space (aliases(5)). Keys are stored as written and matched exactly; lower-case
-/// keys serve the lower-case fallback.
+/// with white space (aliases(5)). Keys are stored as written and matched exactly, and each is
+/// also matched by its all-lowercase form (see [`Aliases::get`]).
 #[derive(Debug, Default, Clone)]
 pub struct Aliases {
     /// Keys as written.
@@ -178,10 +180,15 @@ impl Aliases {
                 continue;
             }
             let lower = key.to_ascii_lowercase();
-            if let Some(earlier) = folded.get(&lower) {
+            // Decided by the table, not the index (found in review: a key written a third
+            // time after one in another case was not reported as replacing the first).
+            if map.contains_key(&key) {
                 problem(format!(
-                    "{origin}:{n}: alias {key} defined again (as {earlier}; a key also matches its all-lowercase form): {}",
-                    if *earlier == key { "this line replaces the earlier one".to_string() } else { format!("each is matched as written, and {lower} reaches the one written {lower}, else the later") }
+                    "{origin}:{n}: alias {key} defined again: this line replaces the earlier one"
+                ));
+            } else if let Some(earlier) = folded.get(&lower) {
+                problem(format!(
+                    "{origin}:{n}: alias {key} defined again as {earlier} in another case: each is matched as written, and {lower} reaches the one written {lower}, else the later line"
                 ));
             }
             folded.insert(lower, key.clone());
@@ -681,7 +688,7 @@ boss: root
             .aliases
             .problems()
             .iter()
-            .any(|p| p.contains("alias STAFF defined again (as staff")));
+            .any(|p| p.contains("alias STAFF defined again as staff in another case")));
         // The pipe is refused whole; Jones is not a target.
         assert_eq!(r.resolve("x").unwrap(), UNKNOWN);
         assert!(r.aliases.problems().iter().any(|p| p.contains("-a,Jones")));
@@ -689,6 +696,14 @@ boss: root
         let r = resolver("alice+lists: alice\n", true);
         assert_eq!(r.resolve("alice+lists").unwrap(), names(&["alice"]));
         assert_eq!(r.resolve("alice+other").unwrap(), UNKNOWN);
+        // A key written a third time, after one in another case, replaces the first.
+        let r = resolver("staff: alice\nSTAFF: bob\nstaff: Jones\n", true);
+        assert_eq!(r.resolve("staff").unwrap(), names(&["Jones"]));
+        assert!(r
+            .aliases
+            .problems()
+            .iter()
+            .any(|p| p.contains(":3: alias staff defined again: this line replaces")));
         // `Root:` is root's alias too, even with root's mail refused (found in review: the
         // refused account hid it, and inboxd would not start).
         let mut r = resolver("Root: alice\n", true);
