@@ -22,7 +22,10 @@ const FIRST_USER_UID: u32 = 1000;
 fn uid_min(login_defs: &str) -> Option<u32> {
     login_defs.lines().find_map(|l| {
         let mut w = l.split_whitespace();
-        (w.next() == Some("UID_MIN")).then(|| w.next()?.parse().ok())?
+        if w.next() != Some("UID_MIN") {
+            return None;
+        }
+        w.next()?.parse().ok()
     })
 }
 
@@ -417,6 +420,7 @@ fn check_maildir(name: &str, uid: u32, md: &Path, in_root: bool, r: &mut Report)
     .iter()
     .enumerate()
     {
+        let want = needs(i, in_root, missing_sub);
         match std::fs::symlink_metadata(dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if i == 0 {
@@ -465,14 +469,12 @@ fn check_maildir(name: &str, uid: u32, md: &Path, in_root: bool, r: &mut Report)
             // What delivery needs of each, as its owner (maildir.rs): every one is opened
             // for reading; Maildir is searched; tmp/ and new/ are written in; cur/ only
             // opened (found in review: a 0500 cur/ was a problem, a 0300 tmp/ was not).
-            Ok(m)
-                if m.mode() & needs(i, in_root, missing_sub) != needs(i, in_root, missing_sub) =>
-            {
+            Ok(m) if m.mode() & want != want => {
                 r.problem(format!(
                     "{name}: {} has mode {:o}: {name} needs {} there, mail to {name} gets 450 4.2.0",
                     dir.display(),
                     m.mode() & 0o7777,
-                    describe(needs(i, in_root, missing_sub))
+                    describe(want)
                 ));
                 bad = true;
             }

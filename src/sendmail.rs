@@ -256,12 +256,16 @@ fn smtp_on_stdio() -> u8 {
         Ok(s) => s,
         Err(e) => {
             // The caller expects a greeting: a 421 tells it (RFC 5321 3.8) why there is none.
-            println!("421 4.3.0 cannot reach the mail server at {server}: {e}\r");
+            // (writeln!, not println!: a caller that closed its end must not make this panic.)
+            let _ = writeln!(
+                std::io::stdout(),
+                "421 4.3.0 cannot reach the mail server at {server}: {e}\r"
+            );
             return EX_TEMPFAIL;
         }
     };
     let Ok(mut to_server) = stream.try_clone() else {
-        println!("421 4.3.0 socket error\r");
+        let _ = writeln!(std::io::stdout(), "421 4.3.0 socket error\r");
         return EX_TEMPFAIL;
     };
     let input = std::thread::spawn(move || {
@@ -332,7 +336,7 @@ fn is_field(line: &[u8]) -> bool {
 }
 
 /// The lowercased name of a header field.
-fn field_name(field: &[Vec<u8>]) -> String {
+fn field_name(field: &[&[u8]]) -> String {
     let first = &field[0];
     let end = first.iter().position(|&b| b == b':').unwrap_or(first.len());
     String::from_utf8_lossy(&first[..end])
@@ -346,9 +350,9 @@ impl Message {
     /// recipients from To:, Cc: and Bcc: in addition to the command line's. The octets are
     /// kept as they came (8-bit text included), except what the server would refuse: a CR
     /// inside a line (a progress bar's, in cron's mail) ends that line, and a line longer
-    /// than 998 octets is cut into lines of 998 (in the header, the pieces after the first
-    /// become continuation lines, starting with a space). Input that does not start with a
-    /// header field is all body: a blank line is put before it.
+    /// than 998 octets is split (a header field folded before a space or tab, or, with
+    /// none, cut with a space added to start the next piece). An mbox `From ` first line is
+    /// left out; input that then does not start with a header field is all body.
     pub fn prepare(
         input: &[u8],
         req: &Request,
@@ -375,7 +379,7 @@ impl Message {
         }
         // The header: fields and their continuation lines, up to a blank line (dropped) or
         // the first line that is neither (the body's first).
-        let mut fields: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut fields: Vec<Vec<&[u8]>> = Vec::new();
         let mut body_at = lines.len();
         for (i, l) in lines.iter().enumerate() {
             if l.is_empty() {
@@ -384,7 +388,7 @@ impl Message {
             }
             if l.starts_with(b" ") || l.starts_with(b"\t") {
                 if let Some(f) = fields.last_mut() {
-                    f.push(l.to_vec());
+                    f.push(l);
                     continue;
                 }
             }
@@ -392,7 +396,7 @@ impl Message {
                 body_at = i;
                 break;
             }
-            fields.push(vec![l.to_vec()]);
+            fields.push(vec![l]);
         }
         let body = &lines[body_at.min(lines.len())..];
         let mut recipients: Vec<String> = req.recipients.clone();

@@ -18,8 +18,8 @@
 //! filesystem stops answering stalls that thread only; the other lanes, and the first
 //! socket (mixed transactions, and everything under `--maildir-root`), go on. The thread
 //! takes recipients' identities for itself (fsuid is per thread, see `privileges`) and is
-//! started with the agent's resting one. The Lane is answered (Done once the thread runs, Failed if refused) on
-//! the socket it came on; it is refused (and its socket closed) without exactly one socket,
+//! started with the agent's resting one. The Lane is answered (Done once the thread runs,
+//! Failed if refused) on the socket it came on; it is refused (and its socket closed) without exactly one socket,
 //! with one that is not SOCK_SEQPACKET, beyond [`MAX_LANES`], when asked on a lane, under
 //! `--maildir-root`, or when no thread can be started. The receiver uses a lane only once it
 //! has been answered Done, and keeps using another for that filesystem otherwise. With

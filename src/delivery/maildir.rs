@@ -196,15 +196,15 @@ impl Maildir {
         // itself, so a 0700 home, or one on NFS with root_squash (where root is nobody),
         // still opens, as long as the path can be walked (found in review); nothing is
         // read or written through it as root.
-        let home_fd = with_root(|| openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()))
-            .map_err(|e| DeliveryError::io(e, "taking root's identity"))?
-            .map_err(|e| match e {
+        let home_fd = with_root(|| {
+            openat(AT_FDCWD, home, PATH_FLAGS, Mode::empty()).map_err(|e| match e {
                 // Not an I/O fault: the account has no home to deliver into (a 4xx, so mail
                 // waits at the sender while the administrator creates it).
                 Errno::ENOENT => DeliveryError::Unavailable(format!("{what} does not exist")),
-                e => with_root(|| open_error(e, AT_FDCWD, home, &what))
-                    .unwrap_or_else(|_| DeliveryError::open(e, &what)),
-            })?;
+                e => open_error(e, AT_FDCWD, home, &what),
+            })
+        })
+        .map_err(|e| DeliveryError::io(e, "taking root's identity"))??;
         check_owner(&home_fd, owner, &what)?;
         as_user(owner.uid, owner.gid, || {
             let md = open_dir(&home_fd, "Maildir", owner)?;

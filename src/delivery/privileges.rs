@@ -64,23 +64,7 @@ pub fn drop_to(user: &str) -> Result<(), String> {
     if !privileged() {
         return Ok(());
     }
-    let u = User::from_name(user)
-        .map_err(|e| format!("looking up the user {user:?}: {e}"))?
-        .ok_or_else(|| {
-            format!(
-                "no user {user:?} to run as: create it (useradd --system --no-create-home \
-                 --shell /usr/sbin/nologin {user}) or name another with --user"
-            )
-        })?;
-    if u.uid.is_root() {
-        return Err(format!("--user {user}: the receiver must not run as uid 0"));
-    }
-    // Nor with root's group, whose files it could then read (and some write).
-    if u.gid.as_raw() == 0 {
-        return Err(format!(
-            "--user {user}: the receiver must not run with gid 0"
-        ));
-    }
+    let u = unprivileged_user(user)?;
     setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     setresgid(u.gid, u.gid, u.gid).map_err(|e| format!("setresgid: {e}"))?;
     setresuid(u.uid, u.uid, u.uid).map_err(|e| format!("setresuid: {e}"))?;
@@ -97,6 +81,29 @@ pub fn drop_to(user: &str) -> Result<(), String> {
     }
     PRIVILEGED.store(2, Ordering::Relaxed);
     Ok(())
+}
+
+/// `--user`, looked up: the receiver runs as it and the agent rests as it, so it must exist
+/// and have neither uid 0 nor gid 0 (root's group, whose files could then be read, and some
+/// written).
+fn unprivileged_user(user: &str) -> Result<User, String> {
+    let u = User::from_name(user)
+        .map_err(|e| format!("looking up the user {user:?}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "no user {user:?} to run as: create it (useradd --system --no-create-home \
+                 --shell /usr/sbin/nologin {user}) or name another with --user"
+            )
+        })?;
+    if u.uid.is_root() {
+        return Err(format!("--user {user}: the receiver must not run as uid 0"));
+    }
+    if u.gid.as_raw() == 0 {
+        return Err(format!(
+            "--user {user}: the receiver must not run with gid 0"
+        ));
+    }
+    Ok(u)
 }
 
 /// The filesystem identity (uid, gid) the agent's threads rest in between recipients, set
@@ -205,15 +212,7 @@ pub fn rest_as(user: &str) -> Result<(), (bool, String)> {
     if !privileged() {
         return Ok(());
     }
-    let config = |e: String| (true, e);
-    let u = User::from_name(user)
-        .map_err(|e| config(format!("looking up the user {user:?}: {e}")))?
-        .ok_or_else(|| config(format!("no user {user:?} to rest as")))?;
-    if u.uid.is_root() || u.gid.as_raw() == 0 {
-        return Err(config(format!(
-            "--user {user}: the agent must not rest as uid 0 or gid 0"
-        )));
-    }
+    let u = unprivileged_user(user).map_err(|e| (true, e))?;
     let want = (u.uid.as_raw(), u.gid.as_raw());
     if REST.set(want).is_err() && REST.get() != Some(&want) {
         return Err((

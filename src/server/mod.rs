@@ -1059,8 +1059,7 @@ fn recipient_found(
     if let Ok(Resolution::Accounts(accounts)) = &result {
         if c.session.would_exceed(accounts) {
             info!(
-                "event=rcpt session={:x} rcpt={local_part:?} result=too_many accounts={} \
-                 (this address's; refused for the transaction's account limit)",
+                "event=rcpt session={:x} rcpt={local_part:?} result=too_many accounts={}",
                 c.id,
                 accounts.len()
             );
